@@ -1,0 +1,390 @@
+"""
+FID, sFID, Inception Score, precision and recall of a sample batch against a reference batch.
+
+    python evaluations/evaluator.py REF.npz SAMPLE.npz [--output metrics.json]
+
+The same numbers as the original's TensorFlow evaluator, computed in PyTorch: the same batches
+(`arr_0` = [N x H x W x 3] uint8; reference batches may carry precomputed `mu`, `sigma`, `mu_s`,
+`sigma_s`), the same features (FIDInceptionV3 = the 2015 TF Inception graph) and the same formulas:
+- FID (Heusel et al. 2017) on the 2048-d pool features; sFID (Nash et al. 2021) on 2023 spatial
+  features of mixed_6/conv;
+- Inception Score (Salimans et al. 2016) over splits of 5000 samples;
+- improved precision and recall (Kynkaanniemi et al. 2019) with k=3 nearest-neighbour balls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import warnings
+from typing import Iterable
+
+import numpy as np
+import torch as th
+from scipy import linalg
+from tqdm.auto import tqdm
+
+if __package__ in (None, ""):  # run as `python evaluations/evaluator.py`: make the package importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from evaluations.inception import WEIGHTS_ENV_VAR, FIDInceptionV3, load_fid_inception  # noqa: E402
+from evaluations.npz_io import open_image_batch, read_precomputed_statistics  # noqa: E402
+
+# One place for the command-line defaults (and the Evaluator's).
+EVALUATOR_DEFAULTS = dict(
+    inception_path="",  # weights file; empty: ${GD_INCEPTION_PATH}, then the cache (downloaded once)
+    batch_size=64,  # images per Inception forward pass, as the original
+    device="",  # empty: cuda when available, else cpu
+    output="",  # also write the metrics to this JSON file
+)
+INCEPTION_SPLIT_SIZE = 5000
+NHOOD_SIZES = (3,)  # k of the k-NN balls of improved precision/recall
+PR_BATCH_SIZE = 10000  # rows x columns of one block of pairwise distances
+
+
+class FIDStatistics:
+    """
+    Mean and covariance of Inception features: a Gaussian fit whose Frechet distance is FID.
+
+    :param mu: the [D] mean.
+    :param sigma: the [D x D] covariance.
+    """
+
+    def __init__(self, mu: np.ndarray, sigma: np.ndarray):
+        self.mu = mu
+        self.sigma = sigma
+
+    def frechet_distance(self, other: "FIDStatistics", eps: float = 1e-6) -> float:
+        """
+        ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))  (Heusel et al. 2017, eq. 6).
+
+        As the original: if the matrix square root is not finite, retry with eps * I added to
+        both covariances; a complex square root is accepted only when its diagonal is real up
+        to 1e-3. Round-off can make the result of two near-equal fits slightly negative: that
+        is clamped to 0.
+        """
+        mu1, sigma1 = np.atleast_1d(self.mu), np.atleast_2d(self.sigma)
+        mu2, sigma2 = np.atleast_1d(other.mu), np.atleast_2d(other.sigma)
+        if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+            raise ValueError(f"FID of statistics with different shapes: mu {mu1.shape} vs {mu2.shape}, "
+                             f"sigma {sigma1.shape} vs {sigma2.shape}")
+        diff = mu1 - mu2
+        covmean = linalg.sqrtm(sigma1.dot(sigma2))
+        if not np.isfinite(covmean).all():
+            warnings.warn(f"FID: sqrtm(sigma1 sigma2) is singular; adding {eps} to the diagonals")
+            offset = np.eye(sigma1.shape[0]) * eps
+            covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+        if np.iscomplexobj(covmean):
+            if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+                raise ValueError(f"FID: sqrtm has an imaginary component of {np.max(np.abs(covmean.imag))}")
+            covmean = covmean.real
+        fid = diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)
+        return float(max(fid, 0.0))
+
+
+def compute_statistics(activations: np.ndarray) -> FIDStatistics:
+    """
+    :param activations: an [N x D] array of features, N >= 2.
+    :return: their mean and (unbiased, N - 1) covariance, as the original (np.mean, np.cov).
+    """
+    if activations.ndim != 2 or len(activations) < 2:
+        raise ValueError(f"statistics need an [N x D] array with N >= 2, got shape {activations.shape}")
+    return FIDStatistics(np.mean(activations, axis=0), np.cov(activations, rowvar=False))
+
+
+def inception_score(probs: np.ndarray, split_size: int = INCEPTION_SPLIT_SIZE) -> float:
+    """
+    exp(E_x KL(p(y|x) || p(y))) (Salimans et al. 2016), with p(y) the mean over each split of
+    split_size samples, averaged over splits as the original does.
+
+    :param probs: an [N x C] array of class probabilities (softmax of FIDInceptionV3 logits).
+    """
+    scores = []
+    for start in range(0, len(probs), split_size):
+        part = probs[start:start + split_size]
+        kl = part * (np.log(part) - np.log(np.mean(part, axis=0, keepdims=True)))
+        scores.append(np.exp(np.mean(np.sum(kl, axis=1))))
+    return float(np.mean(scores))
+
+
+def _default_device() -> th.device:
+    return th.device("cuda" if th.cuda.is_available() else "cpu")
+
+
+class ManifoldEstimator:
+    """
+    k-NN estimate of a feature manifold: the union of balls around each reference point whose
+    radius is the distance to its k-th nearest neighbour (Kynkaanniemi et al. 2019, sec. 3).
+
+    Distances are computed in row x column blocks so that an N x N matrix never sits in memory.
+    Like the original, squared distances are computed in float16, and again in float32 for a
+    block where float16 overflows.
+
+    :param row_batch_size: rows of one block of distances.
+    :param col_batch_size: columns of one block of distances.
+    :param nhood_sizes: the k's; one radius (and one result) per k.
+    :param clamp_to_percentile: if set, radii above this percentile are set to 0.
+    :param eps: keeps the realism score finite at distance 0.
+    :param device: where distances are computed (default: cuda when available).
+    """
+
+    def __init__(self, row_batch_size: int = PR_BATCH_SIZE, col_batch_size: int = PR_BATCH_SIZE,
+                 nhood_sizes: tuple = NHOOD_SIZES, clamp_to_percentile: float | None = None,
+                 eps: float = 1e-5, device: str | th.device | None = None):
+        self.row_batch_size = row_batch_size
+        self.col_batch_size = col_batch_size
+        self.nhood_sizes = tuple(nhood_sizes)
+        self.num_nhoods = len(self.nhood_sizes)
+        self.clamp_to_percentile = clamp_to_percentile
+        self.eps = eps
+        self.device = th.device(device) if device else _default_device()
+
+    def pairwise_distances(self, u: th.Tensor, v: th.Tensor) -> th.Tensor:
+        """
+        :param u: an [N x D] float32 tensor; v: an [M x D] float32 tensor.
+        :return: the [N x M] float32 squared distances, computed in float16 where they fit.
+        """
+        # Float16 arithmetic as the original's GPU graph does it: inputs and each intermediate
+        # rounded to float16 (products accumulated in float32, like tensor-core matmuls).
+        u16, v16 = u.half().float(), v.half().float()
+        d16 = _squared_distances(
+            (u16 * u16).sum(1).half(), (u16 @ v16.t()).half(), (v16 * v16).sum(1).half()
+        )
+        if th.isfinite(d16).all():
+            return d16.float()
+        return _squared_distances((u * u).sum(1), u @ v.t(), (v * v).sum(1))
+
+    def _blocks(self, rows: th.Tensor, cols: th.Tensor):
+        """Yield (row slice, column slice, distance block) over all pairs, a block at a time."""
+        for r0 in range(0, len(rows), self.row_batch_size):
+            rs = slice(r0, min(r0 + self.row_batch_size, len(rows)))
+            for c0 in range(0, len(cols), self.col_batch_size):
+                cs = slice(c0, min(c0 + self.col_batch_size, len(cols)))
+                yield rs, cs, self.pairwise_distances(rows[rs], cols[cs])
+
+    def _tensor(self, x: np.ndarray) -> th.Tensor:
+        return th.as_tensor(np.asarray(x, dtype=np.float32), device=self.device)
+
+    def manifold_radii(self, features: np.ndarray) -> np.ndarray:
+        """
+        :param features: an [N x D] array.
+        :return: an [N x len(nhood_sizes)] float32 array: each point's squared distance to its
+                 k-th nearest other point (the point itself is its own 0-th neighbour).
+        """
+        k_max = max(self.nhood_sizes)
+        if len(features) <= k_max:
+            raise ValueError(f"precision/recall with k={k_max} need more than {k_max} feature vectors, "
+                             f"got {len(features)}")
+        f = self._tensor(features)
+        nearest = th.empty(len(f), k_max + 1, device=self.device)
+        for r0 in range(0, len(f), self.row_batch_size):
+            best = None  # the k_max + 1 smallest distances of these rows seen so far
+            for rs, cs, d in self._blocks(f[r0:r0 + self.row_batch_size], f):
+                cand = d if best is None else th.cat([best, d], dim=1)
+                best = cand.topk(min(k_max + 1, cand.shape[1]), dim=1, largest=False).values
+            nearest[r0:r0 + len(best)] = best.sort(dim=1).values
+        radii = nearest[:, list(self.nhood_sizes)].cpu().numpy()
+        if self.clamp_to_percentile is not None:
+            max_distances = np.percentile(radii, self.clamp_to_percentile, axis=0)
+            radii[radii > max_distances] = 0
+        return radii
+
+    def evaluate(self, features: np.ndarray, radii: np.ndarray, eval_features: np.ndarray):
+        """
+        Which eval features lie on the manifold of `features`.
+
+        :param features: the [N x D] reference features; radii: their [N x K] manifold_radii.
+        :param eval_features: the [M x D] features to test.
+        :return: ([M x K] int32 in-manifold flags, [M] max realism score radius/distance,
+                 [M] index of the nearest reference feature).
+        """
+        f, r, e = self._tensor(features), self._tensor(radii), self._tensor(eval_features)
+        inside = th.zeros(len(e), self.num_nhoods, dtype=th.bool, device=self.device)
+        realism = th.full((len(e),), -float("inf"), device=self.device)
+        nearest_d = th.full((len(e),), float("inf"), device=self.device)
+        nearest = th.zeros(len(e), dtype=th.long, device=self.device)
+        for rs, cs, d in self._blocks(e, f):
+            for j in range(self.num_nhoods):
+                inside[rs, j] |= (d <= r[cs, j][None]).any(dim=1)
+            realism[rs] = th.maximum(realism[rs], (r[cs, 0][None] / (d + self.eps)).max(dim=1).values)
+            dmin, imin = d.min(dim=1)
+            closer = dmin < nearest_d[rs]
+            nearest[rs] = th.where(closer, imin + cs.start, nearest[rs])
+            nearest_d[rs] = th.where(closer, dmin, nearest_d[rs])
+        return inside.int().cpu().numpy(), realism.cpu().numpy(), nearest.cpu().numpy()
+
+    def evaluate_pr(self, features_1: np.ndarray, radii_1: np.ndarray,
+                    features_2: np.ndarray, radii_2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """
+        :param features_1: the [N x D] reference features; radii_1: their radii.
+        :param features_2: the [M x D] sample features; radii_2: their radii.
+        :return: (precision, recall), each a [K] array: the share of samples inside the reference
+                 manifold, and the share of references inside the sample manifold.
+        """
+        f1, r1 = self._tensor(features_1), self._tensor(radii_1)
+        f2, r2 = self._tensor(features_2), self._tensor(radii_2)
+        ref_inside = th.zeros(len(f1), self.num_nhoods, dtype=th.bool, device=self.device)
+        sample_inside = th.zeros(len(f2), self.num_nhoods, dtype=th.bool, device=self.device)
+        for rs, cs, d in self._blocks(f1, f2):
+            for j in range(self.num_nhoods):
+                ref_inside[rs, j] |= (d <= r2[cs, j][None]).any(dim=1)
+                sample_inside[cs, j] |= (d <= r1[rs, j][:, None]).any(dim=0)
+        return (sample_inside.double().mean(0).cpu().numpy(), ref_inside.double().mean(0).cpu().numpy())
+
+
+def _squared_distances(norm_u: th.Tensor, dots: th.Tensor, norm_v: th.Tensor) -> th.Tensor:
+    """||u||^2 - 2 u.v + ||v||^2 from the norms and dot products, floored at 0 against round-off."""
+    return (norm_u[:, None] - 2 * dots + norm_v[None, :]).clamp_min(0)
+
+
+def precision_recall(ref_features: np.ndarray, sample_features: np.ndarray,
+                     device: str | th.device | None = None) -> tuple[float, float]:
+    """
+    Improved precision and recall (Kynkaanniemi et al. 2019) with k=3, as the original.
+
+    :param ref_features: [N x D] pool features of the reference batch.
+    :param sample_features: [M x D] pool features of the sample batch.
+    :return: (precision, recall).
+    """
+    estimator = ManifoldEstimator(device=device)
+    ref_radii = estimator.manifold_radii(ref_features)
+    sample_radii = estimator.manifold_radii(sample_features)
+    precision, recall = estimator.evaluate_pr(ref_features, ref_radii, sample_features, sample_radii)
+    return float(precision[0]), float(recall[0])
+
+
+@contextlib.contextmanager
+def _full_float32():
+    """Turn TF32 off on GPUs while computing features: the reference statistics are float32."""
+    saved = th.backends.cuda.matmul.allow_tf32, th.backends.cudnn.allow_tf32
+    th.backends.cuda.matmul.allow_tf32 = th.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        th.backends.cuda.matmul.allow_tf32, th.backends.cudnn.allow_tf32 = saved
+
+
+class Evaluator:
+    """
+    Inception features of .npz batches and the metrics computed from them.
+
+    :param model: a FIDInceptionV3 with its weights (see load_fid_inception()).
+    :param batch_size: images per forward pass.
+    :param device: where the network runs (default: cuda when available).
+    :param progress: show tqdm bars.
+    """
+
+    def __init__(self, model: FIDInceptionV3, batch_size: int = EVALUATOR_DEFAULTS["batch_size"],
+                 device: str | th.device | None = None, progress: bool = True):
+        self.device = th.device(device) if device else _default_device()
+        self.model = model.to(self.device).eval()
+        self.batch_size = batch_size
+        self.progress = progress
+
+    def compute_activations(self, batches: Iterable[np.ndarray], total: int | None = None,
+                            desc: str = "") -> tuple[np.ndarray, np.ndarray]:
+        """
+        :param batches: [n x H x W x 3] uint8 image batches.
+        :return: (pool [N x 2048], spatial [N x 2023]) float32 features.
+        """
+        pool, spatial = [], []
+        with th.inference_mode(), _full_float32(), tqdm(total=total, desc=desc, unit="img",
+                                                        disable=not self.progress) as bar:
+            for batch in batches:
+                feats = self.model.features(th.from_numpy(np.asarray(batch)).to(self.device))
+                pool.append(feats["pool"].cpu().numpy())
+                spatial.append(feats["spatial"].cpu().numpy())
+                bar.update(len(batch))
+        return np.concatenate(pool), np.concatenate(spatial)
+
+    def read_activations(self, path: str, min_images: int = 2) -> tuple[np.ndarray, np.ndarray]:
+        """Features of `arr_0` of an .npz batch, streamed batch_size images at a time."""
+        with open_image_batch(path, min_images=min_images) as reader:
+            acts = self.compute_activations(reader.batches(self.batch_size), total=len(reader),
+                                            desc=os.path.basename(path))
+        for name, a in zip(("pool", "spatial"), acts):
+            if not np.isfinite(a).all():
+                raise ValueError(f"{path}: Inception {name} features contain NaN/inf (bad weights file?)")
+        return acts
+
+    def read_statistics(self, path: str, activations: tuple[np.ndarray, np.ndarray]
+                        ) -> tuple[FIDStatistics, FIDStatistics]:
+        """
+        :return: (pool, spatial) statistics: the file's precomputed mu/sigma and mu_s/sigma_s
+                 when it has them (as the original), else computed from `activations`.
+        """
+        stats = read_precomputed_statistics(path)
+        if stats is not None:
+            return FIDStatistics(stats["mu"], stats["sigma"]), FIDStatistics(stats["mu_s"], stats["sigma_s"])
+        return compute_statistics(activations[0]), compute_statistics(activations[1])
+
+    def compute_probs(self, pool: np.ndarray) -> np.ndarray:
+        """:return: [N x 1008] softmax of the logits of [N x 2048] pool features (bias-free, as the original)."""
+        w = self.model.fc.weight.detach().to(self.device, th.float32)
+        with th.inference_mode(), _full_float32():
+            out = [th.softmax(th.as_tensor(p, device=self.device) @ w.t(), dim=1).cpu().numpy()
+                   for p in np.array_split(pool, max(1, len(pool) // 4096))]
+        return np.concatenate(out)
+
+    def compute_inception_score(self, pool: np.ndarray, split_size: int = INCEPTION_SPLIT_SIZE) -> float:
+        return inception_score(self.compute_probs(pool), split_size=split_size)
+
+    def compute_prec_recall(self, ref_pool: np.ndarray, sample_pool: np.ndarray) -> tuple[float, float]:
+        return precision_recall(ref_pool, sample_pool, device=self.device)
+
+    def evaluate(self, ref_batch: str, sample_batch: str) -> dict[str, float]:
+        """:return: the original's five metrics of sample_batch against ref_batch."""
+        min_images = max(NHOOD_SIZES) + 1  # k-NN radii need k other points
+        ref_acts = self.read_activations(ref_batch, min_images=min_images)
+        ref_stats, ref_stats_spatial = self.read_statistics(ref_batch, ref_acts)
+        sample_acts = self.read_activations(sample_batch, min_images=min_images)
+        sample_stats, sample_stats_spatial = self.read_statistics(sample_batch, sample_acts)
+        precision, recall = self.compute_prec_recall(ref_acts[0], sample_acts[0])
+        return {
+            "inception_score": self.compute_inception_score(sample_acts[0]),
+            "fid": sample_stats.frechet_distance(ref_stats),
+            "sfid": sample_stats_spatial.frechet_distance(ref_stats_spatial),
+            "precision": precision,
+            "recall": recall,
+        }
+
+
+METRIC_LABELS = dict(inception_score="Inception Score", fid="FID", sfid="sFID",
+                     precision="Precision", recall="Recall")
+
+
+def create_argparser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("ref_batch", help="reference .npz (arr_0 images, optional mu/sigma/mu_s/sigma_s)")
+    parser.add_argument("sample_batch", help="sample .npz (arr_0 images), e.g. from image_sample.py")
+    helps = dict(
+        inception_path=f"pt_inception-2015-12-05-6726825d.pth (default: ${WEIGHTS_ENV_VAR}, then the cache)",
+        batch_size="images per Inception forward pass",
+        device="cuda, cuda:1, cpu... (default: cuda when available)",
+        output="also write the metrics to this JSON file",
+    )
+    for name, default in EVALUATOR_DEFAULTS.items():
+        parser.add_argument(f"--{name}", type=type(default), default=default, help=helps[name])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    args = create_argparser().parse_args(argv)
+    device = th.device(args.device) if args.device else _default_device()
+    model = load_fid_inception(args.inception_path or None, device=device)
+    metrics = Evaluator(model, batch_size=args.batch_size, device=device).evaluate(args.ref_batch, args.sample_batch)
+    for key, label in METRIC_LABELS.items():
+        print(f"{label}: {metrics[key]}")
+    if args.output:
+        record = dict(metrics, ref_batch=args.ref_batch, sample_batch=args.sample_batch)
+        with open(args.output, "w") as f:
+            json.dump(record, f, indent=2)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""
+Reading and writing the evaluator's .npz batches a slice at a time.
+
+A batch of 50,000 256x256 images is ~10 GB, so, like the original evaluator, we never hold
+`arr_0` whole: the .npy member inside the zip is opened, its header parsed, and rows are read from
+the member's stream on demand. Writing works the same way in reverse.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from typing import Iterator
+
+import numpy as np
+
+IMAGE_KEY = "arr_0"
+STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+class NpzArrayReader:
+    """
+    Stream the rows of one array of an .npz file.
+
+    :param path: the .npz file.
+    :param name: the array in it ('arr_0' for images).
+
+    `shape` and `dtype` are known once opened; `read_batch(n)` returns the next <= n rows, None
+    at the end. `max_batch_rows` records the most rows ever held at once (tests use it to show
+    that the array is never materialised).
+    """
+
+    def __init__(self, path: str, name: str = IMAGE_KEY):
+        self.path, self.name = path, name
+        self.rows_read = 0
+        self.max_batch_rows = 0
+        self._memory: np.ndarray | None = None
+        self._zip = self._member = None
+        try:
+            self._zip = zipfile.ZipFile(path, "r")
+        except (OSError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{path}: not a readable .npz file ({e})") from e
+        member = f"{name}.npy"
+        if member not in self._zip.namelist():
+            found = sorted(n[:-4] for n in self._zip.namelist() if n.endswith(".npy"))
+            self.close()
+            raise ValueError(f"{path}: no array '{name}' in the npz (it has {found})")
+        self._member = self._zip.open(member, "r")
+        version = np.lib.format.read_magic(self._member)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(self._member)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(self._member)
+        else:
+            shape, fortran, dtype = None, True, None  # unusual header: fall back to a whole read
+        if dtype is not None and dtype.hasobject:
+            self.close()
+            raise ValueError(f"{path}: '{name}' holds Python objects; refusing to unpickle it")
+        if fortran:
+            # Column-major data cannot be read row by row; np.savez of normal arrays never
+            # writes it, so loading whole here is rare (the original does the same).
+            with np.load(path, allow_pickle=False) as z:
+                self._memory = z[name]
+            shape, dtype = self._memory.shape, self._memory.dtype
+        self.shape: tuple = tuple(shape)
+        self.dtype: np.dtype = dtype
+        self._row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0] if self.shape else 0
+
+    def read_batch(self, n: int) -> np.ndarray | None:
+        """:return: the next [min(n, rows left) x ...] rows, or None when all were read."""
+        count = min(n, len(self) - self.rows_read)
+        if count <= 0:
+            return None
+        if self._memory is not None:
+            out = self._memory[self.rows_read:self.rows_read + count]
+        else:
+            want = count * self._row_bytes
+            data = bytearray()
+            while len(data) < want:  # a zip stream may return less than asked
+                chunk = self._member.read(want - len(data))
+                if not chunk:
+                    raise ValueError(f"{self.path}: '{self.name}' is truncated after row "
+                                     f"{self.rows_read + len(data) // max(self._row_bytes, 1)}")
+                data += chunk
+            out = np.frombuffer(bytes(data), dtype=self.dtype).reshape((count,) + self.shape[1:])
+        self.rows_read += count
+        self.max_batch_rows = max(self.max_batch_rows, count)
+        return out
+
+    def batches(self, n: int) -> Iterator[np.ndarray]:
+        while (batch := self.read_batch(n)) is not None:
+            yield batch
+
+    def close(self) -> None:
+        for f in (self._member, self._zip):
+            if f is not None:
+                f.close()
+
+    def __enter__(self) -> "NpzArrayReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_image_batch(path: str, min_images: int = 1) -> NpzArrayReader:
+    """
+    Open `arr_0` of an evaluator batch and check it is [N x H x W x 3] uint8.
+
+    :param min_images: the fewest images accepted (FID needs 2, k-NN precision/recall k + 1).
+
+    :raises ValueError: naming the file and what is wrong.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such batch file")
+    reader = NpzArrayReader(path, IMAGE_KEY)
+    problem = None
+    if len(reader.shape) != 4 or reader.shape[-1] != 3:
+        problem = f"has shape {reader.shape}; expected [N x H x W x 3] RGB images"
+    elif reader.dtype != np.uint8:
+        problem = f"has dtype {reader.dtype}; expected uint8 pixels in [0, 255]"
+    elif reader.shape[0] < min_images:
+        problem = f"has {reader.shape[0]} image(s); the metrics need at least {min_images}"
+    if problem:
+        reader.close()
+        raise ValueError(f"{path}: '{IMAGE_KEY}' {problem}")
+    return reader
+
+
+def read_precomputed_statistics(path: str) -> dict[str, np.ndarray] | None:
+    """
+    Read the `mu`, `sigma`, `mu_s`, `sigma_s` that the original's reference batches carry.
+
+    :return: the four arrays, or None when the file has none of them.
+    :raises ValueError: when only some are present, or shapes disagree, or values are not finite.
+    """
+    with np.load(path, allow_pickle=False) as z:
+        present = [k for k in STAT_KEYS if k in z.files]
+        if not present:
+            return None
+        if len(present) != len(STAT_KEYS):
+            missing = [k for k in STAT_KEYS if k not in present]
+            raise ValueError(f"{path}: has precomputed {present} but not {missing}")
+        stats = {k: z[k] for k in STAT_KEYS}
+    for mu_key, sigma_key in (("mu", "sigma"), ("mu_s", "sigma_s")):
+        mu, sigma = stats[mu_key], stats[sigma_key]
+        if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+            raise ValueError(f"{path}: '{mu_key}' {mu.shape} and '{sigma_key}' {sigma.shape} are not "
+                             f"a [D] mean and [D x D] covariance")
+        for key in (mu_key, sigma_key):
+            if not np.issubdtype(stats[key].dtype, np.floating) or not np.isfinite(stats[key]).all():
+                raise ValueError(f"{path}: '{key}' contains NaN/inf or is not floating point")
+    return stats
+
+
+class NpzArrayWriter:
+    """
+    Write an .npz whose first array is streamed in row batches (then small arrays added whole).
+
+    :param path: the .npz to create.
+    :param name: the streamed array's name.
+    :param shape: its full shape, [N x ...]; exactly N rows must be written.
+    :param dtype: its dtype.
+    """
+
+    def __init__(self, path: str, shape: tuple, dtype=np.uint8, name: str = IMAGE_KEY):
+        self.path, self.name, self.shape, self.dtype = path, name, tuple(shape), np.dtype(dtype)
+        self.rows_written = 0
+        self._zip = zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+        self._member = self._zip.open(f"{name}.npy", "w", force_zip64=True)
+        header = dict(descr=np.lib.format.dtype_to_descr(self.dtype), fortran_order=False, shape=self.shape)
+        np.lib.format.write_array_header_2_0(self._member, header)
+
+    def write_batch(self, rows: np.ndarray) -> None:
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        if rows.shape[1:] != self.shape[1:] or self.rows_written + len(rows) > self.shape[0]:
+            raise ValueError(f"{self.path}: rows of shape {rows.shape} do not fit '{self.name}' {self.shape} "
+                             f"after {self.rows_written} rows")
+        self._member.write(rows.tobytes())
+        self.rows_written += len(rows)
+
+    def add_array(self, name: str, value: np.ndarray) -> None:
+        """Add a whole (small) array, e.g. the statistics, after the streamed one is complete."""
+        self._finish_member()
+        with self._zip.open(f"{name}.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array(f, np.asarray(value), allow_pickle=False)
+
+    def _finish_member(self) -> None:
+        if self._member is not None:
+            if self.rows_written != self.shape[0]:
+                raise ValueError(f"{self.path}: wrote {self.rows_written} of {self.shape[0]} rows of '{self.name}'")
+            self._member.close()
+            self._member = None
+
+    def close(self) -> None:
+        try:
+            self._finish_member()
+        finally:
+            self._zip.close()
+
+    def __enter__(self) -> "NpzArrayWriter":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        if self._member is not None:
+            self._member.close()
+        self._zip.close()
+        os.remove(self.path)  # never leave a half-written batch that looks complete
+
+
+def list_images(image_dir: str) -> list[str]:
+    """:return: the image files in image_dir (recursively), sorted by path."""
+    if not os.path.isdir(image_dir):
+        raise FileNotFoundError(f"{image_dir}: no such image folder")
+    paths = sorted(
+        os.path.join(root, f)
+        for root, _, files in os.walk(image_dir)
+        for f in files
+        if f.lower().endswith(IMAGE_EXTENSIONS)
+    )
+    if not paths:
+        raise ValueError(f"{image_dir}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
+    return paths
