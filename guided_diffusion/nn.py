@@ -1,0 +1,142 @@
+"""Small building blocks shared by the U-Net, the classifier and the trainer.
+
+Names and signatures follow the original guided-diffusion `nn.py`, so code written against it
+(e.g. `from guided_diffusion.nn import mean_flat, timestep_embedding`) keeps working.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, Sequence
+
+import torch as th
+import torch.nn as nn
+import torch.utils.checkpoint
+
+# The original shipped its own SiLU for old PyTorch versions; the name is kept for imports.
+SiLU = nn.SiLU
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm that always normalizes in float32 and returns the input's dtype.
+
+    Under fp16 the per-group variance of large activations overflows or loses precision, so the
+    statistics are computed in float32 (the weights stay float32 after `convert_to_fp16`, too).
+    """
+
+    def forward(self, x: th.Tensor) -> th.Tensor:
+        return super().forward(x.float()).type(x.dtype)
+
+
+def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
+    """A 1D, 2D or 3D convolution; the remaining arguments go to `nn.Conv{dims}d`."""
+    convs = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+    if dims not in convs:
+        raise ValueError(f"unsupported dimensions: {dims} (expected 1, 2 or 3)")
+    return convs[dims](*args, **kwargs)
+
+
+def linear(*args, **kwargs) -> nn.Linear:
+    """A fully connected layer (`nn.Linear`)."""
+    return nn.Linear(*args, **kwargs)
+
+
+def avg_pool_nd(dims: int, *args, **kwargs) -> nn.Module:
+    """A 1D, 2D or 3D average pooling; the remaining arguments go to `nn.AvgPool{dims}d`."""
+    pools = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
+    if dims not in pools:
+        raise ValueError(f"unsupported dimensions: {dims} (expected 1, 2 or 3)")
+    return pools[dims](*args, **kwargs)
+
+
+@th.no_grad()
+def update_ema(
+    target_params: Iterable[th.Tensor], source_params: Iterable[th.Tensor], rate: float = 0.99
+) -> None:
+    """Move target parameters towards the source: targ <- rate * targ + (1 - rate) * src.
+
+    :param target_params: the EMA parameters, updated in place.
+    :param source_params: the trained parameters.
+    :param rate: the EMA decay (closer to 1 = slower moving average).
+    """
+    for targ, src in zip(target_params, source_params):
+        targ.mul_(rate).add_(src.to(targ.dtype), alpha=1 - rate)
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero a module's parameters in place and return it.
+
+    Used on the last layer of every residual branch, so each block starts as the identity
+    (Goyal et al. 2017's zero-init; the ADM paper inherits it from improved-diffusion).
+    """
+    with th.no_grad():
+        for p in module.parameters():
+            p.zero_()
+    return module
+
+
+def scale_module(module: nn.Module, scale: float) -> nn.Module:
+    """Multiply a module's parameters by `scale` in place and return it."""
+    with th.no_grad():
+        for p in module.parameters():
+            p.mul_(scale)
+    return module
+
+
+def mean_flat(tensor: th.Tensor) -> th.Tensor:
+    """Mean over all non-batch dimensions: [N x ...] -> [N]."""
+    return tensor.mean(dim=list(range(1, tensor.ndim)))
+
+
+def normalization(channels: int) -> nn.Module:
+    """The normalization layer of every block: GroupNorm with 32 groups, computed in float32.
+
+    :param channels: number of input channels (must be divisible by 32).
+    """
+    return GroupNorm32(32, channels)
+
+
+def timestep_embedding(timesteps: th.Tensor, dim: int, max_period: float = 10000) -> th.Tensor:
+    """Sinusoidal timestep embeddings (Vaswani et al. 2017, sec. 3.5; Ho et al. 2020, appendix B).
+
+    The cosine half comes first, then the sine half, as in the original; frequencies go from 1
+    down to 1/max_period geometrically.
+
+    :param timesteps: a 1-D tensor of N indices, one per batch element (may be fractional).
+    :param dim: the dimension of the output.
+    :param max_period: controls the minimum frequency of the embeddings.
+    :return: an [N x dim] float32 tensor of positional embeddings.
+    """
+    half = dim // 2
+    exponent = th.arange(half, dtype=th.float32, device=timesteps.device) / half
+    freqs = th.exp(-math.log(max_period) * exponent)
+    args = timesteps[:, None].float() * freqs[None]
+    emb = th.cat([th.cos(args), th.sin(args)], dim=-1)
+    if dim % 2:
+        emb = th.cat([emb, th.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+def checkpoint(
+    func: Callable[..., th.Tensor],
+    inputs: Sequence[th.Tensor],
+    params: Iterable[th.Tensor],
+    flag: bool,
+) -> th.Tensor:
+    """Evaluate `func(*inputs)`, recomputing its activations in the backward pass if `flag`.
+
+    Gradient checkpointing (Chen et al. 2016) trades compute for memory. PyTorch's non-reentrant
+    checkpoint tracks every tensor `func` uses, parameters included, so frozen parameters and
+    `torch.no_grad()` need no special handling, and the RNG state is restored for the recompute so
+    dropout masks agree with the first pass.
+
+    :param func: the function to evaluate.
+    :param inputs: the argument sequence to pass to `func`.
+    :param params: the parameters `func` depends on; kept for the original's signature (the
+                   non-reentrant checkpoint finds them on its own).
+    :param flag: if False, disable gradient checkpointing.
+    """
+    del params  # tracked automatically by the non-reentrant implementation
+    if flag:
+        return torch.utils.checkpoint.checkpoint(func, *inputs, use_reentrant=False)
+    return func(*inputs)
