@@ -1,0 +1,43 @@
+"""Test helpers shared by every test file: golden fixture paths and the deterministic crc32 init."""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import zlib
+
+import torch as th
+import torch.nn as nn
+
+GOLDEN_DIR = pathlib.Path(__file__).parent / "fixtures" / "golden"
+
+
+def load_golden(name: str) -> dict:
+    """Load a golden fixture (e.g. "unet_adm32.pt") made with the original code."""
+    return th.load(GOLDEN_DIR / name, map_location="cpu", weights_only=True)
+
+
+def crc32_init_(model: nn.Module) -> nn.Module:
+    """Overwrite every floating-point state_dict entry deterministically, from its name alone.
+
+    This is the "crc32" init of the golden fixtures (see fixtures/golden/README.md): with
+    r ~ N(0, 1) drawn from a generator seeded by crc32(name), matrices get r / sqrt(fan_in),
+    1-D `...weight` entries (norm scales) 1 + 0.05 r, and everything else (biases) 0.05 r.
+    Returns the model in eval mode.
+    """
+    new = {}
+    for name, value in model.state_dict().items():
+        if not value.is_floating_point():
+            new[name] = value
+            continue
+        g = th.Generator().manual_seed(zlib.crc32(name.encode()))
+        r = th.randn(value.shape, generator=g, dtype=th.float32)
+        if value.ndim >= 2:
+            r = r / math.sqrt(math.prod(value.shape[1:]))
+        elif name.endswith("weight"):
+            r = 1 + 0.05 * r
+        else:
+            r = 0.05 * r
+        new[name] = r.to(value.dtype)
+    model.load_state_dict(new)
+    return model.eval()
