@@ -1,0 +1,253 @@
+"""Process-group setup that hides how the job was launched.
+
+The original ran every job under MPI (`mpiexec -n 8 python scripts/...`) and derived the GPU from
+`rank % 8`. Here three launches work the same way for the code above this module:
+
+* `torchrun --nproc_per_node=N scripts/...`: RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR come from
+  the environment (`init_method="env://"`).
+* `mpiexec -n N python scripts/...`: rank and world size come from mpi4py (imported only in this
+  case, so mpi4py stays optional); rank 0 picks a free TCP port and broadcasts its address over MPI.
+  The local rank is the rank within the node's shared-memory communicator, so nodes may hold any
+  number of processes.
+* `python scripts/...`: a one-rank group on an in-memory store, so `torch.distributed` calls
+  (`get_rank`, `barrier`, `all_gather`, ...) work unchanged in a single process.
+
+NCCL is used when CUDA is available, gloo otherwise. Every helper below also works when
+`setup_dist()` was never called (as in unit tests): it then behaves as a single process.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+from typing import Any, Iterable
+
+import blobfile as bf
+import torch as th
+import torch.distributed as dist
+
+# Environment variables that MPI launchers set in each process (MPICH/Hydra, Open MPI, PMIx,
+# MVAPICH, Intel MPI). Their presence means "launched by mpiexec"; we never import mpi4py otherwise.
+_MPI_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE")
+_MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
+
+# Checkpoints are broadcast in pieces: NCCL and gloo both handle large messages, but a bounded
+# piece keeps the extra device memory on every rank small.
+_BROADCAST_CHUNK_BYTES = 1 << 28
+
+
+def _launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _mpi_world_size_from_env() -> int:
+    for var in _MPI_SIZE_VARS:
+        if var in os.environ:
+            try:
+                return int(os.environ[var])
+            except ValueError:
+                pass
+    return 1
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _backend() -> str:
+    return "nccl" if th.cuda.is_available() else "gloo"
+
+
+def setup_dist() -> None:
+    """
+    Join (or create) the default process group; safe to call more than once.
+
+    Under torchrun the environment describes the group; under mpiexec mpi4py does; a plain process
+    becomes a group of one. Sets `LOCAL_RANK` in the environment when it was not set, so `dev()`
+    picks this process's GPU.
+    """
+    if dist.is_initialized():
+        return
+    backend = _backend()
+    if _launched_by_torchrun():
+        os.environ.setdefault("LOCAL_RANK", "0")
+        _set_cuda_device()
+        dist.init_process_group(backend=backend, init_method="env://")
+    elif _mpi_world_size_from_env() > 1:
+        _init_from_mpi(backend)
+    else:
+        os.environ.setdefault("LOCAL_RANK", "0")
+        _set_cuda_device()
+        # An in-memory store: no port to pick, nothing for other processes to find.
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def _init_from_mpi(backend: str) -> None:
+    try:
+        from mpi4py import MPI
+    except ImportError as e:
+        raise RuntimeError(
+            "this process was started by mpiexec (found "
+            f"{[v for v in _MPI_SIZE_VARS if v in os.environ]} in the environment) but mpi4py is "
+            "not installed: `pip install mpi4py mpich`, or launch with torchrun instead"
+        ) from e
+    comm = MPI.COMM_WORLD
+    rank, world = comm.Get_rank(), comm.Get_size()
+    # The rank among the processes that share this node's memory: no fixed GPUs-per-node.
+    local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+    os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    if rank == 0:
+        host = os.environ.get("MASTER_ADDR") or socket.gethostbyname(socket.getfqdn())
+        port = int(os.environ.get("MASTER_PORT") or _free_port())
+        address = (host, port)
+    else:
+        address = None
+    host, port = comm.bcast(address, root=0)
+    _set_cuda_device()
+    dist.init_process_group(
+        backend=backend, init_method=f"tcp://{host}:{port}", rank=rank, world_size=world
+    )
+
+
+def _set_cuda_device() -> None:
+    if th.cuda.is_available():
+        th.cuda.set_device(dev())
+
+
+def dev() -> th.device:
+    """
+    The device for this process: `cuda:LOCAL_RANK` (modulo the visible GPUs, so a user's
+    `CUDA_VISIBLE_DEVICES` that shows each process one GPU also works), else the CPU.
+    """
+    if th.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        return th.device("cuda", local_rank % th.cuda.device_count())
+    return th.device("cpu")
+
+
+def is_distributed() -> bool:
+    """True when a process group with more than one rank is running."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    """The number of ranks (1 without a process group)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def _comm_device() -> th.device:
+    # NCCL only moves CUDA tensors; gloo moves CPU tensors.
+    return dev() if dist.get_backend() == "nccl" else th.device("cpu")
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Return rank `src`'s `obj` on every rank (a collective: every rank must call it)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=_comm_device())
+    return box[0]
+
+
+def all_gather_objects(obj: Any) -> list:
+    """Return the list of every rank's `obj`, in rank order (a collective)."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _read_bytes(path: str) -> bytes:
+    with bf.BlobFile(path, "rb") as f:
+        return f.read()
+
+
+def load_state_dict(path: str, **kwargs) -> Any:
+    """
+    Load a checkpoint (a dict of tensors) read once by rank 0 and broadcast to every rank.
+
+    This is a collective: every rank must call it, and every rank gets the same tensors. If rank 0
+    cannot read the file, every rank raises the same error instead of waiting forever.
+    Only tensors and plain Python containers are accepted (`torch.load(weights_only=True)`):
+    a checkpoint that needs arbitrary unpickling is refused.
+
+    :param path: a local, gs:// or az:// path (anything blobfile reads).
+    :param kwargs: passed to `torch.load`, e.g. `map_location="cpu"`.
+    :return: the loaded object, typically a state_dict.
+    """
+    if kwargs.pop("weights_only", True) is not True:
+        raise ValueError(
+            f"load_state_dict({path!r}): weights_only=False is refused; checkpoints must be "
+            "plain tensor dicts (unpickling arbitrary objects can run code)"
+        )
+    if not is_distributed():
+        data = _read_bytes(path)
+    else:
+        data = _broadcast_file(path)
+    try:
+        return th.load(io.BytesIO(data), weights_only=True, **kwargs)
+    except Exception as e:  # noqa: BLE001 -- re-raised with the file name
+        raise RuntimeError(
+            f"cannot load checkpoint {path!r} as a plain tensor dict "
+            f"(torch.load(weights_only=True)): {e}"
+        ) from e
+
+
+def _broadcast_file(path: str) -> bytes:
+    # Rank 0 reads; the size (or the error) goes out first so no rank waits on bytes that never come.
+    header: Any
+    data = b""
+    if dist.get_rank() == 0:
+        try:
+            data = _read_bytes(path)
+            header = len(data)
+        except Exception as e:  # noqa: BLE001 -- sent to every rank, raised there
+            header = f"{type(e).__name__}: {e}"
+    else:
+        header = None
+    header = broadcast_object(header)
+    if isinstance(header, str):
+        raise OSError(f"rank 0 could not read checkpoint {path!r}: {header}")
+    size = header
+    device = _comm_device()
+    out = bytearray(size) if dist.get_rank() != 0 else None
+    for start in range(0, size, _BROADCAST_CHUNK_BYTES):
+        stop = min(start + _BROADCAST_CHUNK_BYTES, size)
+        if dist.get_rank() == 0:
+            chunk = th.frombuffer(bytearray(data[start:stop]), dtype=th.uint8).to(device)
+        else:
+            chunk = th.empty(stop - start, dtype=th.uint8, device=device)
+        dist.broadcast(chunk, src=0)
+        if out is not None:
+            out[start:stop] = chunk.cpu().numpy().tobytes()
+    return data if dist.get_rank() == 0 else bytes(out)
+
+
+def sync_params(params: Iterable[th.Tensor]) -> None:
+    """Overwrite every rank's tensors with rank 0's (a collective; no-op in a single process)."""
+    if not is_distributed():
+        return
+    with th.no_grad():
+        for p in params:
+            dist.broadcast(p.data if isinstance(p, th.nn.Parameter) else p, src=0)
+
+
+def cleanup() -> None:
+    """Leave the process group (call at the end of a script to exit without warnings)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,215 @@
+"""Image folders as an endless stream of training batches, as the original loads them.
+
+Images are found recursively under `data_dir` (jpg, jpeg, png, gif; local, gs:// or az:// paths
+through blobfile). With `class_cond`, an image's class is the part of its file name before the
+first "_" (`n01440764_10026.JPEG` -> "n01440764"), or with `label_from="folder"` the name of its
+first subfolder under `data_dir`; classes are numbered in sorted order. Each rank reads a disjoint
+shard (`paths[rank::world_size]`). Pixels are scaled to [-1, 1] and returned as C x H x W float32.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Iterator
+
+import blobfile as bf
+import numpy as np
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from . import dist_util
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")
+LABEL_SOURCES = ("filename", "folder")
+
+
+def load_data(
+    *,
+    data_dir: str,
+    batch_size: int,
+    image_size: int,
+    class_cond: bool = False,
+    deterministic: bool = False,
+    random_crop: bool = False,
+    random_flip: bool = True,
+    label_from: str = "filename",
+) -> Iterator[tuple]:
+    """
+    Yield (images, kwargs) batches forever.
+
+    :param data_dir: the folder searched recursively for images.
+    :param batch_size: images per batch (per rank); the last incomplete batch of each pass is dropped.
+    :param image_size: the side of the square crops.
+    :param class_cond: if True, kwargs holds "y", the [N] int64 class labels.
+    :param deterministic: if True, the order is fixed (no shuffling), e.g. for evaluation.
+    :param random_crop: if True, a random crop of 80-100% of the shorter side instead of the center.
+    :param random_flip: if True, flip each image left-right with probability 1/2.
+    :param label_from: "filename" (the original: prefix before the first "_") or "folder" (the
+        first subfolder under data_dir, for ImageFolder-style trees).
+    :return: an iterator of ([N x 3 x image_size x image_size] float32 tensor in [-1, 1], dict).
+    """
+    if not data_dir:
+        raise ValueError("unspecified data directory (--data_dir)")
+    if label_from not in LABEL_SOURCES:
+        raise ValueError(f"label_from must be one of {LABEL_SOURCES}, got {label_from!r}")
+    all_files = _list_image_files_recursively(data_dir)
+    if not all_files:
+        raise ValueError(
+            f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under data directory {data_dir!r}"
+        )
+    classes = None
+    if class_cond:
+        names = [_class_name(path, data_dir, label_from) for path in all_files]
+        sorted_classes = {name: i for i, name in enumerate(sorted(set(names)))}
+        classes = [sorted_classes[name] for name in names]
+    dataset = ImageDataset(
+        image_size,
+        all_files,
+        classes=classes,
+        shard=dist_util.get_rank(),
+        num_shards=dist_util.get_world_size(),
+        random_crop=random_crop,
+        random_flip=random_flip,
+    )
+    if len(dataset) < batch_size:
+        # drop_last would leave no batch at all and the loop below would spin forever.
+        raise ValueError(
+            f"{data_dir!r}: this rank's shard has {len(dataset)} images "
+            f"({len(all_files)} in total over {dist_util.get_world_size()} ranks), fewer than "
+            f"the batch size {batch_size}"
+        )
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=not deterministic, num_workers=1, drop_last=True
+    )
+    return _forever(loader)
+
+
+def _forever(loader: DataLoader) -> Iterator[tuple]:
+    while True:
+        yield from loader
+
+
+def _class_name(path: str, data_dir: str, label_from: str) -> str:
+    if label_from == "filename":
+        return bf.basename(path).split("_")[0]
+    rel = path[len(data_dir.rstrip("/")) :].lstrip("/")
+    parts = rel.split("/")
+    if len(parts) < 2:
+        raise ValueError(
+            f"label_from='folder' needs every image inside a class subfolder of {data_dir!r}, "
+            f"but {path!r} is directly in it"
+        )
+    return parts[0]
+
+
+def _list_image_files_recursively(data_dir: str) -> list[str]:
+    """Every image path under `data_dir`, in sorted order within each folder (depth first)."""
+    results = []
+    for entry in sorted(bf.listdir(data_dir)):
+        full_path = bf.join(data_dir, entry)
+        ext = entry.split(".")[-1]
+        if "." in entry and ext.lower() in IMAGE_EXTENSIONS:
+            results.append(full_path)
+        elif bf.isdir(full_path):
+            results.extend(_list_image_files_recursively(full_path))
+    return results
+
+
+class ImageDataset(Dataset):
+    """
+    One rank's shard of an image list.
+
+    :param resolution: the side of the square crops.
+    :param image_paths: every image (all ranks); this dataset keeps `image_paths[shard::num_shards]`.
+    :param classes: the class index of each path, or None.
+    """
+
+    def __init__(
+        self,
+        resolution: int,
+        image_paths: list[str],
+        classes: list[int] | None = None,
+        shard: int = 0,
+        num_shards: int = 1,
+        random_crop: bool = False,
+        random_flip: bool = True,
+    ):
+        super().__init__()
+        self.resolution = resolution
+        self.local_images = image_paths[shard:][::num_shards]
+        self.local_classes = None if classes is None else classes[shard:][::num_shards]
+        self.random_crop = random_crop
+        self.random_flip = random_flip
+
+    def __len__(self) -> int:
+        return len(self.local_images)
+
+    def __getitem__(self, idx: int) -> tuple:
+        path = self.local_images[idx]
+        pil_image = read_image(path)
+        if self.random_crop:
+            arr = random_crop_arr(pil_image, self.resolution)
+        else:
+            arr = center_crop_arr(pil_image, self.resolution)
+        if self.random_flip and random.random() < 0.5:
+            arr = arr[:, ::-1]
+        arr = arr.astype(np.float32) / 127.5 - 1
+        out_dict = {}
+        if self.local_classes is not None:
+            out_dict["y"] = np.array(self.local_classes[idx], dtype=np.int64)
+        return np.transpose(arr, [2, 0, 1]), out_dict
+
+
+def read_image(path: str) -> Image.Image:
+    """
+    Read an image as RGB (grayscale is replicated, an alpha channel dropped, as in the original).
+
+    :raises OSError: naming the file, when it is missing, truncated or not an image.
+    """
+    try:
+        with bf.BlobFile(path, "rb") as f:
+            pil_image = Image.open(f)
+            pil_image.load()
+    except Exception as e:  # noqa: BLE001 -- PIL raises several types; name the file in one
+        raise OSError(f"cannot read image {path!r}: {type(e).__name__}: {e}") from e
+    return pil_image.convert("RGB")
+
+
+def _downsample_by_box(pil_image: Image.Image, target_short_side: int) -> Image.Image:
+    # Halve with a box filter while the image is at least twice the target: cheap, and it
+    # anti-aliases before the final bicubic resize (which alone would alias on large reductions).
+    while min(*pil_image.size) >= 2 * target_short_side:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    return pil_image
+
+
+def _resize_short_side(pil_image: Image.Image, short_side: int) -> np.ndarray:
+    pil_image = _downsample_by_box(pil_image, short_side)
+    scale = short_side / min(*pil_image.size)
+    new_size = tuple(round(x * scale) for x in pil_image.size)
+    return np.array(pil_image.resize(new_size, resample=Image.BICUBIC))
+
+
+def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
+    """Resize the shorter side to `image_size` and cut the central square: [H x W x 3] uint8."""
+    arr = _resize_short_side(pil_image, image_size)
+    crop_y = (arr.shape[0] - image_size) // 2
+    crop_x = (arr.shape[1] - image_size) // 2
+    return arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size]
+
+
+def random_crop_arr(
+    pil_image: Image.Image, image_size: int, min_crop_frac: float = 0.8, max_crop_frac: float = 1.0
+) -> np.ndarray:
+    """
+    Resize the shorter side to a random length so that the crop covers `min_crop_frac` to
+    `max_crop_frac` of it, then cut a square at a random position: [H x W x 3] uint8.
+    """
+    min_smaller_dim_size = math.ceil(image_size / max_crop_frac)
+    max_smaller_dim_size = math.ceil(image_size / min_crop_frac)
+    smaller_dim_size = random.randrange(min_smaller_dim_size, max_smaller_dim_size + 1)
+    arr = _resize_short_side(pil_image, smaller_dim_size)
+    crop_y = random.randrange(arr.shape[0] - image_size + 1)
+    crop_x = random.randrange(arr.shape[1] - image_size + 1)
+    return arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size]
