@@ -1,0 +1,499 @@
+"""Helpers shared by the scripts in `scripts/`: the scripts stay thin and copy nothing from each other.
+
+- `setup`: process group, logger directory and seeding from the common flags.
+- `build_model_and_diffusion` / `load_model_and_diffusion`: flags -> model (+ checkpoint) ->
+  device, fp16, eval mode, for the three kinds of network (U-Net, super-res U-Net, classifier).
+- `sample_batch`: the one place that runs a sampling loop (DDPM or DDIM, per `--use_ddim`).
+- `sample_generators` / `PerSampleNoise`: with `--seed S`, the label, x_T and every step's noise of
+  sample index i come from one generator seeded by (S, i), so a sample depends only on its index,
+  not on the batch size or the number of ranks (STYLE 9).
+- `generate_samples`: splits sample indices over ranks, gathers the batches on rank 0 in index
+  order (the original's `all_gather` layout), and `save_samples` writes `samples_{N}x{H}x{W}x3.npz`
+  (`arr_0` uint8 NHWC, `arr_1` labels) and a PNG grid beside it, atomically.
+- `run_main`: turns user errors (flag/checkpoint mismatch, missing files) into one line on stderr
+  and exit status 1 instead of a traceback (set GD_TRACEBACK=1 to get the traceback).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import os
+import sys
+import tempfile
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch as th
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from . import dist_util, logger
+from .script_util import (
+    args_to_dict,
+    classifier_and_diffusion_defaults,
+    create_classifier_and_diffusion,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+    sr_create_model_and_diffusion,
+    sr_model_and_diffusion_defaults,
+)
+
+try:
+    from .checkpoints import CheckpointMismatchError, load_model_checkpoint
+except ImportError:  # pragma: no cover - only while checkpoints.py has not landed
+    CheckpointMismatchError = RuntimeError  # type: ignore[misc,assignment]
+    load_model_checkpoint = None  # type: ignore[assignment]
+
+
+class ScriptError(Exception):
+    """A mistake in the command line or its files: reported as one line, without a traceback."""
+
+
+# Flags beyond the original (one place for their defaults).
+def common_defaults() -> dict:
+    """Flags that every script accepts."""
+    return dict(
+        seed=-1,  # >= 0: reproducible runs (see sample_generators; training seeds seed + rank)
+        output_dir="",  # "" keeps the original's choice: the logger's dir ($OPENAI_LOGDIR or /tmp)
+        progress=True,  # tqdm bars on rank 0
+    )
+
+
+def sampling_defaults() -> dict:
+    """Flags of the sampling scripts."""
+    return dict(common_defaults(), grid_size=100)  # samples in the PNG grid (0: no grid)
+
+
+def training_defaults() -> dict:
+    """Flags of the training scripts."""
+    # The original always flips horizontally; digits and text must not be mirrored.
+    return dict(common_defaults(), random_flip=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Process setup
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without a process group."""
+    return dist_util.get_rank(), dist_util.get_world_size()
+
+
+def setup(args) -> None:
+    """Start the process group, point the logger at `--output_dir`, and seed torch if asked."""
+    dist_util.setup_dist()
+    output_dir = getattr(args, "output_dir", "") or None
+    logger.configure(dir=output_dir)
+    seed = getattr(args, "seed", -1)
+    if seed is not None and seed >= 0:
+        th.manual_seed(seed + world()[0])
+        np.random.seed((seed + world()[0]) % 2**32)
+
+
+def require_path(path: str, flag: str, kind: str = "file") -> None:
+    """Fail with a line naming `--flag` when a local path is empty or missing (remote URLs pass)."""
+    if not path:
+        raise ScriptError(f"--{flag} is required")
+    if "://" in path:
+        return
+    ok = os.path.isdir(path) if kind == "dir" else os.path.isfile(path)
+    if not ok:
+        raise ScriptError(f"--{flag}: no such {kind}: {path!r}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Models from flags
+
+# kind -> (defaults dict, factory, checkpoint flag, fp16 flag)
+_KINDS = {
+    "unet": (model_and_diffusion_defaults, create_model_and_diffusion, "model_path", "use_fp16"),
+    "superres": (sr_model_and_diffusion_defaults, sr_create_model_and_diffusion, "model_path",
+                 "use_fp16"),
+    "classifier": (classifier_and_diffusion_defaults, create_classifier_and_diffusion,
+                   "classifier_path", "classifier_use_fp16"),
+}
+
+
+def build_model_and_diffusion(args, kind: str = "unet"):
+    """
+    Build a fresh network and its diffusion from the flags of `kind`, on `dist_util.dev()`.
+
+    :param kind: "unet" (image_*), "superres" (super_res_*) or "classifier" (classifier_*).
+    :return: (model, diffusion); the model is float32 and in training mode.
+    """
+    defaults, factory, _, _ = _KINDS[kind]
+    try:
+        model, diffusion = factory(**args_to_dict(args, defaults().keys()))
+    except ValueError as e:  # bad flag values (e.g. an image size without a default channel_mult)
+        raise ScriptError(str(e)) from e
+    model.to(dist_util.dev())
+    return model, diffusion
+
+
+def load_checkpoint(model: th.nn.Module, path: str, flag: str) -> None:
+    """Load `path` (named by `--flag`) into `model`; a mismatch raises `CheckpointMismatchError`."""
+    require_path(path, flag)
+    state = dist_util.load_state_dict(path, map_location="cpu")
+    if load_model_checkpoint is None:  # pragma: no cover
+        model.load_state_dict(state)
+    else:
+        load_model_checkpoint(model, state)
+
+
+def load_model_and_diffusion(args, kind: str = "unet"):
+    """
+    Build the network of `kind` from flags, load its checkpoint (`--model_path`, or
+    `--classifier_path` for the classifier), move it to the device, convert it to fp16 when its
+    fp16 flag is set (after loading: released checkpoints hold float32 weights), and switch it to
+    eval mode.
+
+    :return: (model, diffusion).
+    """
+    _, _, path_flag, fp16_flag = _KINDS[kind]
+    model, diffusion = build_model_and_diffusion(args, kind)
+    load_checkpoint(model, getattr(args, path_flag), path_flag)
+    model.to(dist_util.dev())
+    if getattr(args, fp16_flag):
+        model.convert_to_fp16()
+    model.eval()  # sampling and evaluation only: dropout stays off
+    return model, diffusion
+
+
+# ------------------------------------------------------------------------------------------------
+# Seeded noise
+
+
+def sample_generators(seed: int, indices: Iterable[int]) -> list[th.Generator]:
+    """
+    One CPU generator per sample index, seeded by (seed, index): everything random about sample
+    i (its label, x_T, every step's noise) is drawn from its own generator, in that order.
+    """
+    return [th.Generator().manual_seed(seed * 1_000_003 + int(i)) for i in indices]
+
+
+def seeded_labels(generators: Sequence[th.Generator], num_classes: int, device=None) -> th.Tensor:
+    """:return: an [N] int64 tensor, label i drawn uniformly in [0, num_classes) from generator i."""
+    labels = [th.randint(num_classes, (1,), generator=g) for g in generators]
+    return th.cat(labels).to(device)
+
+
+class PerSampleNoise:
+    """
+    `randn_like` for a batch whose rows have their own generators: row i of every draw comes from
+    generator i. Drawn on the CPU so that the numbers are the same on every device.
+    """
+
+    def __init__(self, generators: Sequence[th.Generator]):
+        self.generators = list(generators)
+
+    def randn(self, shape: Sequence[int], device=None, dtype=th.float32) -> th.Tensor:
+        """:param shape: (N, ...) with N == number of generators."""
+        if shape[0] != len(self.generators):
+            raise ValueError(f"noise for {shape[0]} samples, but {len(self.generators)} generators")
+        rows = [th.randn(tuple(shape[1:]), generator=g) for g in self.generators]
+        return th.stack(rows).to(device=device, dtype=dtype)
+
+    def __call__(self, like: th.Tensor) -> th.Tensor:
+        return self.randn(like.shape, device=like.device, dtype=like.dtype)
+
+
+@contextlib.contextmanager
+def _step_noise_from(noise_fn: Callable[[th.Tensor], th.Tensor] | None):
+    """
+    Make the diffusion's sampling steps draw their noise from `noise_fn`.
+
+    The steps call `th.randn_like(x)`; while the diffusion has no noise hook, this swaps the
+    `th` that gaussian_diffusion.py sees for a view of torch whose `randn_like` is `noise_fn`.
+    Torch itself, and every other module, are untouched.
+    """
+    if noise_fn is None:
+        yield
+        return
+    from . import gaussian_diffusion as gd
+
+    class _TorchView:
+        def __getattr__(self, name):
+            return getattr(th, name)
+
+    view = _TorchView()
+    view.randn_like = lambda x, **_: noise_fn(x)
+    saved = gd.th
+    gd.th = view
+    try:
+        yield
+    finally:
+        gd.th = saved
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def sample_batch(
+    model,
+    diffusion,
+    args,
+    shape: Sequence[int],
+    model_kwargs: dict | None = None,
+    cond_fn=None,
+    noise: th.Tensor | None = None,
+    noise_fn: Callable[[th.Tensor], th.Tensor] | None = None,
+    progress: bool = False,
+) -> th.Tensor:
+    """
+    Run the sampling loop chosen by the flags: DDIM (`--use_ddim True`, eta 0) or DDPM ancestral
+    sampling over the diffusion's (possibly respaced, `--timestep_respacing`) steps.
+
+    :param shape: (N, C, H, W).
+    :param model_kwargs: e.g. {'y': labels} or {'low_res': images}.
+    :param cond_fn: classifier guidance gradient, cond_fn(x, t, **model_kwargs).
+    :param noise: the initial x_T, [N x C x H x W] (else drawn by the diffusion).
+    :param noise_fn: randn_like replacement for the per-step noise (seeded sampling).
+    :return: the [N x C x H x W] float samples in [-1, 1].
+    """
+    loop = diffusion.ddim_sample_loop if args.use_ddim else diffusion.p_sample_loop
+    kwargs = dict(
+        noise=noise,
+        clip_denoised=args.clip_denoised,
+        model_kwargs=model_kwargs,
+        cond_fn=cond_fn,
+        device=dist_util.dev(),
+        progress=progress,
+    )
+    hook = "noise_fn" in inspect.signature(loop).parameters
+    if hook:
+        kwargs["noise_fn"] = noise_fn
+    with _step_noise_from(None if hook else noise_fn):
+        return loop(model, tuple(shape), **kwargs)
+
+
+def make_sample_fn(
+    model,
+    diffusion,
+    args,
+    shape: Sequence[int],
+    num_classes: int | None = None,
+    cond_fn=None,
+    kwargs_fn: Callable[[list[int]], dict] | None = None,
+) -> Callable[[list[int]], tuple[th.Tensor, th.Tensor | None]]:
+    """
+    Build the `sample_fn` of `generate_samples`: indices -> (uint8 NHWC samples, labels or None).
+
+    With `--seed S` (>= 0) sample i's label, x_T and step noise come from its own generator
+    (`sample_generators`); with -1 they come from torch's global RNG as in the original.
+
+    :param shape: (C, H, W) of one sample.
+    :param num_classes: if not None, draw labels uniformly as model_kwargs['y'].
+    :param kwargs_fn: indices -> extra model_kwargs (e.g. 'low_res', or given labels 'y').
+    """
+    rank, _ = world()
+
+    def sample_fn(indices: list[int]):
+        n, device = len(indices), dist_util.dev()
+        noise_src = PerSampleNoise(sample_generators(args.seed, indices)) if args.seed >= 0 else None
+        model_kwargs = {}
+        if num_classes is not None:
+            if noise_src is not None:
+                model_kwargs["y"] = seeded_labels(noise_src.generators, num_classes, device)
+            else:
+                model_kwargs["y"] = th.randint(0, num_classes, (n,), device=device)
+        if kwargs_fn is not None:
+            model_kwargs.update({k: v.to(device) for k, v in kwargs_fn(indices).items()})
+        noise = noise_src.randn((n, *shape), device=device) if noise_src is not None else None
+        sample = sample_batch(
+            model, diffusion, args, (n, *shape), model_kwargs=model_kwargs, cond_fn=cond_fn,
+            noise=noise, noise_fn=noise_src, progress=bool(args.progress) and rank == 0,
+        )
+        return to_uint8_nhwc(sample), model_kwargs.get("y")
+
+    return sample_fn
+
+
+def to_uint8_nhwc(sample: th.Tensor) -> th.Tensor:
+    """[N x C x H x W] floats in [-1, 1] -> [N x H x W x C] uint8, rounding as the original."""
+    return ((sample + 1) * 127.5).clamp(0, 255).to(th.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def classifier_cond_fn(classifier, scale: float):
+    """
+    Classifier guidance (Dhariwal & Nichol 2021, Algorithm 1): the gradient of
+    scale * log p_phi(y | x_t, t) with respect to x_t.
+    """
+
+    def cond_fn(x: th.Tensor, t: th.Tensor, y: th.Tensor | None = None, **_) -> th.Tensor:
+        if y is None:
+            raise ValueError("classifier guidance needs labels: model_kwargs['y']")
+        with th.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            log_probs = F.log_softmax(classifier(x_in, t), dim=-1)
+            selected = log_probs[th.arange(len(y), device=y.device), y.view(-1)]
+            return th.autograd.grad(selected.sum(), x_in)[0] * scale
+
+    return cond_fn
+
+
+def labels_only_if(model, class_cond: bool):
+    """Wrap `model` so that labels in model_kwargs (needed by cond_fn) reach it only if class_cond."""
+
+    def model_fn(x: th.Tensor, t: th.Tensor, y: th.Tensor | None = None, **kwargs) -> th.Tensor:
+        return model(x, t, y if class_cond else None, **kwargs)
+
+    return model_fn
+
+
+def generate_samples(
+    sample_fn: Callable[[list[int]], tuple[th.Tensor, th.Tensor | None]],
+    num_samples: int,
+    batch_size: int,
+    image_shape: Sequence[int],
+    with_labels: bool,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """
+    Produce exactly `num_samples` samples spread over all ranks and gather them on rank 0.
+
+    Round k gives rank r the indices [(k * W + r) * B, (k * W + r + 1) * B), so one round's
+    `all_gather` lists the batches in index order, as the original's output does; the last round
+    is cut at `num_samples` (a rank with nothing left still joins the gather).
+
+    :param sample_fn: indices -> ([n x H x W x C] uint8 samples, [n] int64 labels or None).
+    :param image_shape: (H, W, C) of one sample.
+    :return: on rank 0, (arr [num_samples x H x W x C] uint8, labels [num_samples] or None);
+             None on the other ranks.
+    """
+    rank, world_size = world()
+    device = dist_util.dev()
+    per_round = batch_size * world_size
+    rounds = math.ceil(num_samples / per_round)
+    images: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=num_samples, desc="samples", unit="img")
+    for k in range(rounds):
+        start = (k * world_size + rank) * batch_size
+        indices = list(range(start, min(start + batch_size, num_samples)))
+        # Pad to the batch size: every rank sends equally shaped tensors.
+        batch = th.zeros((batch_size, *image_shape), dtype=th.uint8, device=device)
+        batch_labels = th.zeros((batch_size,), dtype=th.int64, device=device)
+        if indices:
+            sample, label = sample_fn(indices)
+            batch[: len(indices)] = sample.to(device)
+            if with_labels:
+                batch_labels[: len(indices)] = label.to(device)
+        if world_size > 1:
+            gathered = [th.zeros_like(batch) for _ in range(world_size)]
+            gathered_labels = [th.zeros_like(batch_labels) for _ in range(world_size)]
+            dist.all_gather(gathered, batch)
+            dist.all_gather(gathered_labels, batch_labels)
+        else:
+            gathered, gathered_labels = [batch], [batch_labels]
+        if rank == 0:
+            for r, (b, bl) in enumerate(zip(gathered, gathered_labels)):
+                r_start = (k * world_size + r) * batch_size
+                n = max(0, min(batch_size, num_samples - r_start))
+                images.append(b[:n].cpu().numpy())
+                labels.append(bl[:n].cpu().numpy())
+            done = min(num_samples, (k + 1) * per_round)
+            logger.log(f"created {done} samples")
+            if bar is not None:
+                bar.update(done - bar.n)
+    if bar is not None:
+        bar.close()
+    if rank != 0:
+        return None
+    arr = np.concatenate(images, axis=0)
+    assert arr.shape[0] == num_samples, (arr.shape, num_samples)
+    return arr, (np.concatenate(labels, axis=0) if with_labels else None)
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing samples
+
+
+def _atomic_write(path: str, write: Callable) -> None:
+    """Write through a temporary file in the same directory, then rename: readers never see half."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def image_grid(arr: np.ndarray, labels: np.ndarray | None = None, max_images: int = 100,
+               min_tile: int = 64, pad: int = 2) -> np.ndarray:
+    """
+    Tile the first `max_images` samples into a square grid (sorted by label when labels are
+    given, so a class-conditional grid reads 0 0 0 1 1 1 ...).
+
+    :param arr: [N x H x W x C] uint8.
+    :param min_tile: small images are enlarged (nearest neighbour, integer factor) to at least this.
+    :return: [H' x W' x C] uint8.
+    """
+    n = min(len(arr), max_images)
+    images = arr[:n]
+    if labels is not None:
+        images = images[np.argsort(labels[:n], kind="stable")]
+    scale = max(1, math.ceil(min_tile / max(arr.shape[1], arr.shape[2])))
+    if scale > 1:
+        images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    h, w, c = images.shape[1:]
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, q = divmod(i, cols)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h,
+             pad + q * (w + pad): pad + q * (w + pad) + w] = img
+    return grid
+
+
+def save_samples(arr: np.ndarray, labels: np.ndarray | None = None, out_dir: str | None = None,
+                 grid_size: int = 100) -> str:
+    """
+    Write `samples_{N}x{H}x{W}x{C}.npz` (`arr_0` = samples, `arr_1` = labels when given) as the
+    original does, and a PNG grid of the first `grid_size` samples beside it.
+
+    :return: the path of the .npz.
+    """
+    from PIL import Image
+
+    shape_str = "x".join(str(x) for x in arr.shape)
+    out_path = os.path.join(out_dir or logger.get_dir(), f"samples_{shape_str}.npz")
+    logger.log(f"saving to {out_path}")
+    arrays = (arr,) if labels is None else (arr, labels)
+    _atomic_write(out_path, lambda f: np.savez(f, *arrays))
+    if grid_size > 0:
+        grid = image_grid(arr, labels, max_images=grid_size)
+        img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+        _atomic_write(out_path[: -len(".npz")] + ".png", lambda f: img.save(f, format="PNG"))
+    return out_path
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def run_main(main: Callable[[], None]) -> None:
+    """
+    Call a script's `main()`, turning user errors into one line `error: ...` on stderr and exit
+    status 1 (GD_TRACEBACK=1 re-raises them with the traceback).
+    """
+    try:
+        main()
+    except (ScriptError, CheckpointMismatchError, FileNotFoundError) as e:
+        if os.environ.get("GD_TRACEBACK"):
+            raise
+        message = " ".join(str(e).split())
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(1)

@@ -1,0 +1,89 @@
+"""
+Upsample low-resolution samples (`--base_samples`: an .npz from image_sample.py, `arr_0` uint8
+[N x small x small x 3], `arr_1` labels when class-conditional) with a super-resolution model.
+Sample i upsamples base sample i mod N; the output is `samples_{num_samples}x{large}x{large}x3.npz`.
+"""
+
+import argparse
+
+import numpy as np
+import torch as th
+
+from guided_diffusion import dist_util, logger, run_util
+from guided_diffusion.script_util import add_dict_to_argparser, sr_model_and_diffusion_defaults
+
+
+def load_base_samples(path: str, small_size: int, class_cond: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """
+    Read the low-resolution inputs; never unpickles.
+
+    :return: (images [N x small x small x 3] uint8, labels [N] or None).
+    """
+    import blobfile as bf
+
+    run_util.require_path(path, "base_samples")
+    with bf.BlobFile(path, "rb") as f, np.load(f, allow_pickle=False) as obj:
+        if "arr_0" not in obj:
+            raise run_util.ScriptError(f"--base_samples {path}: no 'arr_0' array of images")
+        images = obj["arr_0"]
+        labels = obj["arr_1"] if class_cond and "arr_1" in obj else None
+    if images.ndim != 4 or images.shape[1:] != (small_size, small_size, 3) or images.dtype != np.uint8:
+        raise run_util.ScriptError(
+            f"--base_samples {path}: arr_0 is {images.dtype} {list(images.shape)}, expected uint8 "
+            f"[N, {small_size}, {small_size}, 3] (see --small_size)"
+        )
+    if class_cond and labels is None:
+        raise run_util.ScriptError(f"--base_samples {path}: no 'arr_1' labels, needed by --class_cond True")
+    return images, labels
+
+
+def main():
+    args = create_argparser().parse_args()
+    run_util.setup(args)
+
+    logger.log("loading data...")
+    images, labels = load_base_samples(args.base_samples, args.small_size, args.class_cond)
+
+    logger.log("creating model...")
+    model, diffusion = run_util.load_model_and_diffusion(args, "superres")
+
+    def base_kwargs(indices):
+        rows = [i % len(images) for i in indices]
+        low_res = th.from_numpy(images[rows]).float() / 127.5 - 1.0
+        kwargs = dict(low_res=low_res.permute(0, 3, 1, 2))
+        if labels is not None:
+            kwargs["y"] = th.from_numpy(labels[rows]).long()
+        return kwargs
+
+    logger.log("creating samples...")
+    sample_fn = run_util.make_sample_fn(
+        model, diffusion, args, (3, args.large_size, args.large_size), kwargs_fn=base_kwargs
+    )
+    result = run_util.generate_samples(
+        sample_fn, args.num_samples, args.batch_size, (args.large_size, args.large_size, 3),
+        with_labels=args.class_cond, progress=args.progress,
+    )
+    if result is not None:
+        run_util.save_samples(*result, out_dir=args.output_dir, grid_size=args.grid_size)
+    dist_util.barrier()
+    logger.log("sampling complete")
+
+
+def create_argparser() -> argparse.ArgumentParser:
+    defaults = dict(
+        clip_denoised=True,
+        num_samples=10000,
+        batch_size=16,
+        use_ddim=False,
+        base_samples="",
+        model_path="",
+    )
+    defaults.update(sr_model_and_diffusion_defaults())
+    defaults.update(run_util.sampling_defaults())
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_dict_to_argparser(parser, defaults)
+    return parser
+
+
+if __name__ == "__main__":
+    run_util.run_main(main)
