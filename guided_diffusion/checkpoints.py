@@ -1,0 +1,318 @@
+"""Load model checkpoints safely, and say which flag is wrong when one does not fit.
+
+Released checkpoints (`256x256_diffusion.pt`, ...) are plain float32 state_dicts; ours are too, or
+a dict holding one under "model" / "state_dict". Files are read with `weights_only=True`, so a
+checkpoint can never run code: files that need arbitrary unpickling are refused.
+
+A state_dict only fits the model built from the flags it was trained with. When it does not,
+`CheckpointMismatchError` lists what differs and names the flag(s) that most likely explain it,
+e.g. `'label_emb.weight' ... was the checkpoint trained with --class_cond True?`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import re
+from collections.abc import Mapping
+from typing import Union
+
+import blobfile as bf
+import torch as th
+import torch.nn as nn
+
+StateDict = Mapping[str, th.Tensor]
+PathOrStateDict = Union[str, os.PathLike, StateDict]
+
+_WRAPPER_KEYS = ("model", "state_dict")  # where our own training checkpoints may nest the weights
+_SHOWN = 5  # names listed per category in error messages
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be read (unsafe, corrupt, or not a state_dict)."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A state_dict's names or shapes do not fit the model built from the given flags."""
+
+
+def read_state_dict(path_or_state_dict: PathOrStateDict) -> dict[str, th.Tensor]:
+    """Read a state_dict from a file (local path or any URL blobfile reads, e.g. gs://) or a dict.
+
+    :param path_or_state_dict: a path, or an already loaded (possibly wrapped) state_dict.
+    :return: a flat {name: tensor} dict on the CPU.
+    :raises CheckpointError: if the file needs unsafe unpickling or holds no state_dict.
+    """
+    if isinstance(path_or_state_dict, Mapping):
+        return _unwrap(path_or_state_dict, "the given state_dict")
+    path = str(path_or_state_dict)
+    with bf.BlobFile(path, "rb") as f:
+        data = f.read()
+    try:
+        obj = th.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()
+        raise CheckpointError(
+            f"refusing to load checkpoint {path!r}: it cannot be read with "
+            "torch.load(weights_only=True) because it contains pickled Python objects besides "
+            "tensors (e.g. a whole model saved with torch.save(model)), and unpickling those can "
+            "run arbitrary code. If you trust the file, load it yourself and save only "
+            "model.state_dict()."
+            + (f" (torch said: {reason[0]})" if reason else "")
+        ) from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"cannot read checkpoint {path!r} as a torch file: {e}") from e
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(
+            f"checkpoint {path!r} holds a {type(obj).__name__}, not a state_dict (a dict of tensors)"
+        )
+    return _unwrap(obj, repr(path))
+
+
+def _unwrap(obj: Mapping, source: str) -> dict[str, th.Tensor]:
+    """Return the flat state_dict inside `obj` (itself, or obj["model"] / obj["state_dict"])."""
+    if not all(isinstance(v, th.Tensor) for v in obj.values()):
+        for key in _WRAPPER_KEYS:
+            if isinstance(obj.get(key), Mapping):
+                return _unwrap(obj[key], f"{source}[{key!r}]")
+    bad = [k for k, v in obj.items() if not isinstance(v, th.Tensor)]
+    if bad:
+        raise CheckpointError(
+            f"{source} is not a state_dict: entry {bad[0]!r} holds a {type(obj[bad[0]]).__name__}, "
+            f"not a tensor (and there is no {' or '.join(map(repr, _WRAPPER_KEYS))} entry holding one)"
+        )
+    return dict(obj)
+
+
+def load_model_checkpoint(
+    model: nn.Module, path_or_state_dict: PathOrStateDict, *, strict: bool = True
+) -> None:
+    """Load a checkpoint into `model` in place, after checking that it fits.
+
+    Parameters keep the model's dtype (a float32 checkpoint loads into a converted fp16 model).
+    `num_heads`, `num_head_channels` and `use_new_attention_order` change no tensor shape, so a
+    checkpoint loads under wrong values of these flags; they must still match the training flags.
+
+    :param model: the model built from the flags the checkpoint was trained with.
+    :param path_or_state_dict: a file path / URL, or a (possibly wrapped) state_dict.
+    :param strict: if False, missing and unexpected names are ignored (shapes must still fit).
+    :raises CheckpointMismatchError: naming the differing tensors and the likely flag.
+    :raises CheckpointError: if the file is unsafe or not a state_dict.
+    """
+    state_dict = read_state_dict(path_or_state_dict)
+    source = (
+        "the given state_dict"
+        if isinstance(path_or_state_dict, Mapping)
+        else repr(str(path_or_state_dict))
+    )
+    check_state_dict_fits(model, state_dict, source=source, strict=strict)
+    model.load_state_dict(state_dict, strict=strict)
+
+
+def check_state_dict_fits(
+    model: nn.Module, state_dict: StateDict, *, source: str = "checkpoint", strict: bool = True
+) -> None:
+    """Raise `CheckpointMismatchError` if `state_dict` does not fit `model` (see `load_model_checkpoint`)."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state_dict.items()}
+    missing = [k for k in want if k not in got]
+    unexpected = [k for k in got if k not in want]
+    conflicts = [k for k in want if k in got and want[k] != got[k]]
+    if not conflicts and (not strict or not (missing or unexpected)):
+        return
+
+    def names(keys):
+        shown = ", ".join(repr(k) for k in keys[:_SHOWN])
+        return shown + (f", ... ({len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else "")
+
+    lines = [
+        f"checkpoint {source} does not fit {type(model).__name__}: "
+        f"checkpoint has {len(got)} tensors, model {len(want)}"
+    ]
+    if missing and strict:
+        lines.append(f"  missing from the checkpoint ({len(missing)}): {names(missing)}")
+    if unexpected and strict:
+        lines.append(f"  unexpected in the checkpoint ({len(unexpected)}): {names(unexpected)}")
+    if conflicts:
+        shown = "; ".join(
+            f"{k!r}: checkpoint {list(got[k])} vs model {list(want[k])}" for k in conflicts[:_SHOWN]
+        )
+        more = f"; ... ({len(conflicts) - _SHOWN} more)" if len(conflicts) > _SHOWN else ""
+        lines.append(f"  shape mismatches ({len(conflicts)}): {shown}{more}")
+    hints = _likely_flags(want, got, missing, unexpected, conflicts)
+    if hints:
+        lines.append("likely cause:")
+        lines.extend(f"  - {h}" for h in hints)
+    lines.append(
+        "(flags must match the ones the checkpoint was trained with; num_heads, "
+        "num_head_channels and use_new_attention_order must too, though they change no shape)"
+    )
+    raise CheckpointMismatchError("\n".join(lines))
+
+
+def _block_count(shapes: Mapping[str, tuple], prefix: str) -> int:
+    """Number of entries of a ModuleList such as `input_blocks` (0 if absent)."""
+    idx = [int(m.group(1)) for k in shapes if (m := re.match(rf"{prefix}\.(\d+)\.", k))]
+    return max(idx) + 1 if idx else 0
+
+
+def _unet_levels(shapes: Mapping[str, tuple]) -> tuple[int, int] | None:
+    """(resolution levels, res blocks per level) of a U-Net state_dict, from its decoder.
+
+    Every level but the lowest ends with an upsampler, which sits after the first ResBlock in its
+    output block: a `conv` (Upsample) or another ResBlock (`in_layers`, with --resblock_updown).
+    """
+    n_out = _block_count(shapes, "output_blocks")
+    if not n_out:
+        return None
+    ups = {
+        int(m.group(1))
+        for k in shapes
+        if (m := re.match(r"output_blocks\.(\d+)\.[1-9]\.(conv|in_layers)\.", k))
+    }
+    levels = len(ups) + 1
+    return (levels, n_out // levels - 1) if n_out % levels == 0 else None
+
+
+def _uses_scale_shift_norm(shapes: Mapping[str, tuple]) -> bool | None:
+    """Whether the first ResBlock's embedding projection has 2x its channels (scale and shift)."""
+    for key, shape in shapes.items():
+        if key.endswith(".emb_layers.1.weight"):
+            norm = key[: -len("emb_layers.1.weight")] + "out_layers.0.weight"
+            if norm in shapes:
+                return shape[0] == 2 * shapes[norm][0]
+    return None
+
+
+def _classifier_pool(shapes: Mapping[str, tuple]) -> str | None:
+    """Guess --classifier_pool from the names and shapes of an encoder's `out` head."""
+    if "out.2.positional_embedding" in shapes:
+        return "attention"
+    if len(shapes.get("out.3.weight", ())) > 2:
+        return "adaptive"
+    if len(shapes.get("out.1.weight", ())) == 1:
+        return "spatial_v2"
+    if len(shapes.get("out.2.weight", ())) == 2:
+        return "spatial"
+    return None
+
+
+def _likely_flags(want, got, missing, unexpected, conflicts) -> list[str]:
+    """Name the flags that most likely explain the differences (checkpoint `got`, model `want`)."""
+    hints = []
+    is_unet = {"unet": "output_blocks.0.0.in_layers.0.weight" in want,
+               "ckpt": "output_blocks.0.0.in_layers.0.weight" in got}
+
+    if unexpected and all(k.startswith("module.") for k in got):
+        hints.append("every checkpoint name starts with 'module.': it was saved from a "
+                     "DistributedDataParallel wrapper; save model.module.state_dict() instead")
+        return hints
+    if is_unet["unet"] != is_unet["ckpt"]:
+        what = {True: "a diffusion U-Net", False: "a classifier (encoder only)"}
+        hints.append(f"the checkpoint is {what[is_unet['ckpt']]} but the model is "
+                     f"{what[is_unet['unet']]}: use the matching script / flags")
+        return hints
+
+    # Class conditioning (--class_cond, --num_classes, --class_dropout_prob).
+    if "label_emb.weight" in unexpected:
+        hints.append("the checkpoint has 'label_emb.weight', the model has none: was the "
+                     "checkpoint trained with --class_cond True?")
+    if "label_emb.weight" in missing:
+        hints.append("the model expects 'label_emb.weight', the checkpoint has none: was the "
+                     "checkpoint trained with --class_cond False?")
+    if "label_emb.weight" in conflicts:
+        rows, model_rows = got["label_emb.weight"][0], want["label_emb.weight"][0]
+        if abs(rows - model_rows) == 1:
+            trained = "> 0" if rows > model_rows else "0"
+            hints.append(f"'label_emb.weight' has {rows} rows in the checkpoint, {model_rows} in "
+                         f"the model: was it trained with --class_dropout_prob {trained}? "
+                         "(classifier-free guidance adds one row for the null label)")
+        else:
+            hints.append(f"'label_emb.weight' has {rows} rows in the checkpoint, {model_rows} in "
+                         f"the model: set --num_classes to match")
+
+    # Output channels (--learn_sigma) and input channels (super-resolution).
+    head = "out.2.weight"
+    if is_unet["unet"] and head in conflicts and got[head][0] != want[head][0]:
+        c = got[head][0]
+        flag = "True" if c > want[head][0] else "False"
+        hints.append(f"'{head}' has {c} output channels in the checkpoint, {want[head][0]} in the "
+                     f"model: was the checkpoint trained with --learn_sigma {flag}?")
+    first = "input_blocks.0.0.weight"
+    if first in conflicts:
+        (c_ckpt, in_ckpt), (c_model, in_model) = got[first][:2], want[first][:2]
+        if in_ckpt != in_model:
+            kind = "a super-resolution model (low-res image concatenated)" if in_ckpt > in_model \
+                else "a plain model, not a super-resolution one"
+            hints.append(f"'{first}' takes {in_ckpt} input channels in the checkpoint, {in_model} "
+                         f"in the model: the checkpoint is {kind}")
+        if c_ckpt != c_model:
+            width = "--num_channels" if is_unet["unet"] else "--classifier_width"
+            hints.append(f"'{first}' has {c_ckpt} channels in the checkpoint, {c_model} in the "
+                         f"model: check {width} (and the first --channel_mult entry)")
+
+    # Depth: levels and res blocks per level.
+    if is_unet["unet"]:
+        lv_ckpt, lv_model = _unet_levels(got), _unet_levels(want)
+        if lv_ckpt and lv_model and lv_ckpt != lv_model:
+            if lv_ckpt[1] != lv_model[1]:
+                hints.append(f"the checkpoint has {lv_ckpt[1]} res blocks per level, the model "
+                             f"{lv_model[1]}: set --num_res_blocks {lv_ckpt[1]}")
+            if lv_ckpt[0] != lv_model[0]:
+                hints.append(f"the checkpoint has {lv_ckpt[0]} resolution levels, the model "
+                             f"{lv_model[0]}: check --image_size / --channel_mult")
+    else:
+        n_ckpt, n_model = _block_count(got, "input_blocks"), _block_count(want, "input_blocks")
+        if n_ckpt != n_model:
+            hints.append(f"the checkpoint has {n_ckpt} input blocks, the model {n_model}: check "
+                         "--classifier_depth and --image_size / --classifier_channel_mult")
+
+    # AdaGN (--use_scale_shift_norm) doubles the embedding projection of every ResBlock.
+    ssn_ckpt, ssn_model = _uses_scale_shift_norm(got), _uses_scale_shift_norm(want)
+    if None not in (ssn_ckpt, ssn_model) and ssn_ckpt != ssn_model:
+        prefix = "" if is_unet["unet"] else "classifier_"
+        hints.append(f"the checkpoint's ResBlocks project the embedding to "
+                     f"{'2x' if ssn_ckpt else '1x'} their channels, the model's to "
+                     f"{'2x' if ssn_model else '1x'}: was it trained with "
+                     f"--{prefix}use_scale_shift_norm {ssn_ckpt}?")
+
+    # Up/downsampling by ResBlocks (--resblock_updown) vs. a conv (`op` / `conv`).
+    resample_conv = re.compile(r"(input_blocks\.\d+\.0\.op|output_blocks\.\d+\.[1-9]\.conv)\.weight")
+    ckpt_convs = any(resample_conv.match(k) for k in got)
+    model_convs = any(resample_conv.match(k) for k in want)
+    if ckpt_convs != model_convs and (missing or unexpected):
+        flag = "False" if ckpt_convs else "True"
+        prefix = "" if is_unet["unet"] else "classifier_"
+        hints.append(f"the checkpoint {'resamples with convolutions' if ckpt_convs else 'resamples inside ResBlocks'}: "
+                     f"was it trained with --{prefix}resblock_updown {flag}?")
+
+    # Attention blocks at other resolutions (only meaningful when the block indices line up).
+    same_depth = not any("res blocks per level" in h or "levels" in h for h in hints)
+    qkv_extra = [k for k in unexpected if k.endswith(".qkv.weight")]
+    qkv_missing = [k for k in missing if k.endswith(".qkv.weight")]
+    if (qkv_extra or qkv_missing) and same_depth:
+        flag = "--attention_resolutions" if is_unet["unet"] else "--classifier_attention_resolutions"
+        where = []
+        if qkv_extra:
+            where.append(f"only the checkpoint has attention in {qkv_extra[0].rsplit('.', 3)[0]!r}")
+        if qkv_missing:
+            where.append(f"only the model has attention in {qkv_missing[0].rsplit('.', 3)[0]!r}")
+        hints.append(f"{'; '.join(where)}: check {flag}")
+
+    # Channel widths deeper in the network.
+    if conflicts and not hints:
+        hints.append(f"channel widths differ from {conflicts[0]!r} on: check --channel_mult and "
+                     "--image_size (which picks the default channel_mult)")
+
+    # Classifier heads (--classifier_pool) and the attention pool's size (--image_size).
+    if not is_unet["unet"]:
+        pool_ckpt, pool_model = _classifier_pool(got), _classifier_pool(want)
+        if pool_ckpt != pool_model and pool_ckpt:
+            hints.append(f"the checkpoint's head looks like --classifier_pool {pool_ckpt}, the "
+                         f"model's like {pool_model}")
+        pe = "out.2.positional_embedding"
+        if pe in conflicts:
+            hints.append(f"'{pe}' covers {got[pe][1] - 1} positions in the checkpoint, "
+                         f"{want[pe][1] - 1} in the model: check --image_size")
+    return hints
