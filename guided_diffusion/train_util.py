@@ -17,6 +17,7 @@ the newest `model*.pt` always has its companions; `resume_checkpoint="auto"` res
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import re
@@ -132,9 +133,9 @@ class TrainLoop:
                 self.model,
                 device_ids=[dist_util.dev()] if on_cuda else None,
                 output_device=dist_util.dev() if on_cuda else None,
-                broadcast_buffers=False,
                 bucket_cap_mb=128,
                 find_unused_parameters=False,
+                **_no_buffer_broadcast_kwargs(),
             )
         else:
             self.use_ddp = False
@@ -296,6 +297,14 @@ class TrainLoop:
         path = bf.join(get_blob_logdir(), filename)
         logger.log(f"saving {path}...")
         save_atomic(obj, path)
+
+
+def _no_buffer_broadcast_kwargs() -> dict:
+    # The original passes broadcast_buffers=False (buffers are synced once at start, not at every
+    # forward); newer torch spells it forward_sync_buffers=False and warns about the old name.
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
 
 
 def parse_ema_rates(ema_rate: float | str) -> list:

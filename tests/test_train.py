@@ -1,0 +1,249 @@
+"""TrainLoop on a tiny U-Net (CPU): checkpoint files, resume, microbatches, lr annealing."""
+
+import csv
+import os
+
+import numpy as np
+import pytest
+import torch as th
+
+from guided_diffusion import logger
+from guided_diffusion.resample import LossSecondMomentResampler
+from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+from guided_diffusion.train_util import (
+    TrainLoop,
+    find_resume_checkpoint,
+    parse_ema_rates,
+    parse_resume_step_from_filename,
+    save_atomic,
+    save_run_flags,
+)
+
+TINY = dict(
+    image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2",
+    attention_resolutions="8", num_heads=1, diffusion_steps=50,
+)
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    # Tiny models are dominated by thread overhead; also keeps the 2-core suite responsive.
+    n = th.get_num_threads()
+    th.set_num_threads(1)
+    yield
+    th.set_num_threads(n)
+    logger.reset()
+
+
+def tiny_model_and_diffusion(seed=0, **overrides):
+    flags = model_and_diffusion_defaults()
+    flags.update(TINY, **overrides)
+    th.manual_seed(seed)
+    return create_model_and_diffusion(**flags)
+
+
+def batches(batch_size=2, seed=0, class_cond=False):
+    g = th.Generator().manual_seed(seed)
+    while True:
+        cond = {"y": th.randint(0, 3, (batch_size,), generator=g)} if class_cond else {}
+        yield th.randn(batch_size, 3, 16, 16, generator=g), cond
+
+
+def make_loop(log_dir, steps, resume="", ema_rate="0.9999", save_interval=100, **kw):
+    logger.configure(dir=str(log_dir), format_strs=["csv"])
+    model, diffusion = tiny_model_and_diffusion()
+    defaults = dict(
+        model=model, diffusion=diffusion, data=batches(), batch_size=2, microbatch=-1, lr=1e-3,
+        ema_rate=ema_rate, log_interval=1, save_interval=save_interval,
+        resume_checkpoint=resume, lr_anneal_steps=steps,
+    )
+    defaults.update(kw)
+    return TrainLoop(**defaults)
+
+
+def load(path):
+    return th.load(path, map_location="cpu", weights_only=True)
+
+
+def test_two_steps_write_the_three_checkpoint_files_as_plain_float32_state_dicts(tmp_path):
+    loop = make_loop(tmp_path, steps=2)
+    init = {k: v.clone() for k, v in loop.model.state_dict().items()}
+    loop.run_loop()
+    ckpts = sorted(f for f in os.listdir(tmp_path) if f.endswith(".pt"))
+    assert ckpts == ["ema_0.9999_000002.pt", "model000002.pt", "opt000002.pt"]
+
+    model_sd = load(tmp_path / "model000002.pt")
+    assert list(model_sd) == list(loop.model.state_dict())  # the original's names and order
+    assert all(v.dtype == th.float32 for v in model_sd.values())
+    for k, v in loop.model.state_dict().items():
+        assert th.equal(model_sd[k], v), k
+    assert any(not th.equal(model_sd[k], init[k]) for k in init)  # training changed the weights
+    # EMA at 0.9999 after two steps: 0.9999^2 of init + the rest of the (moved) weights.
+    ema_sd = load(tmp_path / "ema_0.9999_000002.pt")
+    moved = max((ema_sd[k] - init[k]).abs().max().item() for k in init)
+    model_moved = max((model_sd[k] - init[k]).abs().max().item() for k in init)
+    assert 0 < moved < 0.01 * model_moved
+
+    opt = load(tmp_path / "opt000002.pt")
+    assert opt["resume"]["step"] == 2 and opt["resume"]["lg_loss_scale"] == 20.0
+    assert len(opt["state"]) == len(list(loop.model.parameters()))
+
+    # Logged: step, samples and the linearly annealed lr (step k uses lr * (1 - k / 2)).
+    with open(tmp_path / "progress.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["step"]) for r in rows] == [1, 2]
+    assert [float(r["samples"]) for r in rows] == [2, 4]
+    assert [float(r["lr"]) for r in rows] == pytest.approx([1e-3, 5e-4])
+    assert {"loss", "mse", "grad_norm", "param_norm"} <= set(rows[0])
+
+
+def test_resume_from_model000006_restores_step_model_ema_optimizer_and_loss_scale(tmp_path):
+    first = make_loop(tmp_path, steps=6, ema_rate="0.9,0.99", save_interval=3)
+    first.mp_trainer.lg_loss_scale = 17.25  # a non-default scale, to see it come back
+    first.run_loop()
+    assert {"model000003.pt", "model000006.pt", "opt000006.pt", "ema_0.99_000006.pt"} <= set(
+        os.listdir(tmp_path)
+    )
+    saved_opt = first.opt.state_dict()
+
+    # An explicit path and "auto" (the newest model*.pt, not model000003.pt) resume the same.
+    for resume in [str(tmp_path / "model000006.pt"), "auto"]:
+        loop = make_loop(tmp_path, steps=7, ema_rate="0.9,0.99", resume=resume)
+        assert loop.resume_path == str(tmp_path / "model000006.pt")
+        assert loop.resume_step == 6 and loop.step == 0
+        for p, q in zip(loop.model.parameters(), first.model.parameters()):
+            assert th.equal(p, q)
+        for ema, ema_first in zip(loop.ema_params, first.ema_params):
+            assert all(th.equal(a, b) for a, b in zip(ema, ema_first))
+        assert not all(th.equal(a, b) for a, b in zip(loop.ema_params[0], loop.ema_params[1]))
+        resumed_opt = loop.opt.state_dict()
+        for i, st in saved_opt["state"].items():
+            for key in ("step", "exp_avg", "exp_avg_sq"):
+                assert th.equal(resumed_opt["state"][i][key], st[key]), (i, key)
+        assert loop.mp_trainer.lg_loss_scale == 17.25
+
+    loop.run_loop()  # continues at step 6: one more step up to lr_anneal_steps=7
+    assert (tmp_path / "model000007.pt").exists()
+    with open(tmp_path / "progress.csv") as f:
+        steps = [float(r["step"]) for r in csv.DictReader(f) if r["step"]]
+    assert steps[-1] == 7
+    assert int(loop.opt.state_dict()["state"][0]["step"]) == 7
+
+
+def test_auto_resume_in_an_empty_log_dir_starts_fresh(tmp_path):
+    loop = make_loop(tmp_path, steps=1, resume="auto")
+    assert loop.resume_path == "" and loop.resume_step == 0
+    assert find_resume_checkpoint(str(tmp_path)) is None
+
+
+def test_resume_from_a_released_style_checkpoint_starts_at_step_0(tmp_path):
+    src = make_loop(tmp_path / "a", steps=1)
+    released = tmp_path / "64x64_diffusion.pt"
+    th.save(src.model.state_dict(), released)  # a bare state_dict, no opt/ema beside it
+    loop = make_loop(tmp_path / "b", steps=1, resume=str(released))
+    assert loop.resume_step == 0
+    for p, q in zip(loop.model.parameters(), src.model.parameters()):
+        assert th.equal(p, q)
+    assert all(th.equal(e, p) for e, p in zip(loop.ema_params[0], loop.model.parameters()))
+
+
+class _DeterministicDiffusion:
+    """A stand-in whose loss has no randomness, so microbatching must not change the gradient."""
+
+    num_timesteps = 4
+
+    def training_losses(self, model, x_start, t, model_kwargs=None):
+        out = model(x_start, t, **(model_kwargs or {}))
+        return {"loss": ((out - x_start) ** 2).mean(dim=(1, 2, 3))}
+
+
+class _FixedSampler:
+    """t = 0..N-1 (cycled) with weights 1: the same timesteps however the batch is split."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def sample(self, batch_size, device):
+        t = (th.arange(batch_size) + self.calls) % 4
+        self.calls += batch_size
+        return t.to(device), th.ones(batch_size, device=device)
+
+
+def test_microbatches_accumulate_the_full_batch_gradient(tmp_path):
+    grads = []
+    x = th.randn(4, 3, 16, 16)
+    for microbatch in [4, 1, 3]:
+        loop = make_loop(
+            tmp_path, steps=1, batch_size=4, microbatch=microbatch,
+            schedule_sampler=_FixedSampler(),
+        )
+        loop.diffusion = _DeterministicDiffusion()
+        loop.forward_backward(x, {})
+        grads.append([p.grad.clone() for p in loop.model.parameters()])
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            assert th.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_loss_aware_sampler_sees_every_microbatch_loss(tmp_path):
+    _, diffusion = tiny_model_and_diffusion()
+    sampler = LossSecondMomentResampler(diffusion)
+    loop = make_loop(tmp_path, steps=1, microbatch=1, schedule_sampler=sampler)
+    loop.run_loop()
+    assert sampler._loss_counts.sum() == 2  # batch 2 in microbatches of 1
+
+
+def test_diffusion_training_test_env_stops_after_first_save(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFUSION_TRAINING_TEST", "1")
+    logger.configure(dir=str(tmp_path), format_strs=[])
+    model, diffusion = tiny_model_and_diffusion(class_cond=True, num_classes=3)
+    loop = TrainLoop(
+        model=model, diffusion=diffusion, data=batches(class_cond=True), batch_size=2,
+        microbatch=-1, lr=1e-4, ema_rate=0.99, log_interval=10, save_interval=2,
+        resume_checkpoint="",
+    )
+    loop.run_loop()  # lr_anneal_steps=0 trains forever; the env var stops it
+    assert loop.step == 2
+    assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".pt")) == [
+        "ema_0.99_000002.pt", "model000002.pt", "opt000002.pt"
+    ]
+
+
+def test_save_atomic_leaves_no_partial_file(tmp_path, monkeypatch):
+    target = tmp_path / "model000001.pt"
+    save_atomic({"a": th.ones(2)}, str(target))
+    assert th.equal(load(target)["a"], th.ones(2))
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(th, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_atomic({"a": th.zeros(2)}, str(target))
+    assert th.equal(load(target)["a"], th.ones(2))  # the old file survives intact
+    assert os.listdir(tmp_path) == ["model000001.pt"]  # no temporary left behind
+
+
+def test_checkpoint_name_parsing_and_newest_lookup(tmp_path):
+    assert parse_resume_step_from_filename("/a/b/model012345.pt") == 12345
+    assert parse_resume_step_from_filename("/models/256x256_diffusion.pt") == 0
+    assert parse_resume_step_from_filename("ema_0.9999_000010.pt") == 0
+    for name in ["model000010.pt", "model000200.pt", "model000030.pt", "opt000900.pt", "x.pt"]:
+        (tmp_path / name).write_bytes(b"")
+    assert find_resume_checkpoint(str(tmp_path)) == str(tmp_path / "model000200.pt")
+    assert parse_ema_rates("0.9999,0.99") == [0.9999, 0.99]
+    assert parse_ema_rates(0.5) == [0.5]
+    with pytest.raises(ValueError, match="ema_rate"):
+        parse_ema_rates("0.9,abc")
+
+
+def test_save_run_flags_writes_json_and_reports_changes(tmp_path):
+    logger.configure(dir=str(tmp_path), format_strs=["log"])
+    path = save_run_flags({"lr": 1e-4, "batch_size": 2})
+    save_run_flags({"lr": 2e-4, "batch_size": 2})
+    import json
+
+    assert json.load(open(path)) == {"lr": 2e-4, "batch_size": 2}
+    assert "lr" in (tmp_path / "log.txt").read_text()
+    assert np.isclose(json.load(open(tmp_path / "args.json"))["lr"], 2e-4)
