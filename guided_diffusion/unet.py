@@ -277,6 +277,10 @@ class _QKVAttentionBase(nn.Module):
     def _split_heads(self, qkv: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
         raise NotImplementedError
 
+    @staticmethod
+    def count_flops(model, _x, y):
+        return count_flops_attn(model, _x, y)
+
     def forward(self, qkv: th.Tensor) -> th.Tensor:
         """
         :param qkv: an [N x (3 * H * C) x T] tensor of packed queries, keys and values.
@@ -786,3 +790,15 @@ class EncoderUNetModel(_EncoderHalf):
             h = th.cat([f.type(x.dtype).mean(dim=spatial_dims) for f in features], dim=-1)
             return self.out(h)
         return self.out(h.type(x.dtype))
+
+
+def count_flops_attn(model: nn.Module, _x, y) -> None:
+    """A counter for the `thop` package: the two attention matmuls of a `QKVAttention*` module.
+
+    Usage: `thop.profile(model, inputs=(x, t), custom_ops={QKVAttention: QKVAttention.count_flops})`.
+    """
+    b, c, *spatial = y[0].shape
+    num_spatial = math.prod(spatial)
+    # q^T k and weight @ v: each N*T*T*C multiply-adds over all heads together.
+    matmul_ops = 2 * b * (num_spatial**2) * c
+    model.total_ops += th.DoubleTensor([matmul_ops])
