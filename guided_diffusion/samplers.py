@@ -338,6 +338,7 @@ def select_timesteps(alphas_cumprod, steps: int, spacing: str = "logsnr") -> np.
     # Make the indices strictly decreasing: push up from the clean end, then down from the top.
     for k in range(steps - 2, -1, -1):
         ts[k] = max(ts[k], ts[k + 1] + 1)
+    ts[0] = min(ts[0], n_grid - 1)
     for k in range(1, steps):
         ts[k] = min(ts[k], ts[k - 1] - 1)
     return ts
