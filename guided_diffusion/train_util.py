@@ -192,7 +192,14 @@ class TrainLoop:
         logger.log(f"loading optimizer state from checkpoint: {opt_checkpoint}")
         state_dict = dist_util.load_state_dict(opt_checkpoint, map_location=dist_util.dev())
         resume_state = state_dict.pop("resume", {})
-        self.opt.load_state_dict(state_dict)
+        try:
+            self.opt.load_state_dict(state_dict)
+        except (ValueError, KeyError) as e:
+            raise ValueError(
+                f"{opt_checkpoint}: the optimizer state does not fit this model ({e}). Was it "
+                "written for other model flags, or by the original's fp16 trainer (which "
+                "flattened the parameters)? Move it away to restart the optimizer."
+            ) from e
         self.mp_trainer.load_state_dict(resume_state)
         for group in self.opt.param_groups:
             # The flags of this run win over the saved ones (the lr is re-annealed anyway).
@@ -215,6 +222,8 @@ class TrainLoop:
                 # Run for a limited time (tests, smoke runs): stop after the first save.
                 if os.environ.get("DIFFUSION_TRAINING_TEST", ""):
                     return
+        if logger.getkvs():  # values logged since the last dump (every rank has the same keys)
+            logger.dumpkvs()
         # Save the last checkpoint if it wasn't already saved.
         if self.step > 0 and (self.step + self.resume_step) % self.save_interval != 0:
             self.save()
@@ -283,13 +292,23 @@ class TrainLoop:
         for rate, params in zip(self.ema_rate, self.ema_params):
             self._save_file(f"ema_{rate}_{step:06d}.pt", self.mp_trainer.master_params_to_state_dict(params))
         opt_state = self.opt.state_dict()
-        opt_state["resume"] = dict(self.mp_trainer.state_dict(), step=step)
+        opt_state["resume"] = dict(self.mp_trainer.state_dict(), step=step, train_flags=self.train_flags())
         self._save_file(f"opt{step:06d}.pt", opt_state)
         # The model file last: it marks the checkpoint as complete for auto-resume.
         self._save_file(
             f"model{step:06d}.pt", self.mp_trainer.master_params_to_state_dict(self.mp_trainer.master_params)
         )
         dist_util.barrier()
+
+    def train_flags(self) -> dict:
+        """The loop's hyperparameters, stored in opt*.pt so a checkpoint describes its run."""
+        return dict(
+            batch_size=self.batch_size, microbatch=self.microbatch, lr=self.lr,
+            ema_rate=",".join(str(r) for r in self.ema_rate), weight_decay=self.weight_decay,
+            lr_anneal_steps=self.lr_anneal_steps, fp16_scale_growth=self.fp16_scale_growth,
+            world_size=dist_util.get_world_size(),
+            schedule_sampler=type(self.schedule_sampler).__name__,
+        )
 
     def _save_file(self, filename: str, obj: dict) -> None:
         if dist_util.get_rank() != 0:

@@ -86,6 +86,7 @@ def test_two_steps_write_the_three_checkpoint_files_as_plain_float32_state_dicts
 
     opt = load(tmp_path / "opt000002.pt")
     assert opt["resume"]["step"] == 2 and opt["resume"]["lg_loss_scale"] == 20.0
+    assert opt["resume"]["train_flags"]["lr"] == 1e-3
     assert len(opt["state"]) == len(list(loop.model.parameters()))
 
     # Logged: step, samples and the linearly annealed lr (step k uses lr * (1 - k / 2)).
