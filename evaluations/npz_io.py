@@ -78,15 +78,14 @@ class NpzArrayReader:
         if self._memory is not None:
             out = self._memory[self.rows_read:self.rows_read + count]
         else:
-            want = count * self._row_bytes
-            data = bytearray()
-            while len(data) < want:  # a zip stream may return less than asked
-                chunk = self._member.read(want - len(data))
-                if not chunk:
+            out = np.empty((count,) + self.shape[1:], dtype=self.dtype)
+            buffer, filled = memoryview(out.reshape(-1).view(np.uint8)), 0
+            while filled < len(buffer):  # a zip stream may return less than asked
+                got = self._member.readinto(buffer[filled:])
+                if not got:
                     raise ValueError(f"{self.path}: '{self.name}' is truncated after row "
-                                     f"{self.rows_read + len(data) // max(self._row_bytes, 1)}")
-                data += chunk
-            out = np.frombuffer(bytes(data), dtype=self.dtype).reshape((count,) + self.shape[1:])
+                                     f"{self.rows_read + filled // max(self._row_bytes, 1)}")
+                filled += got
         self.rows_read += count
         self.max_batch_rows = max(self.max_batch_rows, count)
         return out
@@ -228,3 +227,90 @@ def list_images(image_dir: str) -> list[str]:
     if not paths:
         raise ValueError(f"{image_dir}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
     return paths
+
+
+def load_image(path: str, image_size: int | None = None) -> np.ndarray:
+    """
+    :param image_size: if given, resize and center-crop to [image_size x image_size] the way
+                       the training data is prepared (guided_diffusion.image_datasets).
+    :return: an [H x W x 3] uint8 RGB array.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            img.load()
+    except OSError as e:
+        raise ValueError(f"{path}: not a readable image ({e})") from e
+    if image_size is None:
+        return np.asarray(img, dtype=np.uint8)
+    from guided_diffusion.image_datasets import center_crop_arr
+
+    return np.asarray(center_crop_arr(img, image_size), dtype=np.uint8)
+
+
+def image_batches(paths: list[str], batch_size: int, image_size: int | None = None) -> Iterator[np.ndarray]:
+    """
+    Yield [n x H x W x 3] uint8 batches of the images at `paths`, all of one size.
+
+    :raises ValueError: naming the first image whose size differs from the first one's.
+    """
+    first_shape = None
+    for start in range(0, len(paths), batch_size):
+        batch = []
+        for path in paths[start:start + batch_size]:
+            arr = load_image(path, image_size)
+            first_shape = first_shape or arr.shape
+            if arr.shape != first_shape:
+                raise ValueError(f"{path}: is {arr.shape[1]}x{arr.shape[0]}, the first image "
+                                 f"{first_shape[1]}x{first_shape[0]}; pass --image_size to resize all")
+            batch.append(arr)
+        yield np.stack(batch)
+
+
+def images_to_npz(image_dir: str, out_path: str, image_size: int | None = None, batch_size: int = 256,
+                  consume=None) -> int:
+    """
+    Write the images of image_dir as `arr_0` of out_path, streaming (never all in memory).
+
+    :param consume: optional function of the batch iterator that must pass every batch through
+                    (make_reference_batch computes Inception features on the way) and may return
+                    a dict of extra arrays to store after `arr_0`.
+    :return: the number of images written.
+    """
+    paths = list_images(image_dir)
+    first = load_image(paths[0], image_size)
+    with NpzArrayWriter(out_path, (len(paths),) + first.shape, np.uint8) as writer:
+        def written():
+            for batch in image_batches(paths, batch_size, image_size):
+                writer.write_batch(batch)
+                yield batch
+
+        if consume is None:
+            for _ in written():
+                pass
+            extra = {}
+        else:
+            extra = consume(written()) or {}
+        for name, value in extra.items():
+            writer.add_array(name, value)
+    return len(paths)
+
+
+def npz_to_images(npz_path: str, out_dir: str, batch_size: int = 256, ext: str = "png") -> int:
+    """
+    Write each image of `arr_0` to out_dir/{index:06d}.{ext}, streaming.
+
+    :return: the number of images written.
+    """
+    from PIL import Image
+
+    os.makedirs(out_dir, exist_ok=True)
+    with open_image_batch(npz_path) as reader:
+        index = 0
+        for batch in reader.batches(batch_size):
+            for image in batch:
+                Image.fromarray(image).save(os.path.join(out_dir, f"{index:06d}.{ext}"))
+                index += 1
+    return index

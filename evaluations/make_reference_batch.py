@@ -1,0 +1,62 @@
+"""
+Build a reference batch for evaluator.py from a folder of images.
+
+    python -m evaluations.make_reference_batch IMAGE_DIR OUT.npz [--image_size 256]
+
+Writes `arr_0` ([N x H x W x 3] uint8, streamed, never all in memory) and the FID statistics
+`mu`, `sigma` (pool features) and `mu_s`, `sigma_s` (spatial features) computed on the way, the
+same keys the original's released reference batches carry.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from evaluations.evaluator import EVALUATOR_DEFAULTS, Evaluator, compute_statistics
+from evaluations.inception import WEIGHTS_ENV_VAR, load_fid_inception
+from evaluations.npz_io import images_to_npz
+
+DEFAULTS = dict(
+    image_size=0,  # 0: keep the images' size (they must all agree); else resize + center-crop
+    inception_path=EVALUATOR_DEFAULTS["inception_path"],
+    batch_size=EVALUATOR_DEFAULTS["batch_size"],
+    device=EVALUATOR_DEFAULTS["device"],
+)
+
+
+def make_reference_batch(image_dir: str, out_path: str, evaluator: Evaluator, image_size: int | None = None) -> int:
+    """
+    :return: the number of images written to out_path with their statistics.
+    """
+    def with_statistics(batches):
+        pool, spatial = evaluator.compute_activations(batches, desc="reference images")
+        pool_stats, spatial_stats = compute_statistics(pool), compute_statistics(spatial)
+        return dict(mu=pool_stats.mu, sigma=pool_stats.sigma, mu_s=spatial_stats.mu, sigma_s=spatial_stats.sigma)
+
+    return images_to_npz(image_dir, out_path, image_size=image_size, batch_size=evaluator.batch_size,
+                         consume=with_statistics)
+
+
+def create_argparser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    parser.add_argument("image_dir", help="folder of .png/.jpg images (searched recursively, sorted by path)")
+    parser.add_argument("out", help="the .npz to write")
+    helps = dict(image_size="resize and center-crop to this size as training data is (0: keep)",
+                 inception_path=f"Inception weights (default: ${WEIGHTS_ENV_VAR}, then the cache)",
+                 batch_size="images per Inception forward pass",
+                 device="default: cuda when available")
+    for name, default in DEFAULTS.items():
+        parser.add_argument(f"--{name}", type=type(default), default=default, help=helps[name])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = create_argparser().parse_args(argv)
+    evaluator = Evaluator(load_fid_inception(args.inception_path or None), batch_size=args.batch_size,
+                          device=args.device or None)
+    n = make_reference_batch(args.image_dir, args.out, evaluator, image_size=args.image_size or None)
+    print(f"wrote {n} images and their statistics to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
