@@ -33,6 +33,7 @@ from torch.optim import AdamW
 from . import dist_util, logger
 from .fp16_util import MixedPrecisionTrainer
 from .nn import update_ema
+from .resample import LossAwareSampler, UniformSampler
 
 # Resume the newest model*.pt in the log directory (or start fresh when there is none).
 AUTO_RESUME = "auto"
@@ -95,11 +96,7 @@ class TrainLoop:
         self.resume_checkpoint = resume_checkpoint
         self.use_fp16 = use_fp16
         self.fp16_scale_growth = fp16_scale_growth
-        if schedule_sampler is None:
-            from .resample import UniformSampler
-
-            schedule_sampler = UniformSampler(diffusion)
-        self.schedule_sampler = schedule_sampler
+        self.schedule_sampler = schedule_sampler or UniformSampler(diffusion)
         self.weight_decay = weight_decay
         self.lr_anneal_steps = lr_anneal_steps
 
@@ -168,7 +165,12 @@ class TrainLoop:
         dist_util.sync_params(self.model.buffers())
 
     def _load_ema_parameters(self, rate: float) -> list:
-        ema_checkpoint = find_ema_checkpoint(self.resume_path, self.resume_step, rate)
+        ema_checkpoint = None
+        if dist_util.get_rank() == 0:
+            ema_checkpoint = find_ema_checkpoint(self.resume_path, self.resume_step, rate)
+        # Rank 0's view decides, so that all ranks take part in the same collective loads even
+        # when only rank 0 sees the log directory.
+        ema_checkpoint = dist_util.broadcast_object(ema_checkpoint)
         if ema_checkpoint is None:
             logger.log(
                 f"no EMA checkpoint ema_{rate}_{self.resume_step:06d}.pt beside "
@@ -177,13 +179,12 @@ class TrainLoop:
             return self._copy_master_params()
         logger.log(f"loading EMA from checkpoint: {ema_checkpoint}...")
         state_dict = dist_util.load_state_dict(ema_checkpoint, map_location=dist_util.dev())
-        ema_params = self.mp_trainer.state_dict_to_master_params(state_dict)
-        dist_util.sync_params(ema_params)
-        return ema_params
+        return self.mp_trainer.state_dict_to_master_params(state_dict)
 
     def _load_optimizer_state(self) -> None:
         opt_checkpoint = bf.join(bf.dirname(self.resume_path), f"opt{self.resume_step:06d}.pt")
-        if not bf.exists(opt_checkpoint):
+        exists = bf.exists(opt_checkpoint) if dist_util.get_rank() == 0 else None
+        if not dist_util.broadcast_object(exists):  # rank 0's view, as for the EMA files
             logger.log(
                 f"no optimizer checkpoint {opt_checkpoint}: AdamW moments and the loss scale "
                 "start fresh"
@@ -253,7 +254,7 @@ class TrainLoop:
             with (th.enable_grad() if sync else self.ddp_model.no_sync()):
                 with self.mp_trainer.autocast():
                     losses = compute_losses()
-                if hasattr(self.schedule_sampler, "update_with_local_losses"):  # LossAwareSampler
+                if isinstance(self.schedule_sampler, LossAwareSampler):
                     self.schedule_sampler.update_with_local_losses(t, losses["loss"].detach())
                 # Weight each microbatch by its share of the batch: the accumulated gradient is
                 # that of the batch mean (the original summed microbatch means instead).
@@ -409,7 +410,7 @@ def log_loss_dict(diffusion, ts: th.Tensor, losses: dict) -> None:
     """
     quartile = (4 * ts.cpu().numpy() // diffusion.num_timesteps).astype(np.int64)
     for key, values in losses.items():
-        values = values.cpu().numpy()
+        values = values.detach().float().cpu().numpy()
         logger.logkv_mean(key, values.mean(), count=values.size)
         for q in np.unique(quartile):
             sub = values[quartile == q]

@@ -106,25 +106,20 @@ def test_random_crop_covers_80_to_100_percent_of_the_short_side():
     assert max(fracs) <= 1.01
 
 
-def test_random_flip_mirrors_left_right():
+def test_random_flip_mirrors_left_right(monkeypatch):
     random.seed(1)
-    ds = ImageDataset(8, [], random_flip=True)
-    ds.local_images = ["x"]
+    monkeypatch.setattr(image_datasets, "read_image", lambda path: gradient_image(8, 8))
+    ds = ImageDataset(8, ["any.png"], random_flip=True)
     arr = center_crop_arr(gradient_image(8, 8), 8).astype(np.float32) / 127.5 - 1
     seen = set()
-    orig_read = image_datasets.read_image
-    try:
-        image_datasets.read_image = lambda path: gradient_image(8, 8)
-        for _ in range(20):
-            x, _ = ds[0]
-            hwc = np.transpose(x, [1, 2, 0])
-            if np.array_equal(hwc, arr):
-                seen.add("same")
-            else:
-                np.testing.assert_array_equal(hwc, arr[:, ::-1])
-                seen.add("flipped")
-    finally:
-        image_datasets.read_image = orig_read
+    for _ in range(20):
+        x, _ = ds[0]
+        hwc = np.transpose(x, [1, 2, 0])
+        if np.array_equal(hwc, arr):
+            seen.add("same")
+        else:
+            np.testing.assert_array_equal(hwc, arr[:, ::-1])
+            seen.add("flipped")
     assert seen == {"same", "flipped"}
 
 
