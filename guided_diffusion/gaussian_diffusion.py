@@ -380,7 +380,7 @@ class GaussianDiffusion:
         """
         if model_kwargs is None:
             model_kwargs = {}
-        alpha_bar = _extract_into_tensor(self.alphas_cumprod, t, x.shape)
+        alpha_bar = _extract_into_tensor(self.alphas_cumprod, t, _per_example(x))
         eps = self._predict_eps_from_xstart(x, t, p_mean_var["pred_xstart"])
         eps = eps - (1 - alpha_bar).sqrt() * cond_fn(x, self._scale_timesteps(t), **model_kwargs)
         out = p_mean_var.copy()
@@ -445,8 +445,10 @@ class GaussianDiffusion:
             out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
         # Recompute eps from the (possibly clipped) x_0 so that both agree with x_t.
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
-        alpha_bar = _extract_into_tensor(self.alphas_cumprod, t, x.shape)
-        alpha_bar_prev = _extract_into_tensor(self.alphas_cumprod_prev, t, x.shape)
+        # Per-example [N x 1 x ...] coefficients: the same values as expanding them to x's shape,
+        # without computing every square root once per pixel.
+        alpha_bar = _extract_into_tensor(self.alphas_cumprod, t, _per_example(x))
+        alpha_bar_prev = _extract_into_tensor(self.alphas_cumprod_prev, t, _per_example(x))
         # Song et al. 2021, eq. 16.
         sigma = (
             eta
@@ -483,7 +485,7 @@ class GaussianDiffusion:
             model_kwargs=model_kwargs,
         )
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
-        alpha_bar_next = _extract_into_tensor(self.alphas_cumprod_next, t, x.shape)
+        alpha_bar_next = _extract_into_tensor(self.alphas_cumprod_next, t, _per_example(x))
         # DDIM eq. 12 with sigma = 0, run towards the next (noisier) step.
         mean_pred = out["pred_xstart"] * th.sqrt(alpha_bar_next) + th.sqrt(1 - alpha_bar_next) * eps
         return {"sample": mean_pred, "pred_xstart": out["pred_xstart"]}
@@ -506,7 +508,8 @@ class GaussianDiffusion:
         output dict ('sample', 'pred_xstart').  DDPM and DDIM differ only in step_fn.
         """
         if device is None:
-            device = next(model.parameters()).device
+            # Given noise fixes the device; otherwise follow the model's parameters.
+            device = noise.device if noise is not None else next(model.parameters()).device
         if not isinstance(shape, (tuple, list)):
             raise TypeError(f"shape must be a tuple or list, got {type(shape).__name__}")
         img = noise if noise is not None else th.randn(*shape, device=device)
@@ -540,7 +543,8 @@ class GaussianDiffusion:
 
         :param shape: the shape of the samples, (N, C, H, W).
         :param noise: if given, the initial x_T (else standard normal noise on `device`).
-        :param device: where to create tensors; defaults to the model's parameters' device.
+        :param device: where to create tensors; defaults to the device of `noise` if given, else
+                       of the model's parameters.
         :param progress: if True, show a tqdm progress bar.
         """
         yield from self._sample_loop_progressive(
@@ -803,6 +807,11 @@ def _final_sample(progressive: Iterator[dict]) -> th.Tensor:
     for out in progressive:
         final = out
     return final["sample"]
+
+
+def _per_example(x: th.Tensor) -> tuple:
+    """The shape [N x 1 x ...] of per-example coefficients that broadcast against x."""
+    return (x.shape[0],) + (1,) * (x.ndim - 1)
 
 
 def _nonzero_mask(t: th.Tensor, x: th.Tensor) -> th.Tensor:
