@@ -27,7 +27,6 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch as th
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from . import dist_util, logger
 from .script_util import (
@@ -40,11 +39,12 @@ from .script_util import (
     sr_model_and_diffusion_defaults,
 )
 
-try:
-    from .checkpoints import CheckpointMismatchError, load_model_checkpoint
-except ImportError:  # pragma: no cover - only while checkpoints.py has not landed
-    CheckpointMismatchError = RuntimeError  # type: ignore[misc,assignment]
-    load_model_checkpoint = None  # type: ignore[assignment]
+from .checkpoints import (
+    CheckpointError,
+    CheckpointMismatchError,
+    check_state_dict_fits,
+    read_state_dict,
+)
 
 
 class ScriptError(Exception):
@@ -57,19 +57,25 @@ def common_defaults() -> dict:
     return dict(
         seed=-1,  # >= 0: reproducible runs (see sample_generators; training seeds seed + rank)
         output_dir="",  # "" keeps the original's choice: the logger's dir ($OPENAI_LOGDIR or /tmp)
-        progress=True,  # tqdm bars on rank 0
     )
 
 
 def sampling_defaults() -> dict:
     """Flags of the sampling scripts."""
-    return dict(common_defaults(), grid_size=100)  # samples in the PNG grid (0: no grid)
+    return dict(
+        common_defaults(),
+        progress=True,  # tqdm bars on rank 0
+        grid_size=100,  # samples in the PNG grid beside the .npz (0: no grid)
+    )
 
 
 def training_defaults() -> dict:
     """Flags of the training scripts."""
-    # The original always flips horizontally; digits and text must not be mirrored.
-    return dict(common_defaults(), random_flip=True)
+    return dict(
+        common_defaults(),
+        random_flip=True,  # the original always flips; digits and text must not be mirrored
+        use_bf16=False,  # bf16 autocast for the forward pass (exclusive with the fp16 flags)
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -133,13 +139,18 @@ def build_model_and_diffusion(args, kind: str = "unet"):
 
 
 def load_checkpoint(model: th.nn.Module, path: str, flag: str) -> None:
-    """Load `path` (named by `--flag`) into `model`; a mismatch raises `CheckpointMismatchError`."""
+    """
+    Load `path` (named by `--flag`) into `model`: read once by rank 0 and broadcast, then checked
+    against the model (`CheckpointMismatchError` names the differing tensors and the likely flag).
+    """
     require_path(path, flag)
-    state = dist_util.load_state_dict(path, map_location="cpu")
-    if load_model_checkpoint is None:  # pragma: no cover
-        model.load_state_dict(state)
-    else:
-        load_model_checkpoint(model, state)
+    try:
+        obj = dist_util.load_state_dict(path, map_location="cpu")
+    except (RuntimeError, OSError) as e:  # unreadable or unsafe (pickled objects) file
+        raise ScriptError(f"--{flag}: {e}") from e
+    state_dict = read_state_dict(obj)  # unwraps {"model": ...} style files
+    check_state_dict_fits(model, state_dict, source=f"--{flag} {path!r}")
+    model.load_state_dict(state_dict)
 
 
 def load_model_and_diffusion(args, kind: str = "unet"):
@@ -316,24 +327,6 @@ def to_uint8_nhwc(sample: th.Tensor) -> th.Tensor:
     return ((sample + 1) * 127.5).clamp(0, 255).to(th.uint8).permute(0, 2, 3, 1).contiguous()
 
 
-def classifier_cond_fn(classifier, scale: float):
-    """
-    Classifier guidance (Dhariwal & Nichol 2021, Algorithm 1): the gradient of
-    scale * log p_phi(y | x_t, t) with respect to x_t.
-    """
-
-    def cond_fn(x: th.Tensor, t: th.Tensor, y: th.Tensor | None = None, **_) -> th.Tensor:
-        if y is None:
-            raise ValueError("classifier guidance needs labels: model_kwargs['y']")
-        with th.enable_grad():
-            x_in = x.detach().requires_grad_(True)
-            log_probs = F.log_softmax(classifier(x_in, t), dim=-1)
-            selected = log_probs[th.arange(len(y), device=y.device), y.view(-1)]
-            return th.autograd.grad(selected.sum(), x_in)[0] * scale
-
-    return cond_fn
-
-
 def labels_only_if(model, class_cond: bool):
     """Wrap `model` so that labels in model_kwargs (needed by cond_fn) reach it only if class_cond."""
 
@@ -491,9 +484,11 @@ def run_main(main: Callable[[], None]) -> None:
     """
     try:
         main()
-    except (ScriptError, CheckpointMismatchError, FileNotFoundError) as e:
+    except (ScriptError, CheckpointError, CheckpointMismatchError, FileNotFoundError) as e:
         if os.environ.get("GD_TRACEBACK"):
             raise
-        message = " ".join(str(e).split())
+        # Multi-line messages (e.g. a mismatch's list of causes) become one "; "-joined line.
+        lines = [" ".join(line.split()) for line in str(e).splitlines() if line.strip()]
+        message = "; ".join(lines).replace(":; - ", ": ").replace("; - ", "; ")
         print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(1)

@@ -7,6 +7,7 @@ Algorithm 1 for DDPM, Algorithm 2 for DDIM): every sample gets a random target l
 import argparse
 
 from guided_diffusion import dist_util, logger, run_util
+from guided_diffusion.guidance import classifier_cond_fn
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
     classifier_defaults,
@@ -29,7 +30,7 @@ def main():
         run_util.labels_only_if(model, args.class_cond), diffusion, args,
         (3, args.image_size, args.image_size),
         num_classes=args.num_classes,
-        cond_fn=run_util.classifier_cond_fn(classifier, args.classifier_scale),
+        cond_fn=classifier_cond_fn(classifier, args.classifier_scale),
     )
     result = run_util.generate_samples(
         sample_fn, args.num_samples, args.batch_size, (args.image_size, args.image_size, 3),

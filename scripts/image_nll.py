@@ -90,7 +90,8 @@ def run_bpd_evaluation(model, diffusion, data, num_samples: int, clip_denoised: 
 def create_argparser() -> argparse.ArgumentParser:
     defaults = dict(data_dir="", clip_denoised=True, num_samples=1000, batch_size=1, model_path="")
     defaults.update(model_and_diffusion_defaults())
-    defaults.update(run_util.common_defaults())
+    defaults.update(run_util.sampling_defaults())
+    del defaults["grid_size"]  # writes no images
     parser = argparse.ArgumentParser(description=__doc__)
     add_dict_to_argparser(parser, defaults)
     return parser

@@ -1,0 +1,442 @@
+"""
+Measure the faithful path against the fast path, side by side in one run.
+
+For a named model config, each variant (a set of fast-path switches, see guided_diffusion/fast.py)
+gets its own copy of the same weights, and the script reports:
+
+- the median wall-clock seconds of a training step: `diffusion.training_losses` + backward +
+  AdamW step, through the project's `MixedPrecisionTrainer` (fp16 loss scaling and bf16 autocast
+  as the training script runs them);
+- the median seconds of a sampling forward: one `model(x, t, y)` call under `no_grad`, the unit
+  a sampler repeats `timestep_respacing` times per batch;
+- peak memory, achieved GFLOP/s (the FLOPs of the faithful model counted once with
+  `torch.utils.flop_counter.FlopCounterMode`, divided by each variant's time), the time ratio to
+  the faithful variant, and the sampling output's relative error to the float32 output.
+
+Variants are timed interleaved (run i of every variant, then run i + 1 of every variant), so a
+machine whose load changes during the run slows all of them alike and the ratios stay fair.
+
+    python scripts/benchmark.py --config bench64 --runs 5
+    python scripts/benchmark.py --config bench64 --variants faithful,bf16,sdpa,channels_last,fast
+    python scripts/benchmark.py --config adm256 --device cuda      # faithful, fp16, fast
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+
+import torch as th
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from guided_diffusion import fast  # noqa: E402
+from guided_diffusion.fp16_util import MixedPrecisionTrainer  # noqa: E402
+from guided_diffusion.script_util import (  # noqa: E402
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+)
+
+# Named configs: overrides of model_and_diffusion_defaults() and the batch sizes to time.
+CONFIGS = {
+    # For the test suite: seconds on a CPU.
+    "tiny": dict(
+        flags=dict(image_size=32, num_channels=32, num_res_blocks=1, attention_resolutions="16,8",
+                   num_head_channels=16, class_cond=True, num_classes=10, learn_sigma=True,
+                   resblock_updown=True, use_scale_shift_norm=True, use_new_attention_order=True),
+        train_batch=2, sample_batch=2,
+    ),
+    # The issue's benchmark config: an ADM-64 layout at a third of the width.
+    "bench64": dict(
+        flags=dict(image_size=64, num_channels=64, num_res_blocks=2, attention_resolutions="32,16,8",
+                   num_head_channels=32, class_cond=True, learn_sigma=True, resblock_updown=True,
+                   use_scale_shift_norm=True, use_new_attention_order=True),
+        train_batch=8, sample_batch=16,
+    ),
+    # The released ImageNet models' flags (the original README; precision is the variant's choice).
+    "adm64": dict(
+        flags=dict(image_size=64, num_channels=192, num_res_blocks=3, attention_resolutions="32,16,8",
+                   num_head_channels=64, class_cond=True, learn_sigma=True, resblock_updown=True,
+                   use_scale_shift_norm=True, use_new_attention_order=True, dropout=0.1,
+                   noise_schedule="cosine"),
+        train_batch=32, sample_batch=64,
+    ),
+    "adm256": dict(
+        flags=dict(image_size=256, num_channels=256, num_res_blocks=2, attention_resolutions="32,16,8",
+                   num_head_channels=64, class_cond=True, learn_sigma=True, resblock_updown=True,
+                   use_scale_shift_norm=True),
+        train_batch=8, sample_batch=16,
+    ),
+}
+
+# Variant atoms; a variant is atoms joined by "+", e.g. "bf16+sdpa".
+ATOMS = {
+    "faithful": {},
+    "fp16": dict(use_fp16=True),  # the original's fp16 weights (CUDA)
+    "bf16": dict(use_bf16=True),
+    "sdpa": dict(use_sdpa=True),
+    "channels_last": dict(channels_last=True),
+    "compile": dict(compile_model=True),
+    "fast": dict(fast=True),
+}
+
+
+def variant_flags(name: str) -> dict:
+    """Fast-path flags (plus use_fp16) of a variant name such as 'bf16+channels_last'."""
+    flags = dict(fast.fast_defaults(), use_fp16=False)
+    for atom in name.split("+"):
+        if atom not in ATOMS:
+            raise SystemExit(f"--variants: unknown switch {atom!r} in {name!r}; known: {sorted(ATOMS)}")
+        flags.update(ATOMS[atom])
+    return flags
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA's allocator peak, or on CPU the peak resident set size.
+
+    On CPU there is no allocator statistic, so a thread samples the process RSS every
+    millisecond; freed memory is first handed back to the OS (`malloc_trim`) so that the
+    growth over the RSS at entry is the block's own working set (activations, gradients,
+    temporary copies).
+    """
+
+    def __init__(self, device: th.device):
+        self.device = device
+        self.peak_bytes = 0
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    @contextlib.contextmanager
+    def measure(self):
+        if self.device.type == "cuda":
+            th.cuda.synchronize(self.device)
+            th.cuda.reset_peak_memory_stats(self.device)
+            yield
+            th.cuda.synchronize(self.device)
+            self.peak_bytes = max(self.peak_bytes, th.cuda.max_memory_allocated(self.device))
+            return
+        if not os.path.exists("/proc/self/statm"):
+            yield  # no cheap RSS reading on this OS: memory column stays empty
+            return
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        base = self._rss()
+        peak = [base]
+        done = threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], self._rss())
+                done.wait(0.001)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            yield
+        finally:
+            done.set()
+            sampler.join()
+            peak[0] = max(peak[0], self._rss())
+            self.peak_bytes = max(self.peak_bytes, peak[0] - base)
+
+
+def init_weights(model: th.nn.Module, seed: int = 0) -> None:
+    """Seeded non-zero weights everywhere, zero-initialized output layers included.
+
+    A fresh ADM model outputs zeros (its last convolutions start at zero), which would make
+    every variant look exact; weights ~ N(0, 1/fan_in) give outputs of order one.
+    """
+    g = th.Generator().manual_seed(seed)
+    with th.no_grad():
+        for _, p in sorted(model.state_dict().items()):
+            if not p.is_floating_point():
+                continue
+            r = th.randn(p.shape, generator=g)
+            if p.ndim >= 2:
+                p.copy_(r / p[0].numel() ** 0.5)
+            else:
+                p.copy_(0.05 * r)
+
+
+class Variant:
+    """One variant's model, trainer, optimizer and timings."""
+
+    def __init__(self, name, model_flags, state_dict, device):
+        self.name = name
+        flags = variant_flags(name)
+        if flags["use_fp16"] and device.type != "cuda":
+            raise SystemExit(f"variant {name!r}: the original's fp16 needs --device cuda")
+        self.cfg = fast.resolve_fast_flags(flags, device)
+        self.use_fp16 = flags["use_fp16"]
+        self.device = device
+        # Training copy: the trainer converts to fp16 itself and keeps float32 master weights.
+        self.model, self.diffusion = create_model_and_diffusion(**model_flags)
+        self.model.load_state_dict(state_dict)
+        self.model.to(device).train()
+        self.trainer = MixedPrecisionTrainer(
+            model=self.model, use_fp16=self.use_fp16, use_bf16=self.cfg.use_bf16
+        )
+        self.opt = th.optim.AdamW(self.trainer.master_params, lr=1e-4, weight_decay=0.0)
+        fast.apply_fast_path(self.model, **self.cfg.model_kwargs())
+        # Sampling copy, as the sampling scripts load it: eval mode, fp16 after loading.
+        self.sampler, _ = create_model_and_diffusion(**model_flags)
+        self.sampler.load_state_dict(state_dict)
+        self.sampler.to(device).eval()
+        if self.use_fp16:
+            self.sampler.convert_to_fp16()
+        fast.apply_fast_path(self.sampler, **self.cfg.model_kwargs())
+        self.times = {"train": [], "sample": []}
+        self.first_call = {}
+        self.memory = {"train": PeakMemory(device), "sample": PeakMemory(device)}
+        self.output = None
+
+    def train_step(self, batch):
+        x, t, kwargs = batch
+        self.trainer.zero_grad()
+        with self.trainer.autocast():
+            losses = self.diffusion.training_losses(self.model, x, t, model_kwargs=kwargs)
+        self.trainer.backward(losses["loss"].float().mean())
+        self.trainer.optimize(self.opt)
+
+    def sample_forward(self, batch):
+        x, t, kwargs = batch
+        with th.no_grad(), fast.autocast_context(self.device, self.cfg.use_bf16):
+            self.output = self.sampler(x, t, **kwargs)
+
+
+def make_batch(model_flags, batch_size, device, seed):
+    """(x, t, model_kwargs): images in [-1, 1], timesteps and labels, all seeded."""
+    g = th.Generator().manual_seed(seed)
+    size = model_flags["image_size"]
+    x = th.rand(batch_size, 3, size, size, generator=g) * 2 - 1
+    t = th.randint(0, model_flags["diffusion_steps"], (batch_size,), generator=g)
+    kwargs = {}
+    if model_flags["class_cond"]:
+        kwargs["y"] = th.randint(0, model_flags["num_classes"], (batch_size,), generator=g)
+    return x.to(device), t.to(device), {k: v.to(device) for k, v in kwargs.items()}
+
+
+def count_flops(model_flags, state_dict, train_batch, sample_batch, device) -> dict:
+    """FLOPs of one sampling forward and one training forward+backward of the faithful model."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, diffusion = create_model_and_diffusion(**model_flags)
+    model.load_state_dict(state_dict)
+    model.to(device)
+    x, t, kwargs = sample_batch
+    model.eval()
+    with FlopCounterMode(display=False) as counter, th.no_grad():
+        model(x, t, **kwargs)
+    sample_flops = counter.get_total_flops()
+    x, t, kwargs = train_batch
+    model.train()
+    with FlopCounterMode(display=False) as counter:
+        diffusion.training_losses(model, x, t, model_kwargs=kwargs)["loss"].mean().backward()
+    return {"sample": sample_flops, "train": counter.get_total_flops()}
+
+
+def sync(device):
+    if device.type == "cuda":
+        th.cuda.synchronize(device)
+
+
+def timed(fn, device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def machine_description(device) -> str:
+    if device.type == "cuda":
+        return th.cuda.get_device_name(device)
+    name, flags = platform.processor() or "CPU", set()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and name in ("CPU", platform.processor()):
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+    bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name}, {th.get_num_threads()} threads, bf16 instructions: {', '.join(bf16) or 'none'}"
+
+
+def run(args) -> dict:
+    device = th.device(args.device)
+    if args.config not in CONFIGS:
+        raise SystemExit(f"--config: unknown config {args.config!r}; known: {sorted(CONFIGS)}")
+    if args.threads > 0:
+        th.set_num_threads(args.threads)
+    config = CONFIGS[args.config]
+    model_flags = dict(model_and_diffusion_defaults(), **config["flags"])
+    train_batch_size = args.train_batch or config["train_batch"]
+    sample_batch_size = args.sample_batch or config["sample_batch"]
+    variants = args.variants or ("faithful,fp16,fast" if device.type == "cuda" else "faithful,fast")
+    names = [v.strip() for v in variants.split(",") if v.strip()]
+    phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    for p in phases:
+        if p not in ("train", "sample"):
+            raise SystemExit(f"--phases: unknown phase {p!r} (use train, sample)")
+
+    base, _ = create_model_and_diffusion(**model_flags)
+    init_weights(base)
+    state_dict = base.state_dict()
+    num_params = sum(p.numel() for p in base.parameters())
+    del base
+    batches = {
+        "train": make_batch(model_flags, train_batch_size, device, seed=1),
+        "sample": make_batch(model_flags, sample_batch_size, device, seed=2),
+    }
+    flops = count_flops(model_flags, state_dict, batches["train"], batches["sample"], device)
+    runners = [Variant(n, model_flags, state_dict, device) for n in names]
+
+    # Reference output for the error column: the float32 faithful forward.
+    reference = Variant("faithful", model_flags, state_dict, device) if "faithful" not in names else None
+    for phase in phases:
+        for v in runners:
+            fn = (lambda v=v: v.train_step(batches["train"])) if phase == "train" else (
+                lambda v=v: v.sample_forward(batches["sample"]))
+            # The first call includes one-off costs (torch.compile, oneDNN weight packing).
+            v.first_call[phase] = timed(fn, device)
+            for _ in range(max(args.warmup - 1, 0)):
+                fn()
+        for _ in range(args.runs):
+            for v in runners:  # interleaved: every variant sees the same machine load
+                fn = (lambda v=v: v.train_step(batches["train"])) if phase == "train" else (
+                    lambda v=v: v.sample_forward(batches["sample"]))
+                with v.memory[phase].measure():
+                    v.times[phase].append(timed(fn, device))
+
+    ref_out = None
+    if "sample" in phases:
+        ref = reference or next(v for v in runners if v.name == "faithful")
+        if ref.output is None:
+            ref.sample_forward(batches["sample"])
+        ref_out = ref.output.float()
+
+    results = []
+    for v in runners:
+        row = {"variant": v.name, "switches": v.cfg.describe() + ("+fp16" if v.use_fp16 else "")}
+        for phase in phases:
+            med = statistics.median(v.times[phase])
+            row[phase] = {
+                "median_s": med,
+                "times_s": v.times[phase],
+                "gflops": flops[phase] / med / 1e9,
+                "peak_mib": v.memory[phase].peak_bytes / 2**20,
+                "first_call_s": v.first_call[phase],
+            }
+        if ref_out is not None:
+            out = v.output.float()
+            row["rel_err"] = ((out - ref_out).norm() / ref_out.norm()).item()
+        row["compiled"] = fast.is_compiled(v.model) if v.cfg.compile_model else None
+        results.append(row)
+    base_row = results[0]
+    for row in results:
+        for phase in phases:
+            row[phase]["ratio"] = row[phase]["median_s"] / base_row[phase]["median_s"]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return {
+        "config": args.config,
+        "model_flags": config["flags"],
+        "num_params": num_params,
+        "train_batch": train_batch_size,
+        "sample_batch": sample_batch_size,
+        "device": machine_description(device),
+        "torch": th.__version__,
+        "runs": args.runs,
+        "load_average_1min": load,
+        "gflop": {k: v / 1e9 for k, v in flops.items()},
+        "phases": phases,
+        "results": results,
+    }
+
+
+def format_table(report: dict) -> str:
+    """The report as a markdown table (one row per variant)."""
+    phases = report["phases"]
+    lines = [
+        f"config {report['config']} ({report['num_params'] / 1e6:.1f}M params), "
+        f"train batch {report['train_batch']}, sample batch {report['sample_batch']}; "
+        f"{report['device']}; torch {report['torch']}; medians of {report['runs']} interleaved runs; "
+        f"1-min load average at the end {report['load_average_1min']:.1f}",
+        "FLOPs (FlopCounterMode, faithful model): "
+        + ", ".join(
+            f"{'training fwd+bwd' if p == 'train' else 'sampling forward'} {report['gflop'][p]:.1f} GFLOP"
+            for p in phases
+        ),
+        "",
+    ]
+    header = ["variant"]
+    for p in phases:
+        what = "train step" if p == "train" else "sample fwd"
+        header += [f"{what} s", "÷ faithful", "GFLOP/s", "peak MiB", "1st call s"]
+    if "sample" in phases:
+        header.append("rel. err vs fp32")
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
+    for row in report["results"]:
+        cells = [row["variant"]]
+        for p in phases:
+            r = row[p]
+            cells += [f"{r['median_s']:.3f}", f"{r['ratio']:.2f}", f"{r['gflops']:.1f}",
+                      f"{r['peak_mib']:.0f}", f"{r['first_call_s']:.2f}"]
+        if "sample" in phases:
+            cells.append(f"{row['rel_err']:.1e}")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(
+        "peak MiB: CUDA allocator peak; on CPU, the peak RSS growth during the step. "
+        "1st call includes one-off costs (torch.compile, kernel selection)."
+    )
+    if any(row.get("compiled") is False for row in report["results"]):
+        lines.append("note: a compile variant fell back to eager (see the warning above).")
+    return "\n".join(lines)
+
+
+def create_argparser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="bench64", help=f"one of {sorted(CONFIGS)}")
+    parser.add_argument("--variants", default="",
+                        help="comma-separated variants, each switches joined by '+' "
+                             f"({', '.join(ATOMS)}); the first is the baseline of the ratios. "
+                             "Default: faithful,fast (CPU) or faithful,fp16,fast (CUDA)")
+    parser.add_argument("--phases", default="train,sample", help="train, sample or both")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per variant and phase")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (>= 1)")
+    parser.add_argument("--device", default="cuda" if th.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--train_batch", type=int, default=0, help="0: the config's batch size")
+    parser.add_argument("--sample_batch", type=int, default=0, help="0: the config's batch size")
+    parser.add_argument("--json", default="", help="also write the full report (every time) here")
+    return parser
+
+
+def main(argv=None):
+    args = create_argparser().parse_args(argv)
+    if args.runs < 1:
+        raise SystemExit("--runs must be at least 1")
+    report = run(args)
+    print(format_table(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""
+Train a diffusion model on images (a folder searched recursively; with `--class_cond True` an
+image's label is its file-name prefix before the first '_'). Checkpoints `model/ema_/opt{step:06d}.pt`
+and `args.json` go to `--output_dir` (default: $OPENAI_LOGDIR or a new temp folder).
+Trains forever unless `--lr_anneal_steps N` (then lr decays linearly to 0 over N steps and stops).
+"""
+
+import argparse
+
+from guided_diffusion import logger, run_util
+from guided_diffusion.image_datasets import load_data
+from guided_diffusion.resample import create_named_schedule_sampler
+from guided_diffusion.script_util import add_dict_to_argparser, model_and_diffusion_defaults
+from guided_diffusion.train_util import TrainLoop, save_run_flags
+
+
+def main():
+    args = create_argparser().parse_args()
+    run_util.setup(args)
+    save_run_flags(vars(args))
+
+    logger.log("creating model and diffusion...")
+    model, diffusion = run_util.build_model_and_diffusion(args, "unet")
+    schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
+
+    logger.log("creating data loader...")
+    run_util.require_path(args.data_dir, "data_dir", kind="dir")
+    data = load_data(
+        data_dir=args.data_dir,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        class_cond=args.class_cond,
+        random_flip=args.random_flip,
+    )
+
+    logger.log("training...")
+    TrainLoop(
+        model=model,
+        diffusion=diffusion,
+        data=data,
+        batch_size=args.batch_size,
+        microbatch=args.microbatch,
+        lr=args.lr,
+        ema_rate=args.ema_rate,
+        log_interval=args.log_interval,
+        save_interval=args.save_interval,
+        resume_checkpoint=args.resume_checkpoint,
+        use_fp16=args.use_fp16,
+        fp16_scale_growth=args.fp16_scale_growth,
+        schedule_sampler=schedule_sampler,
+        weight_decay=args.weight_decay,
+        lr_anneal_steps=args.lr_anneal_steps,
+        use_bf16=args.use_bf16,
+    ).run_loop()
+
+
+def create_argparser() -> argparse.ArgumentParser:
+    defaults = dict(
+        data_dir="",
+        schedule_sampler="uniform",
+        lr=1e-4,
+        weight_decay=0.0,
+        lr_anneal_steps=0,
+        batch_size=1,
+        microbatch=-1,  # -1 disables microbatches
+        ema_rate="0.9999",  # comma-separated list of EMA values
+        log_interval=10,
+        save_interval=10000,
+        resume_checkpoint="",  # a model*.pt, or "auto": the newest one in --output_dir
+        use_fp16=False,
+        fp16_scale_growth=1e-3,
+    )
+    defaults.update(model_and_diffusion_defaults())
+    defaults.update(run_util.training_defaults())
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_dict_to_argparser(parser, defaults)
+    return parser
+
+
+if __name__ == "__main__":
+    run_util.run_main(main)
