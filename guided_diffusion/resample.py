@@ -85,7 +85,7 @@ class LossAwareSampler(ScheduleSampler):
         :param local_losses: a 1-D tensor of losses for those timesteps, [N].
         """
         if not (dist.is_available() and dist.is_initialized()):
-            self.update_with_all_losses(local_ts.tolist(), local_losses.tolist())
+            self.update_with_all_losses(local_ts.tolist(), local_losses.detach().tolist())
             return
         world = dist.get_world_size()
         device = local_ts.device
@@ -97,7 +97,7 @@ class LossAwareSampler(ScheduleSampler):
         # all_gather needs equal sizes: pad every batch to the largest one, then cut it back.
         def gather_padded(local: th.Tensor) -> list:
             padded = th.zeros(max_bs, dtype=local.dtype, device=device)
-            padded[: len(local)] = local
+            padded[: len(local)] = local.detach()
             parts = [th.zeros_like(padded) for _ in range(world)]
             dist.all_gather(parts, padded)
             return [v for part, bs in zip(parts, batch_sizes) for v in part[:bs].tolist()]
