@@ -238,9 +238,10 @@ class FIDInceptionV3(nn.Module):
         Map NHWC pixels in [0, 255] to the network's NCHW input in [-1, 1] at 299x299.
 
         Same order and arithmetic as pytorch-fid: scale to [0, 1], bilinear resize
-        (align_corners=False), then 2x - 1. (The TF graph itself resizes with TF1's
-        corner-aligned-less bilinear and maps x -> x / 128 - 1; the port's choice differs from it
-        by a small amount that pytorch-fid documents.)
+        (align_corners=False, i.e. half-pixel centres), then 2x - 1. The TF graph itself
+        resizes with TF1's bilinear, which samples at x * in/out without the half-pixel shift,
+        and maps x -> x / 128 - 1: the port's features differ from the graph's by a small amount
+        that pytorch-fid documents; only features computed the same way compare exactly.
 
         :param images: an [N x H x W x 3] tensor (uint8 or float) of pixel values in [0, 255].
         :return: an [N x 3 x 299 x 299] float32 tensor.

@@ -260,7 +260,7 @@ def test_bad_batches_raise_errors_naming_file_and_problem(tmp_path):
 
 # ---------------------------------------------------------------- end to end
 
-def _tiny_images(seed, n=5, size=16):
+def _tiny_images(seed, n=4, size=16):  # 4 = the fewest k=3 precision/recall accepts
     rng = np.random.default_rng(seed)
     base = rng.integers(0, 256, (1, size, size, 3))
     return np.clip(base + rng.integers(-40, 40, (n, size, size, 3)), 0, 255).astype(np.uint8)
@@ -304,7 +304,7 @@ def test_reference_batch_tools_round_trip_and_precomputed_statistics(tmp_path, r
     with np.load(packed, allow_pickle=False) as z:
         assert np.array_equal(z["arr_0"], images)  # PNG is lossless
 
-    evaluator = E.Evaluator(random_inception, batch_size=4, device="cpu", progress=False)
+    evaluator = E.Evaluator(random_inception, batch_size=3, device="cpu", progress=False)
     ref = str(tmp_path / "ref.npz")
     assert make_reference_batch(png_dir, ref, evaluator) == len(images)
     acts = evaluator.read_activations(sample)
@@ -312,17 +312,33 @@ def test_reference_batch_tools_round_trip_and_precomputed_statistics(tmp_path, r
         assert np.array_equal(z["arr_0"], images)
         assert z["mu"].shape == (2048,) and z["sigma_s"].shape == (2023, 2023)
         assert np.allclose(z["mu"], acts[0].mean(0), atol=1e-6)
-    metrics = evaluator.evaluate(ref, sample)
-    assert metrics["fid"] < 1e-3 and metrics["sfid"] < 1e-3
+        arrays = {k: z[k] for k in z.files}
+    ref_stats, ref_stats_spatial = evaluator.read_statistics(ref, acts)
+    sample_stats, sample_stats_spatial = evaluator.read_statistics(sample, acts)
+    assert sample_stats.frechet_distance(ref_stats) < 1e-6
+    assert sample_stats_spatial.frechet_distance(ref_stats_spatial) < 1e-6
     # The precomputed statistics are what counts (as in the original): shift mu by 0.5 in every
     # dimension and FID grows by 2048 * 0.25.
-    with np.load(ref, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
     arrays["mu"] = arrays["mu"] + 0.5
     shifted = str(tmp_path / "shifted.npz")
     np.savez(shifted, **arrays)
-    ref_stats, _ = evaluator.read_statistics(shifted, acts)
-    sample_stats, _ = evaluator.read_statistics(sample, acts)
-    assert sample_stats.frechet_distance(ref_stats) == pytest.approx(512.0, rel=1e-4)
+    shifted_stats, _ = evaluator.read_statistics(shifted, acts)
+    assert sample_stats.frechet_distance(shifted_stats) == pytest.approx(512.0, rel=1e-4)
     with zipfile.ZipFile(ref) as zf:  # stored, not compressed: streams without inflating
         assert zf.getinfo("arr_0.npy").compress_type == zipfile.ZIP_STORED
+
+
+def test_png_to_npz_sizes_must_agree_unless_resized(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    Image.new("RGB", (20, 12), (255, 0, 0)).save(folder / "a.png")
+    Image.new("RGB", (12, 16), (0, 0, 255)).save(folder / "b.jpg")
+    with pytest.raises(ValueError, match="b.jpg: is 12x16.*--image_size"):
+        npz_io.images_to_npz(str(folder), str(tmp_path / "x.npz"))
+    assert not os.path.exists(tmp_path / "x.npz")
+    assert npz_io.images_to_npz(str(folder), str(tmp_path / "y.npz"), image_size=8) == 2
+    with np.load(tmp_path / "y.npz", allow_pickle=False) as z:
+        arr = z["arr_0"]
+    assert arr.shape == (2, 8, 8, 3) and arr[0, 4, 4, 0] == 255 and arr[1, 4, 4, 2] > 200
