@@ -92,8 +92,8 @@ class ModelVarType(enum.Enum):
 
 
 class LossType(enum.Enum):
-    MSE = enum.auto()  # simple loss L_simple (plus the vb term when variances are learned)
-    RESCALED_MSE = enum.auto()  # ... with the vb term scaled by T/1000, as for T = 1000 (L_hybrid)
+    MSE = enum.auto()  # L_simple (plus the one-term vb loss L_t when variances are learned)
+    RESCALED_MSE = enum.auto()  # L_simple + (T / 1000) L_t: L_hybrid, lambda = 0.001
     KL = enum.auto()  # the variational lower bound L_vlb
     RESCALED_KL = enum.auto()  # L_vlb times T, the scale of the sum over all terms
 
@@ -105,8 +105,8 @@ class GaussianDiffusion:
     """
     Utilities for training and sampling diffusion models.
 
-    :param betas: a 1-D array of betas, one per diffusion step, from T down to 1 in reverse order
-                  of sampling (betas[0] is the first forward step).
+    :param betas: a 1-D array of betas, one per diffusion step; betas[0] belongs to the first
+                  (least noisy) forward step.
     :param model_mean_type: a ModelMeanType, what the model outputs.
     :param model_var_type: a ModelVarType, how variances are chosen.
     :param loss_type: a LossType, the training objective.
@@ -713,8 +713,8 @@ class GaussianDiffusion:
                     x_start=x_start, x_t=x_t, t=t, clip_denoised=False,
                 )["output"]
                 if self.loss_type == LossType.RESCALED_MSE:
-                    # The paper's lambda = 0.001 weights the vb sum over T = 1000 terms; keep
-                    # that balance at other T (vb is one term, not the 1/T-scaled sum).
+                    # L_hybrid = L_simple + lambda L_vlb with lambda = 0.001 (Nichol & Dhariwal,
+                    # sec 3.1), and L_vlb ~ T * L_t, so the vb term is (T / 1000) L_t.
                     terms["vb"] = terms["vb"] * (self.num_timesteps / 1000.0)
 
             if self.model_mean_type == ModelMeanType.PREVIOUS_X:
