@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 if __package__ in (None, ""):  # run as `python evaluations/evaluator.py`: make the package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from evaluations.inception import WEIGHTS_ENV_VAR, FIDInceptionV3, load_fid_inception  # noqa: E402
-from evaluations.npz_io import open_image_batch, read_precomputed_statistics  # noqa: E402
+from evaluations.inception import PREPROCESSING_MODES, WEIGHTS_ENV_VAR, FIDInceptionV3, load_fid_inception  # noqa: E402
+from evaluations.npz_io import open_image_batch, read_precomputed_statistics, run_main  # noqa: E402
 
 # One place for the command-line defaults (and the Evaluator's).
 EVALUATOR_DEFAULTS = dict(
@@ -39,6 +39,7 @@ EVALUATOR_DEFAULTS = dict(
     batch_size=64,  # images per Inception forward pass, as the original
     device="",  # empty: cuda when available, else cpu
     output="",  # also write the metrics to this JSON file
+    preprocessing="pytorch_fid",  # or 'tf': resize/scale images as the TF graph, see FIDInceptionV3
 )
 INCEPTION_SPLIT_SIZE = 5000
 NHOOD_SIZES = (3,)  # k of the k-NN balls of improved precision/recall
@@ -370,16 +371,19 @@ def create_argparser() -> argparse.ArgumentParser:
         batch_size="images per Inception forward pass",
         device="cuda, cuda:1, cpu... (default: cuda when available)",
         output="also write the metrics to this JSON file",
+        preprocessing="how images are resized to 299 and scaled: 'pytorch_fid' (as pytorch-fid) or "
+                      "'tf' (as the original's TF graph)",
     )
     for name, default in EVALUATOR_DEFAULTS.items():
-        parser.add_argument(f"--{name}", type=type(default), default=default, help=helps[name])
+        choices = PREPROCESSING_MODES if name == "preprocessing" else None
+        parser.add_argument(f"--{name}", type=type(default), default=default, choices=choices, help=helps[name])
     return parser
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = create_argparser().parse_args(argv)
     device = th.device(args.device) if args.device else _default_device()
-    model = load_fid_inception(args.inception_path or None, device=device)
+    model = load_fid_inception(args.inception_path or None, device=device, preprocessing=args.preprocessing)
     metrics = Evaluator(model, batch_size=args.batch_size, device=device).evaluate(args.ref_batch, args.sample_batch)
     for key, label in METRIC_LABELS.items():
         print(f"{label}: {metrics[key]}")
@@ -391,7 +395,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:  # bad batch or weights: say which, no traceback
-        sys.exit(f"evaluator.py: error: {e}")
+    run_main(main, "evaluator.py")

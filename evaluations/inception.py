@@ -30,6 +30,7 @@ WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_SHA256_PREFIX = "6726825d"  # torch-hub style: the file name carries its hash prefix
 WEIGHTS_ENV_VAR = "GD_INCEPTION_PATH"
 INPUT_SIZE = 299
+PREPROCESSING_MODES = ("pytorch_fid", "tf")
 NUM_SPATIAL_CHANNELS = 7  # the original's sFID keeps mixed_6/conv[..., :7]: 17 * 17 * 7 = 2023
 
 
@@ -212,8 +213,12 @@ class FIDInceptionV3(nn.Module):
              "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c")
     SPATIAL_BLOCK = "Mixed_6d"
 
-    def __init__(self):
+    def __init__(self, preprocessing: str = "pytorch_fid"):
+        """:param preprocessing: 'pytorch_fid' or 'tf', how images become input; see preprocess()."""
         super().__init__()
+        if preprocessing not in PREPROCESSING_MODES:
+            raise ValueError(f"preprocessing={preprocessing!r}; expected one of {PREPROCESSING_MODES}")
+        self.preprocessing = preprocessing
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
         self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)
         self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)
@@ -232,24 +237,32 @@ class FIDInceptionV3(nn.Module):
         self.Mixed_7c = FIDInceptionE(2048, pool="max")
         self.fc = nn.Linear(2048, 1008)
 
-    @staticmethod
-    def preprocess(images: th.Tensor) -> th.Tensor:
+    def preprocess(self, images: th.Tensor) -> th.Tensor:
         """
         Map NHWC pixels in [0, 255] to the network's NCHW input in [-1, 1] at 299x299.
 
-        Same order and arithmetic as pytorch-fid: scale to [0, 1], bilinear resize
-        (align_corners=False, i.e. half-pixel centres), then 2x - 1. The TF graph itself
-        resizes with TF1's bilinear, which samples at x * in/out without the half-pixel shift,
-        and maps x -> x / 128 - 1: the port's features differ from the graph's by a small amount
-        that pytorch-fid documents; only features computed the same way compare exactly.
+        'pytorch_fid' (default): as pytorch-fid's port, scale to [0, 1], bilinear resize with
+        align_corners=False (half-pixel centres), then 2x - 1.
+        'tf': as the TF graph the original evaluator runs: TF1 ResizeBilinear, which samples at
+        x * in/out without the half-pixel shift, on [0, 255], then (x - 128) / 128. Features of
+        images that need resizing differ slightly between the two (pytorch-fid documents this);
+        the original's reference statistics were made the 'tf' way.
 
         :param images: an [N x H x W x 3] tensor (uint8 or float) of pixel values in [0, 255].
         :return: an [N x 3 x 299 x 299] float32 tensor.
         """
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected [N x H x W x 3] images, got shape {tuple(images.shape)}")
-        x = images.permute(0, 3, 1, 2).to(th.float32) / 255.0
-        if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
+        x = images.permute(0, 3, 1, 2).to(th.float32)
+        resize = x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE)
+        if self.preprocessing == "tf":
+            if resize:
+                rows = _tf1_bilinear_matrix(x.shape[-2], INPUT_SIZE, x.device)
+                cols = _tf1_bilinear_matrix(x.shape[-1], INPUT_SIZE, x.device)
+                x = th.einsum("oh,nchw,pw->ncop", rows, x, cols)
+            return (x - 128) / 128
+        x = x / 255.0
+        if resize:
             x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
         return 2 * x - 1
 
@@ -285,6 +298,23 @@ class FIDInceptionV3(nn.Module):
 
     def forward(self, images: th.Tensor) -> dict[str, th.Tensor]:
         return self.features(images)
+
+
+def _tf1_bilinear_matrix(in_size: int, out_size: int, device) -> th.Tensor:
+    """
+    The [out_size x in_size] matrix of TF1's ResizeBilinear (align_corners=False, no half-pixel
+    centres) along one axis: output i samples input position i * (in / out) in float32, blending
+    its floor and the next pixel (clamped at the last one).
+    """
+    src = th.arange(out_size, dtype=th.float32) * th.tensor(in_size / out_size, dtype=th.float32)
+    lo = src.floor().long().clamp(max=in_size - 1)
+    hi = (lo + 1).clamp(max=in_size - 1)
+    frac = src - lo.float()
+    out = th.arange(out_size)
+    matrix = th.zeros(out_size, in_size)
+    matrix.index_put_((out, lo), 1 - frac, accumulate=True)
+    matrix.index_put_((out, hi), frac, accumulate=True)
+    return matrix.to(device)
 
 
 def default_weights_path() -> str:
@@ -349,7 +379,7 @@ def resolve_weights_path(path: str | None = None, download: bool = True) -> str:
 
 
 def load_fid_inception(path: str | None = None, device: str | th.device = "cpu",
-                       download: bool = True) -> FIDInceptionV3:
+                       download: bool = True, preprocessing: str = "pytorch_fid") -> FIDInceptionV3:
     """
     Build FIDInceptionV3 with the pytorch-fid weights, in eval mode on `device`.
 
@@ -361,7 +391,7 @@ def load_fid_inception(path: str | None = None, device: str | th.device = "cpu",
         state = th.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - name the file whatever went wrong
         raise ValueError(f"{path}: not a loadable weights file ({type(e).__name__}: {e})") from e
-    model = FIDInceptionV3()
+    model = FIDInceptionV3(preprocessing)
     want = model.state_dict()
     missing = [k for k in want if k not in state]
     unexpected = [k for k in state if k not in want]

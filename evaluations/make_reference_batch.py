@@ -13,14 +13,15 @@ from __future__ import annotations
 import argparse
 
 from evaluations.evaluator import EVALUATOR_DEFAULTS, Evaluator, compute_statistics
-from evaluations.inception import WEIGHTS_ENV_VAR, load_fid_inception
-from evaluations.npz_io import images_to_npz
+from evaluations.inception import PREPROCESSING_MODES, WEIGHTS_ENV_VAR, load_fid_inception
+from evaluations.npz_io import images_to_npz, run_main
 
 DEFAULTS = dict(
     image_size=0,  # 0: keep the images' size (they must all agree); else resize + center-crop
     inception_path=EVALUATOR_DEFAULTS["inception_path"],
     batch_size=EVALUATOR_DEFAULTS["batch_size"],
     device=EVALUATOR_DEFAULTS["device"],
+    preprocessing=EVALUATOR_DEFAULTS["preprocessing"],
 )
 
 
@@ -44,19 +45,22 @@ def create_argparser() -> argparse.ArgumentParser:
     helps = dict(image_size="resize and center-crop to this size as training data is (0: keep)",
                  inception_path=f"Inception weights (default: ${WEIGHTS_ENV_VAR}, then the cache)",
                  batch_size="images per Inception forward pass",
-                 device="default: cuda when available")
+                 device="default: cuda when available",
+                 preprocessing="'pytorch_fid' or 'tf' resizing/scaling; use the one you will evaluate with")
     for name, default in DEFAULTS.items():
-        parser.add_argument(f"--{name}", type=type(default), default=default, help=helps[name])
+        choices = PREPROCESSING_MODES if name == "preprocessing" else None
+        parser.add_argument(f"--{name}", type=type(default), default=default, choices=choices, help=helps[name])
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = create_argparser().parse_args(argv)
-    evaluator = Evaluator(load_fid_inception(args.inception_path or None), batch_size=args.batch_size,
+    model = load_fid_inception(args.inception_path or None, preprocessing=args.preprocessing)
+    evaluator = Evaluator(model, batch_size=args.batch_size,
                           device=args.device or None)
     n = make_reference_batch(args.image_dir, args.out, evaluator, image_size=args.image_size or None)
     print(f"wrote {n} images and their statistics to {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "make_reference_batch")

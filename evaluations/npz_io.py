@@ -9,6 +9,7 @@ the member's stream on demand. Writing works the same way in reverse.
 from __future__ import annotations
 
 import os
+import sys
 import zipfile
 from typing import Iterator
 
@@ -212,6 +213,14 @@ class NpzArrayWriter:
             self._member.close()
         self._zip.close()
         os.remove(self.path)  # never leave a half-written batch that looks complete
+
+
+def run_main(main, prog: str) -> None:
+    """Run a command-line main; bad input (ValueError, FileNotFoundError) exits with a one-line error."""
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"{prog}: error: {e}")
 
 
 def list_images(image_dir: str) -> list[str]:

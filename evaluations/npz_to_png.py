@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from evaluations.npz_io import npz_to_images
+from evaluations.npz_io import npz_to_images, run_main
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -21,4 +21,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "npz_to_png")

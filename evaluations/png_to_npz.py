@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from evaluations.npz_io import images_to_npz
+from evaluations.npz_io import images_to_npz, run_main
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,4 +23,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "png_to_npz")

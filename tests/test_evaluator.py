@@ -154,8 +154,23 @@ def test_inception_features_shapes_spatial_layout_and_bias_free_logits(random_in
     # The original's Inception Score multiplies pool_3 by the fc weights without the bias.
     assert th.allclose(feats["logits"], feats["pool"] @ random_inception.fc.weight.t())
     # Input: [0, 255] -> bilinear 299x299 -> [-1, 1]; a constant image stays constant.
-    x = I.FIDInceptionV3.preprocess(th.full((1, 16, 16, 3), 255, dtype=th.uint8))
+    x = random_inception.preprocess(th.full((1, 16, 16, 3), 255, dtype=th.uint8))
     assert x.shape == (1, 3, 299, 299) and th.allclose(x, th.ones_like(x))
+
+
+def test_tf_preprocessing_is_tf1_resize_bilinear_then_x_over_128_minus_1():
+    # TF1 ResizeBilinear samples output i at input i * in / out, clamping at the last pixel:
+    # 2 -> 4 pixels [0, 10] gives [0, 5, 10, 10] (no half-pixel centres, unlike PyTorch's).
+    assert th.equal(I._tf1_bilinear_matrix(2, 4, "cpu") @ th.tensor([0.0, 10.0]), th.tensor([0.0, 5.0, 10.0, 10.0]))
+    assert th.allclose(I._tf1_bilinear_matrix(256, 299, "cpu").sum(1), th.ones(299))
+    model = I.FIDInceptionV3(preprocessing="tf")
+    images = th.from_numpy(np.random.default_rng(7).integers(0, 256, (1, 299, 299, 3), dtype=np.uint8))
+    assert th.equal(model.preprocess(images), (images.permute(0, 3, 1, 2).float() - 128) / 128)
+    ramp = th.arange(8.0).repeat(1, 8, 1).unsqueeze(-1).expand(1, 8, 8, 3)  # x = column index
+    out = model.preprocess(ramp)[0, 0, 0] * 128 + 128
+    assert th.allclose(out[:5], th.arange(5) * 8 / 299, atol=1e-4) and out[-1] == 7.0
+    with pytest.raises(ValueError, match="preprocessing"):
+        I.FIDInceptionV3(preprocessing="torchvision")
 
 
 def test_inception_weights_errors_name_the_file_and_never_download(tmp_path, monkeypatch):
