@@ -188,7 +188,9 @@ class ManifoldEstimator:
         for r0 in range(0, len(f), self.row_batch_size):
             best = None  # the k_max + 1 smallest distances of these rows seen so far
             for rs, cs, d in self._blocks(f[r0:r0 + self.row_batch_size], f):
-                cand = d if best is None else th.cat([best, d], dim=1)
+                cand = d.topk(min(k_max + 1, d.shape[1]), dim=1, largest=False).values
+                if best is not None:
+                    cand = th.cat([best, cand], dim=1)
                 best = cand.topk(min(k_max + 1, cand.shape[1]), dim=1, largest=False).values
             nearest[r0:r0 + len(best)] = best.sort(dim=1).values
         radii = nearest[:, list(self.nhood_sizes)].cpu().numpy()
