@@ -48,6 +48,13 @@ class ClassifierFreeGuidance(nn.Module):
             return self.model(x, timesteps, y=y, **kwargs)  # exactly the conditional model
         n, c = x.shape[:2]
         null = th.full_like(y, self.null_label)
+        if self.scale == 0.0:
+            # Unconditional: one forward of the null branch, unless variance channels must come
+            # from the conditional branch.
+            uncond = self.model(x, timesteps, y=null, **kwargs)
+            if uncond.shape[1] == c:
+                return uncond
+            return th.cat([uncond[:, :c], self.model(x, timesteps, y=y, **kwargs)[:, c:]], dim=1)
         doubled = {k: th.cat([v, v]) if th.is_tensor(v) and v.shape[:1] == (n,) else v
                    for k, v in kwargs.items()}
         out = self.model(th.cat([x, x]), th.cat([timesteps, timesteps]), y=th.cat([y, null]), **doubled)

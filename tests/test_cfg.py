@@ -70,6 +70,9 @@ def test_cfg_is_exact_at_w0_and_w1_and_linear_in_w():
     w0 = ClassifierFreeGuidance(model, 0.0, NUM_CLASSES)(x, t, y=y)
     assert th.equal(w0[:, :2], uncond[:, :2]) and th.equal(w0[:, 2:], cond[:, 2:])
     model.calls.clear()
+    eps_model = GaussianClassModel(diffusion.alphas_cumprod)
+    assert th.equal(ClassifierFreeGuidance(eps_model, 0.0, NUM_CLASSES)(x, t, y=y), uncond[:, :2])
+    assert eps_model.calls == [6]  # w = 0 without variance channels: the null branch only
     w3 = ClassifierFreeGuidance(model, 3.0, NUM_CLASSES)(x, t, y=y)
     assert model.calls == [12]  # conditional and unconditional in one batched forward
     assert th.allclose(w3[:, :2], uncond[:, :2] + 3.0 * (cond[:, :2] - uncond[:, :2]), atol=1e-12)

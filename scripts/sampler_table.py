@@ -1,0 +1,358 @@
+"""
+Quality table of samplers and guidance on the digits quickstart (Dhariwal & Nichol 2021, Table 4 style).
+
+For each row (sampler, steps, CFG weight, classifier scale) this samples `--num_samples` digits of
+requested classes 0..9 (balanced) from one diffusion model, from the same x_T for every row, and
+reports:
+
+- toy FID: the Frechet distance between Gaussian fits of the samples and of the real training
+  digits, in the 64-d pixel space of 8x8 images (16 px samples are averaged over channels and 2x2
+  blocks; the real digits take the same bicubic-up / average-down round trip). With a few hundred
+  samples it carries a small-sample bias: the `real (val)` row shows the floor, 250 held-out digits;
+- judged accuracy: how often a "judge" classifier trained on *clean* 8x8 digits (an MLP, not the
+  noisy guidance classifier) recognises the requested class;
+- coverage: exp(entropy of the judged-class histogram) / 10 (1 = all classes equally often);
+- NFE and wall-clock seconds per sample.
+
+`--model_path` is a diffusion model trained with `--class_cond True --class_dropout_prob > 0`
+(CFG weight 0 = its unconditional branch, 1 = conditional), `--classifier_path` the noisy
+classifier for classifier guidance. Their flags are read from the `args.json` the training scripts
+write beside the checkpoints; flags given here override them. Writes `{out_dir}/sampler_table.md`,
+`sampler_table.json`, a PNG grid per row and `sampler_table_fid.png` (FID against NFE).
+
+    python scripts/sampler_table.py --model_path RUN/ema_0.995_002500.pt \\
+        --classifier_path CLF/model001499.pt --out_dir runs/table --num_samples 250
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch as th
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy import linalg
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from datasets.digits import digit_to_image, load_digits  # noqa: E402
+from guided_diffusion import run_util, samplers  # noqa: E402
+from guided_diffusion.guidance import classifier_cond_fn  # noqa: E402
+from guided_diffusion.script_util import (  # noqa: E402
+    classifier_and_diffusion_defaults,
+    model_and_diffusion_defaults,
+    str2bool,
+)
+
+# (sampler, steps, cfg_scale, classifier_scale): unguided conditional samplers at several NFE,
+# then CFG and classifier-guidance sweeps with DPM-Solver++(2M) at 20 steps. Classifier guidance
+# steers the unconditional branch (cfg 0), as the paper's unconditional-model rows do.
+DEFAULT_ROWS = (
+    "ddpm:250:1:0,ddim:50:1:0,ddim:20:1:0,plms:20:1:0,heun:10:1:0,dpm++3m:20:1:0,"
+    "dpm++2m:10:1:0,dpm++2m:20:1:0,"
+    "dpm++2m:20:0:0,dpm++2m:20:2:0,dpm++2m:20:3:0,"
+    "dpm++2m:20:0:1,dpm++2m:20:0:2,dpm++2m:20:0:4,ddpm:250:0:0,ddpm:250:0:2"
+)
+
+
+def table_defaults() -> dict:
+    return dict(
+        model_path="",
+        classifier_path="",
+        out_dir="runs/sampler_table/table",
+        rows=DEFAULT_ROWS,
+        num_samples=250,
+        batch_size=250,
+        seed=0,
+        clip_denoised=True,
+        judge_path="",  # "" = {out_dir}/judge.pt, trained on first use (a few seconds)
+        sampler_spacing="logsnr",
+        threads=1,  # torch threads: tiny models run fastest on one thread of a busy CPU
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Digits in the 8x8 evaluation space
+
+
+def to_eval_space(images: th.Tensor) -> th.Tensor:
+    """[N x C x 16 x 16] in [-1, 1] -> [N x 64]: channel mean, then 2x2 block averages."""
+    gray = images.float().clamp(-1, 1).mean(dim=1, keepdim=True)
+    return F.avg_pool2d(gray, images.shape[-1] // 8).flatten(1)
+
+
+def real_digits(image_size: int) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+    """
+    The real digits as the model saw them (bicubic to `image_size`, [-1, 1]) in eval space.
+
+    :return: (features [1797 x 64], labels [1797], is_val [1797] bool: every 6th digit, as
+        datasets/digits.py holds it out).
+    """
+    images, labels = load_digits()
+    ups = np.stack([np.asarray(digit_to_image(d, image_size), dtype=np.float32) for d in images])
+    x = th.from_numpy(ups / 127.5 - 1.0)[:, None]
+    is_val = th.arange(len(labels)) % 6 == 0
+    return to_eval_space(x), th.from_numpy(labels), is_val
+
+
+class Judge(nn.Module):
+    """A small MLP on clean 8x8 digits that judges which class a sample shows."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Dropout(0.2),
+                                 nn.Linear(256, 256), nn.ReLU(), nn.Dropout(0.2), nn.Linear(256, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def train_judge(feats: th.Tensor, labels: th.Tensor, is_val: th.Tensor, path: str) -> Judge:
+    """Train (or load the cached) judge on the training digits; print its held-out accuracy."""
+    judge = Judge()
+    if os.path.exists(path):
+        judge.load_state_dict(th.load(path, map_location="cpu", weights_only=True))
+        return judge.eval()
+    gen = th.Generator().manual_seed(0)
+    th.manual_seed(0)
+    opt = th.optim.Adam(judge.parameters(), lr=1e-3, weight_decay=1e-4)
+    x_tr, y_tr = feats[~is_val], labels[~is_val]
+    for _ in range(400):  # full-batch epochs with small shifts of ink intensity as augmentation
+        scale = 1 + 0.1 * th.randn(len(x_tr), 1, generator=gen)
+        loss = F.cross_entropy(judge((x_tr + 1) * scale - 1), y_tr)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    judge.eval()
+    with th.no_grad():
+        acc = (judge(feats[is_val]).argmax(1) == labels[is_val]).float().mean().item()
+    print(f"judge: held-out accuracy {acc:.3f} on {int(is_val.sum())} real digits")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    th.save(judge.state_dict(), path)
+    return judge
+
+
+def gaussian_fit(feats: th.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    x = feats.double().numpy()
+    return x.mean(0), np.cov(x, rowvar=False)
+
+
+def frechet_distance(fit1, fit2) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) (Heusel et al. 2017, FID)."""
+    (mu1, s1), (mu2, s2) = fit1, fit2
+    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
+    covmean = covmean.real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+def judge_metrics(judge: Judge, feats: th.Tensor, requested: th.Tensor) -> tuple[float, float]:
+    """:return: (accuracy of the requested class, coverage = exp(H(judged classes)) / 10)."""
+    with th.no_grad():
+        judged = judge(feats).argmax(1)
+    acc = (judged == requested).float().mean().item()
+    p = th.bincount(judged, minlength=10).double() / len(judged)
+    entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
+    return acc, math.exp(entropy) / 10
+
+
+# ------------------------------------------------------------------------------------------------
+# Models
+
+
+def flags_for(kind_defaults: dict, checkpoint: str, explicit: dict) -> argparse.Namespace:
+    """Defaults <- args.json beside the checkpoint <- flags given on the command line."""
+    flags = dict(kind_defaults)
+    saved = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "args.json")
+    if os.path.exists(saved):
+        with open(saved) as f:
+            flags.update({k: v for k, v in json.load(f).items() if k in kind_defaults})
+    flags.update({k: v for k, v in explicit.items() if k in kind_defaults})
+    return argparse.Namespace(**flags)
+
+
+def parse_rows(spec: str) -> list[tuple[str, int, float, float]]:
+    rows = []
+    for item in spec.split(","):
+        parts = item.strip().split(":")
+        if len(parts) != 4 or parts[0] not in samplers.SAMPLERS:
+            raise run_util.ScriptError(
+                f"--rows entry {item!r}: expected sampler:steps:cfg_scale:classifier_scale with a "
+                f"sampler in {', '.join(samplers.SAMPLERS)}")
+        rows.append((parts[0], int(parts[1]), float(parts[2]), float(parts[3])))
+    return rows
+
+
+def row_label(sampler: str, steps: int, cfg: float, clf: float) -> str:
+    if clf:
+        guide = f"classifier s={clf:g}" + (f" + CFG w={cfg:g}" if cfg else " (uncond.)")
+    elif cfg == 1:
+        guide = "none (cond.)"
+    elif cfg == 0:
+        guide = "none (uncond.)"
+    else:
+        guide = f"CFG w={cfg:g}"
+    return guide
+
+
+def save_grid(samples: th.Tensor, labels: th.Tensor, path: str) -> None:
+    from PIL import Image
+
+    arr = run_util.to_uint8_nhwc(samples.float()).numpy()
+    per_class = [np.flatnonzero(labels.numpy() == c)[:10] for c in range(10)]
+    pick = np.concatenate(per_class)
+    grid = run_util.image_grid(arr[pick], labels.numpy()[pick], max_images=len(pick), min_tile=32)
+    Image.fromarray(grid).save(path)
+
+
+def plot_fid(results: list[dict], floor: float, path: str) -> None:
+    """FID against NFE for the unguided conditional rows, one polyline per sampler (PIL only)."""
+    from PIL import Image, ImageDraw
+
+    pts = [r for r in results if r["cfg_scale"] == 1 and r["classifier_scale"] == 0]
+    if not pts:
+        return
+    w, h, m = 640, 400, 60
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    nfes = [r["nfe"] for r in pts]
+    fids = [r["fid"] for r in pts] + [floor]
+    lx0, lx1 = math.log(min(nfes) * 0.8), math.log(max(nfes) * 1.25)
+    y1 = max(fids) * 1.1
+
+    def xy(nfe, fid):
+        return (m + (math.log(nfe) - lx0) / (lx1 - lx0) * (w - 2 * m),
+                h - m - fid / y1 * (h - 2 * m))
+
+    d.line([(m, h - m), (w - m, h - m)], fill="black")
+    d.line([(m, m), (m, h - m)], fill="black")
+    for tick in (10, 20, 50, 100, 250):
+        if min(nfes) * 0.8 <= tick <= max(nfes) * 1.25:
+            x, _ = xy(tick, 0)
+            d.text((x - 8, h - m + 5), str(tick), fill="black")
+    for k in range(5):
+        fid = y1 * k / 4
+        _, y = xy(min(nfes), fid)
+        d.text((5, y - 6), f"{fid:.1f}", fill="black")
+    d.text((w // 2 - 60, h - 25), "NFE (log scale)", fill="black")
+    d.text((5, 10), "toy FID (8x8 pixels), conditional, no guidance", fill="black")
+    _, yf = xy(min(nfes), floor)
+    d.line([(m, yf), (w - m, yf)], fill=(160, 160, 160))
+    d.text((w - m - 90, yf - 14), "real (val) floor", fill=(120, 120, 120))
+    colors = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+              (140, 86, 75)]
+    for i, name in enumerate(dict.fromkeys(r["sampler"] for r in pts)):
+        line = sorted((r["nfe"], r["fid"]) for r in pts if r["sampler"] == name)
+        coords = [xy(n, f) for n, f in line]
+        c = colors[i % len(colors)]
+        if len(coords) > 1:
+            d.line(coords, fill=c, width=2)
+        for x, y in coords:
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=c)
+        d.text((w - m - 80, m + 14 * i), name, fill=c)
+    img.save(path)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for k, v in table_defaults().items():
+        parser.add_argument(f"--{k}", default=v, type=str2bool if isinstance(v, bool) else type(v))
+    # Model/classifier flags: only the ones given here override those in args.json.
+    model_keys = {**model_and_diffusion_defaults(), **classifier_and_diffusion_defaults()}
+    for k, v in model_keys.items():
+        parser.add_argument(f"--{k}", default=argparse.SUPPRESS,
+                            type=str2bool if isinstance(v, bool) else type(v))
+    args = parser.parse_args()
+    th.set_num_threads(args.threads)
+    explicit = {k: getattr(args, k) for k in model_keys if hasattr(args, k)}
+    rows = parse_rows(args.rows)
+
+    run_util.require_path(args.model_path, "model_path")
+    margs = flags_for(model_and_diffusion_defaults(), args.model_path, explicit)
+    margs.model_path, margs.use_fp16 = args.model_path, False
+    model, diffusion = run_util.load_model_and_diffusion(margs, "unet")
+    classifier = None
+    if any(r[3] for r in rows):
+        run_util.require_path(args.classifier_path, "classifier_path")
+        cargs = flags_for(classifier_and_diffusion_defaults(), args.classifier_path, explicit)
+        cargs.classifier_path, cargs.classifier_use_fp16 = args.classifier_path, False
+        classifier, _ = run_util.load_model_and_diffusion(cargs, "classifier")
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    feats, labels, is_val = real_digits(margs.image_size)
+    judge = train_judge(feats, labels, is_val, args.judge_path or
+                        os.path.join(args.out_dir, "judge.pt"))
+    ref = gaussian_fit(feats[~is_val])
+    val_feats, val_labels = feats[is_val][: args.num_samples], labels[is_val][: args.num_samples]
+    floor = frechet_distance(gaussian_fit(val_feats), ref)
+    floor_acc, floor_cov = judge_metrics(judge, val_feats, val_labels)
+    print(f"real (val), {len(val_feats)} digits: toy FID {floor:.3f}, judged accuracy "
+          f"{floor_acc:.3f}, coverage {floor_cov:.3f}")
+
+    n, size = args.num_samples, margs.image_size
+    requested = th.arange(n) % 10
+    x_T = th.randn(n, 3, size, size, generator=th.Generator().manual_seed(args.seed))
+    results = []
+    for sampler, steps, cfg, clf in rows:
+        out = []
+        th.manual_seed(args.seed + 1)  # DDPM's step noise: the same for every DDPM row
+        start = time.time()
+        for b in range(0, n, args.batch_size):
+            y = requested[b:b + args.batch_size]
+            out.append(samplers.sample(
+                diffusion, model, tuple(x_T[b:b + args.batch_size].shape),
+                noise=x_T[b:b + args.batch_size], clip_denoised=args.clip_denoised,
+                cond_fn=classifier_cond_fn(classifier, clf) if clf else None,
+                model_kwargs={"y": y}, device="cpu", sampler=sampler, steps=steps,
+                sampler_spacing=args.sampler_spacing, cfg_scale=cfg))
+        seconds = (time.time() - start) / n
+        samples = th.cat(out)
+        sfeats = to_eval_space(samples)
+        acc, cov = judge_metrics(judge, sfeats, requested)
+        nfe = samplers.nfe(sampler, steps) * (1 if cfg in (0.0, 1.0) else 2)
+        res = dict(sampler=sampler, steps=steps, nfe=nfe, cfg_scale=cfg, classifier_scale=clf,
+                   guidance=row_label(sampler, steps, cfg, clf),
+                   fid=frechet_distance(gaussian_fit(sfeats), ref), accuracy=acc, coverage=cov,
+                   seconds_per_sample=seconds)
+        results.append(res)
+        tag = f"{sampler}{steps}_cfg{cfg:g}_clf{clf:g}"
+        save_grid(samples, requested, os.path.join(args.out_dir, f"grid_{tag}.png"))
+        print(f"{sampler:>8} {steps:>4} steps  NFE {nfe:>4}  {res['guidance']:<22} "
+              f"FID {res['fid']:7.3f}  acc {acc:.3f}  cov {cov:.3f}  {seconds:.3f} s/sample",
+              flush=True)
+
+    lines = [
+        f"Digits quickstart, {n} samples per row (classes 0-9 balanced, same x_T in every row), "
+        f"steps spaced `{args.sampler_spacing}` for the ODE solvers. Toy FID in the 64-d pixel "
+        f"space of 8x8 images against the {int((~is_val).sum())} training digits; accuracy and "
+        f"coverage judged by an MLP trained on clean digits. NFE counts network evaluations per "
+        f"sample (a CFG forward of the doubled batch counts twice).",
+        "",
+        "| sampler | steps | NFE | guidance | toy FID | judged acc. | coverage | s/sample |",
+        "|---|---:|---:|---|---:|---:|---:|---:|",
+        f"| real digits (val) | | | | {floor:.2f} | {floor_acc:.3f} | {floor_cov:.3f} | |",
+    ]
+    for r in results:
+        lines.append(f"| {r['sampler']} | {r['steps']} | {r['nfe']} | {r['guidance']} | "
+                     f"{r['fid']:.2f} | {r['accuracy']:.3f} | {r['coverage']:.3f} | "
+                     f"{r['seconds_per_sample']:.3f} |")
+    with open(os.path.join(args.out_dir, "sampler_table.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(args.out_dir, "sampler_table.json"), "w") as f:
+        json.dump(dict(real_val=dict(fid=floor, accuracy=floor_acc, coverage=floor_cov),
+                       rows=results, flags=vars(args)), f, indent=2)
+    plot_fid(results, floor, os.path.join(args.out_dir, "sampler_table_fid.png"))
+    print("\n".join(lines))
+    print(f"wrote {args.out_dir}/sampler_table.md, .json, grids and sampler_table_fid.png")
+
+
+if __name__ == "__main__":
+    run_util.run_main(main)
