@@ -56,8 +56,8 @@ from guided_diffusion.script_util import (  # noqa: E402
 DEFAULT_ROWS = (
     "ddpm:250:1:0,ddim:50:1:0,ddim:20:1:0,plms:20:1:0,heun:10:1:0,dpm++3m:20:1:0,"
     "dpm++2m:10:1:0,dpm++2m:20:1:0,"
-    "dpm++2m:20:0:0,dpm++2m:20:2:0,dpm++2m:20:3:0,"
-    "dpm++2m:20:0:1,dpm++2m:20:0:2,dpm++2m:20:0:4,ddpm:250:0:0,ddpm:250:0:2"
+    "dpm++2m:20:0:0,dpm++2m:20:2:0,dpm++2m:20:4:0,"
+    "dpm++2m:20:0:1,dpm++2m:20:0:3"
 )
 
 
