@@ -146,8 +146,7 @@ def gaussian_fit(feats: th.Tensor) -> tuple[np.ndarray, np.ndarray]:
 def frechet_distance(fit1, fit2) -> float:
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) (Heusel et al. 2017, FID)."""
     (mu1, s1), (mu2, s2) = fit1, fit2
-    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
-    covmean = covmean.real
+    covmean = np.real(linalg.sqrtm(s1 @ s2))
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
 
 
