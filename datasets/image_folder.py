@@ -19,7 +19,9 @@ import shutil
 
 from PIL import Image
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
+# What image_datasets.load_data reads as is; other formats PIL opens are converted to PNG.
+LOADER_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif")
+CONVERTED_EXTENSIONS = (".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
 def class_prefix(name: str) -> str:
@@ -60,13 +62,13 @@ def flatten_image_folder(in_dir: str, out_dir: str, image_size: int = 0) -> list
             dirs.sort()
             for name in sorted(files):
                 ext = os.path.splitext(name)[1].lower()
-                if ext not in IMAGE_EXTENSIONS:
+                if ext not in LOADER_EXTENSIONS + CONVERTED_EXTENSIONS:
                     continue
                 src = os.path.join(root, name)
-                if image_size > 0:
+                if image_size > 0 or ext in CONVERTED_EXTENSIONS:
                     with Image.open(src) as img:
-                        resize_center_crop(img, image_size).save(
-                            os.path.join(out_dir, f"{prefix}_{index:07d}.png"))
+                        img = resize_center_crop(img, image_size) if image_size > 0 else img.convert("RGB")
+                        img.save(os.path.join(out_dir, f"{prefix}_{index:07d}.png"))
                 else:
                     shutil.copyfile(src, os.path.join(out_dir, f"{prefix}_{index:07d}{ext}"))
                 index += 1

@@ -132,3 +132,26 @@ def test_super_res_and_nll_scripts_run(work):
     assert "bpd=" in proc.stdout
     vb = load_npz(work / "nll" / "vb_terms.npz")["arr_0"]
     assert vb.shape == (10,) and np.isfinite(vb).all()
+
+
+def test_image_folder_helper_keeps_imagefolder_label_order(tmp_path):
+    """Class directories become file-name prefixes whose sorted order is the ImageFolder order."""
+    from PIL import Image
+
+    sys.path.insert(0, str(ROOT / "datasets"))
+    from image_folder import flatten_image_folder
+
+    from guided_diffusion.image_datasets import load_data
+
+    for cls, color in [("b_cat", 200), ("a_dog", 10)]:
+        (tmp_path / "in" / cls / "sub").mkdir(parents=True)
+        Image.new("RGB", (12, 10), (color,) * 3).save(tmp_path / "in" / cls / "sub" / "x.bmp")
+    classes = flatten_image_folder(str(tmp_path / "in"), str(tmp_path / "out"))
+    assert classes == ["a_dog", "b_cat"]
+    assert sorted(os.listdir(tmp_path / "out")) == [
+        "a-dog_0000000.png", "b-cat_0000001.png", "classes.txt"]
+    images, kwargs = next(load_data(data_dir=str(tmp_path / "out"), batch_size=2, image_size=8,
+                                    class_cond=True, deterministic=True, random_flip=False))
+    # Label 0 is the dark "a_dog" image, label 1 the bright "b_cat" one.
+    assert kwargs["y"].tolist() == [0, 1]
+    assert images[0].mean() < 0 < images[1].mean()
