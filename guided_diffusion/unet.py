@@ -292,10 +292,14 @@ class _QKVAttentionBase(nn.Module):
         q, k, v = self._split_heads(qkv)  # each [N*H x C x T]
         ch = q.shape[1]
         if self.use_sdpa:
-            # SDPA's default scale 1/sqrt(C) equals the two 1/C**0.25 factors below.
-            a = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            ).transpose(1, 2)
+            # SDPA's default scale 1/sqrt(C) equals the two 1/C**0.25 factors below. The fused
+            # (flash) kernels need 4-D [N x H x T x C] inputs with contiguous channels; any other
+            # layout silently runs the unfused math kernel, slower than the einsums below.
+            q, k, v = (
+                z.reshape(bs, self.n_heads, ch, length).transpose(2, 3).contiguous()
+                for z in (q, k, v)
+            )
+            a = F.scaled_dot_product_attention(q, k, v).transpose(2, 3)  # [N x H x C x T]
         else:
             # softmax(q^T k / sqrt(C)), scaling q and k separately by C**-0.25 so that fp16
             # products stay in range; softmax in float32 for the same reason.
