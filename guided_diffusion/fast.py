@@ -1,0 +1,237 @@
+"""The fast path: switches that trade bit-exactness with the original for speed.
+
+Each switch works alone; `--fast True` turns on the preset measured to pay (see `FAST_PRESET`).
+Nothing here is on by default: without these flags the model computes exactly what the original
+computes (the golden fixtures check it), so every speed-up is opt-in and measured against that
+faithful path by `scripts/benchmark.py`.
+
+- `use_bf16`: run the forward (and backward) under `torch.autocast(dtype=bfloat16)`. Convolutions
+  and matmuls run in bfloat16 with float32 accumulation; GroupNorm32 still normalizes in float32,
+  and the weights, optimizer state and the diffusion's arithmetic stay float32. Unlike the
+  original's fp16 (`use_fp16`, CUDA only), bfloat16 has float32's exponent range, so no loss
+  scaling is needed, and it works on CPUs with AVX512-BF16/AMX as well as on GPUs.
+- `use_sdpa`: attention through `torch.nn.functional.scaled_dot_product_attention` (fused /
+  flash kernels) instead of the original's einsum + softmax, for both attention orders.
+- `channels_last`: NHWC memory format for parameters and activations, the layout the oneDNN (CPU)
+  and cuDNN (tensor-core) convolution kernels prefer.
+- `compile_model`: `torch.compile` the model's forward, falling back to eager (with a warning
+  that says why) when no compiler is available or compilation fails.
+
+Wiring in a script is three lines::
+
+    fast_cfg = fast.resolve_fast_flags(vars(args), device)
+    model = fast.apply_fast_path(model, **fast_cfg.model_kwargs())
+    with fast.autocast_context(device, fast_cfg.use_bf16):
+        ...  # forward / training_losses
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import importlib.util
+import os
+import shutil
+import warnings
+from typing import Any, Callable, Mapping
+
+import torch as th
+import torch.nn as nn
+
+# What `--fast True` turns on. Measured on the benchmark config with scripts/benchmark.py (see the
+# README's "Fast path" section): every member paid on its own on a 2-core AVX512-BF16 CPU.
+# torch.compile is left out of the preset: on CPU its one-off compile time (minutes on 2 cores)
+# outweighs the gain for short runs; turn it on explicitly with --compile_model True.
+FAST_PRESET = dict(use_bf16=True, use_sdpa=True, channels_last=True)
+
+
+def fast_defaults() -> dict:
+    """Defaults of the fast-path flags, for `add_dict_to_argparser` (all off = faithful path)."""
+    return dict(
+        use_bf16=False,
+        use_sdpa=False,
+        channels_last=False,
+        compile_model=False,
+        fast=False,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class FastPathConfig:
+    """The resolved switches (after expanding the `fast` preset)."""
+
+    use_bf16: bool = False  # bfloat16 autocast around forward and backward
+    use_sdpa: bool = False  # fused scaled_dot_product_attention in every attention block
+    channels_last: bool = False  # NHWC memory format for weights and activations
+    compile_model: bool = False  # torch.compile of the model's forward (falls back to eager)
+
+    def model_kwargs(self) -> dict:
+        """The keyword arguments of `apply_fast_path` (everything but the autocast switch)."""
+        return dict(
+            use_sdpa=self.use_sdpa,
+            channels_last=self.channels_last,
+            compile_model=self.compile_model,
+        )
+
+    def describe(self) -> str:
+        on = [f.name for f in dataclasses.fields(self) if getattr(self, f.name)]
+        return "+".join(on) if on else "faithful"
+
+
+def resolve_fast_flags(flags: Mapping[str, Any] | Any, device: th.device | str | None = None) -> FastPathConfig:
+    """Turn parsed flags (a dict or an argparse Namespace) into a `FastPathConfig`.
+
+    `fast=True` turns on every member of `FAST_PRESET`, except that bf16 autocast stays off when
+    the model already runs in the original's fp16 (`use_fp16=True`): the two are alternatives.
+
+    :param flags: must contain the keys of `fast_defaults()`; `use_fp16` is read if present.
+    :param device: where the model runs; used to refuse bf16 autocast where it cannot work.
+    """
+    if not isinstance(flags, Mapping):
+        flags = vars(flags)
+    missing = [k for k in fast_defaults() if k not in flags]
+    if missing:
+        raise KeyError(f"fast-path flags missing: {missing} (build the parser from fast_defaults())")
+    chosen = {k: bool(flags[k]) for k in fast_defaults() if k != "fast"}
+    use_fp16 = bool(flags.get("use_fp16", False))
+    if flags["fast"]:
+        for key, value in FAST_PRESET.items():
+            if key == "use_bf16" and use_fp16:
+                continue  # the original's fp16 is already the reduced-precision choice
+            chosen[key] = chosen[key] or value
+    if chosen["use_bf16"] and use_fp16:
+        raise ValueError(
+            "--use_bf16 True and --use_fp16 True are alternatives (bf16 autocast vs the original's "
+            "fp16 weights); pick one"
+        )
+    if chosen["use_bf16"] and device is not None and th.device(device).type not in ("cpu", "cuda"):
+        raise ValueError(f"--use_bf16 True needs a CPU or CUDA device, got {device}")
+    return FastPathConfig(**chosen)
+
+
+def autocast_context(device: th.device | str, use_bf16: bool) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on `device` if `use_bf16`, else a no-op context.
+
+    Autocast runs convolutions and matmuls in bfloat16 and keeps reductions such as softmax and
+    the losses in float32; the model's own GroupNorm32 normalizes in float32 regardless.
+    """
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return th.autocast(device_type=th.device(device).type, dtype=th.bfloat16)
+
+
+def set_sdpa(model: nn.Module, enabled: bool = True) -> int:
+    """Switch every attention module of `model` (those with a `use_sdpa` attribute).
+
+    :return: how many modules were switched (0 for a model without attention).
+    """
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "use_sdpa"):
+            module.use_sdpa = enabled
+            count += 1
+    return count
+
+
+def compiler_problem(device: th.device | str) -> str | None:
+    """Why `torch.compile` (inductor) cannot work on `device` here, or None if it should.
+
+    Inductor writes C++ (OpenMP) kernels for CPU tensors and Triton kernels for CUDA tensors;
+    without a C++ compiler or Triton compilation fails at the first forward, deep in a traceback.
+    """
+    if not hasattr(th, "compile"):
+        return f"torch {th.__version__} has no torch.compile (needs torch >= 2.0)"
+    kind = th.device(device).type
+    if kind == "cpu":
+        candidates = [os.environ.get("CXX", ""), "g++", "clang++", "c++"]
+        if not any(c and shutil.which(c) for c in candidates):
+            return "no C++ compiler found (inductor needs g++ or clang++ on PATH, or $CXX) for CPU kernels"
+    elif kind == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            return "the 'triton' package is missing (inductor needs it for CUDA kernels)"
+    return None
+
+
+def apply_fast_path(
+    model: nn.Module,
+    *,
+    use_sdpa: bool = False,
+    channels_last: bool = False,
+    compile_model: bool = False,
+    compile_mode: str | None = None,
+) -> nn.Module:
+    """Apply the model-side switches in place and return the model (same object, same state_dict).
+
+    Apply it after loading weights, `convert_to_fp16()` and any copies of the model (EMA copies
+    would share the compiled forward). bf16 autocast is not a model property: wrap the forward in
+    `autocast_context`.
+
+    :param model: a UNetModel, SuperResModel or EncoderUNetModel (any nn.Module works).
+    :param use_sdpa: fused scaled_dot_product_attention in every attention block.
+    :param channels_last: convert parameters to NHWC and feed the first convolution NHWC.
+    :param compile_model: torch.compile the forward; on failure, warn and stay eager.
+    :param compile_mode: passed to torch.compile (None, "reduce-overhead", "max-autotune", ...).
+    """
+    if use_sdpa:
+        if set_sdpa(model, True) == 0:
+            warnings.warn("--use_sdpa True: the model has no attention blocks; nothing to switch")
+    if channels_last:
+        # 4-D parameters (conv weights) become NHWC; a convolution with an NHWC weight returns
+        # NHWC activations, so the layout then propagates through the network on its own.
+        model.to(memory_format=th.channels_last)
+    if compile_model:
+        device = next(model.parameters()).device
+        problem = compiler_problem(device)
+        if problem is not None:
+            warnings.warn(f"--compile_model True: {problem}; running the model eagerly instead")
+            return model
+        try:
+            compiled = th.compile(model.forward, mode=compile_mode)
+        except Exception as exc:  # noqa: BLE001 - any failure means "run eagerly", with the reason
+            warnings.warn(f"--compile_model True: torch.compile failed ({exc!r}); running eagerly")
+            return model
+        model.forward = _CompiledForward(compiled, model.forward)
+    return model
+
+
+class _CompiledForward:
+    """A compiled forward that falls back to the eager one if compilation fails at a call.
+
+    torch.compile is lazy: a missing header or a backend bug surfaces only at the first call.
+    Then the eager forward runs; if it succeeds, the failure was the compiler's, so warn once and
+    stay eager from then on. If eager fails as well, the inputs are at fault and its error is raised.
+    """
+
+    def __init__(self, compiled: Callable, eager: Callable):
+        self.compiled = compiled
+        self.eager = eager
+        self.failed: str | None = None
+        functools.update_wrapper(self, eager)
+
+    def __deepcopy__(self, memo):
+        # A deep copy of the model (e.g. an EMA copy) must not call the compiled forward of the
+        # original model: give the copy its own eager forward, bound to the copied model.
+        import copy
+
+        return copy.deepcopy(self.eager, memo)
+
+    def __call__(self, *args, **kwargs):
+        if self.failed is not None:
+            return self.eager(*args, **kwargs)
+        try:
+            return self.compiled(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - decided below by whether eager succeeds
+            out = self.eager(*args, **kwargs)
+            self.failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            warnings.warn(
+                f"--compile_model True: the compiled model failed at its first use ({self.failed}); "
+                "running eagerly from now on"
+            )
+            return out
+
+
+def is_compiled(model: nn.Module) -> bool:
+    """True if `apply_fast_path` compiled this model and it has not fallen back to eager."""
+    fwd = model.__dict__.get("forward")
+    return isinstance(fwd, _CompiledForward) and fwd.failed is None
