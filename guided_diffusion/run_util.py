@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import os
 import sys
@@ -28,7 +27,7 @@ import numpy as np
 import torch as th
 import torch.distributed as dist
 
-from . import dist_util, logger
+from . import dist_util, logger, samplers
 from .script_util import (
     args_to_dict,
     classifier_and_diffusion_defaults,
@@ -66,6 +65,7 @@ def sampling_defaults() -> dict:
         common_defaults(),
         progress=True,  # tqdm bars on rank 0
         grid_size=100,  # samples in the PNG grid beside the .npz (0: no grid)
+        **samplers.sampler_defaults(),  # --sampler, --steps, --sampler_spacing, --cfg_scale, --eta
     )
 
 
@@ -264,20 +264,15 @@ def sample_batch(
     :param noise_fn: randn_like replacement for the per-step noise (seeded sampling).
     :return: the [N x C x H x W] float samples in [-1, 1].
     """
-    loop = diffusion.ddim_sample_loop if args.use_ddim else diffusion.p_sample_loop
-    kwargs = dict(
-        noise=noise,
-        clip_denoised=args.clip_denoised,
-        model_kwargs=model_kwargs,
-        cond_fn=cond_fn,
-        device=dist_util.dev(),
-        progress=progress,
-    )
-    hook = "noise_fn" in inspect.signature(loop).parameters
-    if hook:
-        kwargs["noise_fn"] = noise_fn
-    with _step_noise_from(None if hook else noise_fn):
-        return loop(model, tuple(shape), **kwargs)
+    # samplers.sample picks the loop: the original's (--use_ddim, --timestep_respacing) unless
+    # --sampler/--steps ask for another; --cfg_scale wraps the model for classifier-free guidance.
+    options = {k: getattr(args, k, v) for k, v in samplers.sampler_defaults().items()}
+    with _step_noise_from(noise_fn):
+        return samplers.sample(
+            diffusion, model, tuple(shape), noise=noise, clip_denoised=args.clip_denoised,
+            model_kwargs=model_kwargs, cond_fn=cond_fn, device=dist_util.dev(),
+            progress=progress, use_ddim=args.use_ddim, **options,
+        )
 
 
 def make_sample_fn(
@@ -330,8 +325,11 @@ def to_uint8_nhwc(sample: th.Tensor) -> th.Tensor:
 def labels_only_if(model, class_cond: bool):
     """Wrap `model` so that labels in model_kwargs (needed by cond_fn) reach it only if class_cond."""
 
+    if class_cond:
+        return model  # labels pass through; the model itself keeps its attributes (CFG's null label)
+
     def model_fn(x: th.Tensor, t: th.Tensor, y: th.Tensor | None = None, **kwargs) -> th.Tensor:
-        return model(x, t, y if class_cond else None, **kwargs)
+        return model(x, t, None, **kwargs)
 
     return model_fn
 
