@@ -38,6 +38,9 @@ from typing import Any, Callable, Mapping
 
 import torch as th
 import torch.nn as nn
+import torch.nn.functional as F
+
+from .nn import GroupNorm32
 
 # What `--fast True` turns on. Measured on the benchmark config with scripts/benchmark.py (see the
 # README's "Fast path" section): every member paid on its own on a 2-core AVX512-BF16 CPU.
@@ -67,8 +70,9 @@ class FastPathConfig:
     compile_model: bool = False  # torch.compile of the model's forward (falls back to eager)
 
     def model_kwargs(self) -> dict:
-        """The keyword arguments of `apply_fast_path` (everything but the autocast switch)."""
+        """The keyword arguments of `apply_fast_path`."""
         return dict(
+            use_bf16=self.use_bf16,
             use_sdpa=self.use_sdpa,
             channels_last=self.channels_last,
             compile_model=self.compile_model,
@@ -134,6 +138,37 @@ def set_sdpa(model: nn.Module, enabled: bool = True) -> int:
     return count
 
 
+class AutocastGroupNorm32(GroupNorm32):
+    """GroupNorm32 that normalizes bfloat16 inputs without first copying them to float32.
+
+    The faithful GroupNorm32 casts its input to float32 and the result back, two full copies of
+    every activation that, under bf16 autocast on CPU, cost as much time as the normalization
+    itself. PyTorch's group_norm kernels accumulate the mean and variance of bfloat16 inputs in
+    float32 anyway, so only the output's rounding to bfloat16 differs. (On CUDA, autocast runs
+    group_norm in float32 regardless.) float32 and float16 inputs take the faithful route.
+    """
+
+    def forward(self, x: th.Tensor) -> th.Tensor:
+        if x.dtype == th.bfloat16:
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return super().forward(x)
+
+
+def use_autocast_norms(model: nn.Module, enabled: bool = True) -> int:
+    """Switch every GroupNorm32 of `model` to (or back from) `AutocastGroupNorm32`.
+
+    Only the class changes: parameters, state_dict names and hooks stay as they are.
+    :return: how many norms were switched.
+    """
+    src, dst = (GroupNorm32, AutocastGroupNorm32) if enabled else (AutocastGroupNorm32, GroupNorm32)
+    count = 0
+    for module in model.modules():
+        if type(module) is src:
+            module.__class__ = dst
+            count += 1
+    return count
+
+
 def compiler_problem(device: th.device | str) -> str | None:
     """Why `torch.compile` (inductor) cannot work on `device` here, or None if it should.
 
@@ -156,6 +191,7 @@ def compiler_problem(device: th.device | str) -> str | None:
 def apply_fast_path(
     model: nn.Module,
     *,
+    use_bf16: bool = False,
     use_sdpa: bool = False,
     channels_last: bool = False,
     compile_model: bool = False,
@@ -164,15 +200,19 @@ def apply_fast_path(
     """Apply the model-side switches in place and return the model (same object, same state_dict).
 
     Apply it after loading weights, `convert_to_fp16()` and any copies of the model (EMA copies
-    would share the compiled forward). bf16 autocast is not a model property: wrap the forward in
-    `autocast_context`.
+    would share the compiled forward). bf16 autocast itself is not a model property: wrap the
+    forward (and the loss) in `autocast_context`.
 
     :param model: a UNetModel, SuperResModel or EncoderUNetModel (any nn.Module works).
+    :param use_bf16: the model will run under bf16 autocast: let its norms take bf16 inputs
+                     natively (`AutocastGroupNorm32`); a no-op for float32 inputs.
     :param use_sdpa: fused scaled_dot_product_attention in every attention block.
     :param channels_last: convert parameters to NHWC and feed the first convolution NHWC.
     :param compile_model: torch.compile the forward; on failure, warn and stay eager.
     :param compile_mode: passed to torch.compile (None, "reduce-overhead", "max-autotune", ...).
     """
+    if use_bf16:
+        use_autocast_norms(model, True)
     if use_sdpa:
         if set_sdpa(model, True) == 0:
             warnings.warn("--use_sdpa True: the model has no attention blocks; nothing to switch")
