@@ -175,8 +175,6 @@ class Variant:
     def __init__(self, name, model_flags, state_dict, device):
         self.name = name
         flags = variant_flags(name)
-        if flags["use_fp16"] and device.type != "cuda":
-            raise SystemExit(f"variant {name!r}: the original's fp16 needs --device cuda")
         self.cfg = fast.resolve_fast_flags(flags, device)
         self.use_fp16 = flags["use_fp16"]
         self.device = device
@@ -278,8 +276,6 @@ def run(args) -> dict:
     device = th.device(args.device)
     if args.config not in CONFIGS:
         raise SystemExit(f"--config: unknown config {args.config!r}; known: {sorted(CONFIGS)}")
-    if args.threads > 0:
-        th.set_num_threads(args.threads)
     config = CONFIGS[args.config]
     model_flags = dict(model_and_diffusion_defaults(), **config["flags"])
     train_batch_size = args.train_batch or config["train_batch"]
@@ -290,6 +286,9 @@ def run(args) -> dict:
     for p in phases:
         if p not in ("train", "sample"):
             raise SystemExit(f"--phases: unknown phase {p!r} (use train, sample)")
+    for name in names:  # refuse bad variants before spending minutes on the others
+        if variant_flags(name)["use_fp16"] and device.type != "cuda":
+            raise SystemExit(f"variant {name!r}: the original's fp16 needs --device cuda")
 
     base, _ = create_model_and_diffusion(**model_flags)
     init_weights(base)
@@ -430,7 +429,13 @@ def main(argv=None):
     args = create_argparser().parse_args(argv)
     if args.runs < 1:
         raise SystemExit("--runs must be at least 1")
-    report = run(args)
+    threads = th.get_num_threads()
+    if args.threads > 0:
+        th.set_num_threads(args.threads)
+    try:
+        report = run(args)
+    finally:
+        th.set_num_threads(threads)  # main() may run inside a test session
     print(format_table(report))
     if args.json:
         with open(args.json, "w") as f:

@@ -1,0 +1,48 @@
+"""scripts/benchmark.py runs end to end on the tiny config and reports a sane table."""
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+
+
+@pytest.fixture(scope="module")
+def benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_benchmark_prints_faithful_and_fast_side_by_side(benchmark, capsys, tmp_path):
+    out_json = tmp_path / "bench.json"
+    report = benchmark.main(["--config", "tiny", "--runs", "1", "--threads", "1",
+                             "--variants", "faithful,fast", "--json", str(out_json)])
+    table = capsys.readouterr().out
+    assert "| faithful |" in table and "| fast |" in table
+    assert "GFLOP/s" in table and "÷ faithful" in table
+    faithful, fast_row = report["results"]
+    assert fast_row["switches"] == "use_bf16+use_sdpa+channels_last"
+    # FlopCounterMode counts the convolutions and matmuls: fwd+bwd costs about 3x a forward per
+    # image (the backward computes gradients for inputs and weights).
+    per_image = {p: report["gflop"][p] / report[f"{p}_batch"] for p in ("train", "sample")}
+    assert 2.0 < per_image["train"] / per_image["sample"] < 4.0
+    for phase in ("train", "sample"):
+        assert faithful[phase]["ratio"] == 1.0
+        for row in (faithful, fast_row):
+            assert row[phase]["median_s"] > 0 and row[phase]["gflops"] > 0
+    assert faithful["rel_err"] == 0.0
+    assert 0 < fast_row["rel_err"] < 2e-2  # bf16 ran, within the stated tolerance
+    assert json.loads(out_json.read_text())["config"] == "tiny"
+
+
+def test_unknown_names_are_refused(benchmark):
+    with pytest.raises(SystemExit, match="unknown switch 'bf61'"):
+        benchmark.variant_flags("faithful+bf61")
+    with pytest.raises(SystemExit, match="unknown config"):
+        benchmark.main(["--config", "huge"])
+    with pytest.raises(SystemExit, match="fp16 needs --device cuda"):
+        benchmark.main(["--config", "tiny", "--runs", "1", "--variants", "fp16", "--device", "cpu"])
