@@ -173,7 +173,7 @@ def test_samples_match_the_data_moments(name):
     n = math.prod(shape)
     tol_mean, tol_var = 5 * S / math.sqrt(n), 5 * S**2 * math.sqrt(2 / n)
     errors = []
-    for steps in (2, {"ddpm": 250, "ddim": 250, "heun": 40}.get(name, 25)):
+    for steps in (2, {"ddpm": 250, "ddim": 250, "heun": 40, "dpm++2m-sde": 100}.get(name, 25)):
         th.manual_seed(0)  # DDPM's step noise
         x = sample(diffusion, model, shape, noise=noise(shape), clip_denoised=False,
                    device="cpu", sampler=name, steps=steps)
@@ -302,3 +302,19 @@ def test_sampler_table_metrics():
     oracle.labels = th.zeros(100, dtype=th.long)
     acc, cov = table.judge_metrics(oracle, feats[:100], th.arange(100) % 10)
     assert acc == pytest.approx(0.1) and cov == pytest.approx(0.1)
+
+
+def test_dpmpp_2m_sde_first_step_is_the_ddpm_posterior_step():
+    """SDE-DPM-Solver++ of first order = ancestral sampling with the posterior variance beta~."""
+    diffusion = create_gaussian_diffusion(steps=1000, sigma_small=True, timestep_respacing="50")
+    base = create_gaussian_diffusion(steps=1000)
+    model = GaussianModel(base.alphas_cumprod)
+    x, i = noise((64, 2, 1, 1)), 30
+    th.manual_seed(5)
+    ddpm = diffusion.p_sample(model, x, th.full((64,), i), clip_denoised=False)["sample"]
+    th.manual_seed(5)
+    den = Denoiser(diffusion, model, clip_denoised=False)
+    mine = solve("dpm++2m-sde", den, x, [i, i - 1])
+    assert th.allclose(mine, ddpm, atol=1e-6)
+    th.manual_seed(6)
+    assert not th.allclose(solve("dpm++2m-sde", den, x, [i, i - 1]), ddpm, atol=1e-3)
