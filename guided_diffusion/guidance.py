@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 class ClassifierFreeGuidance(nn.Module):
     """
-    Classifier-free guidance (Ho & Salimans 2021, eq. 6 with w -> w - 1):
+    Classifier-free guidance (Ho & Salimans 2021; their guidance weight is our w - 1):
         eps = eps_uncond + w (eps_cond - eps_uncond) = (1 - w) eps_uncond + w eps_cond,
     with the conditional and unconditional branches evaluated in one batched forward pass.
 
@@ -43,7 +43,8 @@ class ClassifierFreeGuidance(nn.Module):
         :return: the model's [N x C' x ...] output with guided prediction channels.
         """
         if y is None:
-            raise ValueError("classifier-free guidance needs class labels: pass model_kwargs={'y': ...}")
+            raise ValueError(
+                "classifier-free guidance needs class labels: pass model_kwargs={'y': ...}")
         if self.scale == 1.0:
             return self.model(x, timesteps, y=y, **kwargs)  # exactly the conditional model
         n, c = x.shape[:2]
@@ -57,7 +58,8 @@ class ClassifierFreeGuidance(nn.Module):
             return th.cat([uncond[:, :c], self.model(x, timesteps, y=y, **kwargs)[:, c:]], dim=1)
         doubled = {k: th.cat([v, v]) if th.is_tensor(v) and v.shape[:1] == (n,) else v
                    for k, v in kwargs.items()}
-        out = self.model(th.cat([x, x]), th.cat([timesteps, timesteps]), y=th.cat([y, null]), **doubled)
+        out = self.model(
+            th.cat([x, x]), th.cat([timesteps, timesteps]), y=th.cat([y, null]), **doubled)
         cond, uncond = out[:n], out[n:]
         w = self.scale
         guided = (1.0 - w) * uncond[:, :c] + w * cond[:, :c]
@@ -78,7 +80,8 @@ def cfg_model(model: nn.Module, cfg_scale: float) -> nn.Module:
         raise ValueError(
             f"--cfg_scale {cfg_scale} needs a class-conditional model trained with "
             f"--class_dropout_prob > 0 (it has a null label); this model has "
-            f"num_classes={num_classes}, class_dropout_prob={getattr(model, 'class_dropout_prob', None)}"
+            f"num_classes={num_classes}, "
+            f"class_dropout_prob={getattr(model, 'class_dropout_prob', None)}"
         )
     return ClassifierFreeGuidance(model, cfg_scale, null_label=num_classes)
 

@@ -1,4 +1,4 @@
-"""Samplers behind one interface: the original's DDPM/DDIM loops and fast probability-flow ODE solvers.
+"""Samplers behind one interface: the original's DDPM/DDIM loops and fast ODE/SDE solvers.
 
 `sample(diffusion, model, shape, sampler=..., steps=..., ...)` is the one entry point the sampling
 scripts call. It dispatches:
@@ -12,18 +12,19 @@ scripts call. It dispatches:
   and `"dpm++2m-sde"` to the second-order multistep solver of the reverse SDE (stochastic, like
   DDPM, which corrects model errors that a deterministic ODE solver carries to the end).
 
-Every solver has the signature `solver(denoiser, x, timesteps, progress) -> x` (as in
-k-diffusion) and is one step function run by the single loop `solve()`. The `Denoiser` adapter is
-the only place that talks to the model: it turns `diffusion.p_mean_variance` (which already handles
-respaced timesteps, eps/x0/learned-variance outputs, `clip_denoised` and `denoised_fn`) plus
-`diffusion.condition_score` (classifier guidance, score form) into the pair (eps, x0) at a grid
-point. Classifier-free guidance wraps the model itself (`guidance.cfg_model`), so it works the same
-in every loop.
+Every ODE/SDE solver is one step function with the same signature,
+`step(denoiser, x, t, t_next, history) -> x_next`, run by the single loop
+`solve(name, denoiser, x, timesteps)` (one sampler signature, as in k-diffusion). The
+`Denoiser` adapter is the only place that talks to the model: it turns
+`diffusion.p_mean_variance` (which already handles respaced timesteps, eps/x0/learned-variance
+outputs, `clip_denoised` and `denoised_fn`) plus `diffusion.condition_score` (classifier guidance,
+score form) into the pair (eps, x0) at a grid point. Classifier-free guidance wraps the model itself
+(`guidance.cfg_model`), so it works the same in every loop.
 
 Time steps. Solvers only ever evaluate the model at *integer* timesteps of the diffusion's grid,
 the timesteps it was trained on. `--steps N` picks N of them with log-SNR
 lambda_t = log(alpha_t / sigma_t) as close as possible to uniform between the noisiest and the
-cleanest grid point (DPM-Solver's recommended spacing for pixel-space models, Lu et al. 2022, sec. 3.3),
+cleanest grid point (the spacing DPM-Solver recommends for pixel-space models, Lu et al. 2022),
 collisions pushed one grid step apart; `--sampler_spacing uniform` spaces them evenly in t instead.
 After the last (cleanest) grid point, every solver takes one final step to the noise-free end of the
 ODE (alpha = 1, sigma = 0), like the original DDIM, whose last step returns the predicted x_0. So a
@@ -47,7 +48,7 @@ CLEAN = -1  # grid index of the noise-free end of the ODE: alphas_cumprod = 1, s
 
 @dataclass(frozen=True)
 class SamplerOptions:
-    """The sampling flags beyond the original; `sampler_defaults()` turns them into argparse flags."""
+    """Sampling flags beyond the original; `sampler_defaults()` turns them into argparse flags."""
 
     # "" keeps the original's choice (DDIM if --use_ddim else DDPM); otherwise one of SAMPLERS.
     sampler: str = ""
@@ -83,10 +84,12 @@ class Denoiser:
     :param diffusion: a GaussianDiffusion / SpacedDiffusion; its `alphas_cumprod` define the grid
         (for a SpacedDiffusion, the respaced grid; it maps grid indices to the model's timesteps).
     :param model: the network (possibly wrapped for classifier-free guidance).
-    :param clip_denoised: clip the predicted x_0 to [-1, 1] (eps is recomputed from it, as DDIM does).
+    :param clip_denoised: clip the predicted x_0 to [-1, 1] (eps is recomputed from it, as in
+        DDIM).
     :param denoised_fn: optional function applied to the predicted x_0 before clipping.
     :param cond_fn: optional classifier-guidance gradient function `cond_fn(x, t, **model_kwargs)`;
-        applied in score form (`diffusion.condition_score`): eps <- eps - sqrt(1 - alpha_bar) * grad.
+        applied in score form (`diffusion.condition_score`):
+        eps <- eps - sqrt(1 - alpha_bar) * grad.
     :param model_kwargs: extra model inputs, e.g. {'y': labels}.
     """
 
@@ -120,14 +123,14 @@ class Denoiser:
         return math.sqrt(1.0 - self.alpha_bar(t))
 
     def lam(self, t: int) -> float:
-        """Half log-SNR, lambda_t = log(alpha_t / sigma_t) (Lu et al. 2022, DPM-Solver eq. 3.3)."""
+        """Half log-SNR lambda_t = log(alpha_t / sigma_t), DPM-Solver's time (Lu et al. 2022)."""
         if t == CLEAN:
             return math.inf
         a = self.alpha_bar(t)
         return 0.5 * (math.log(a) - math.log1p(-a))
 
     def sigma_tilde(self, t: int) -> float:
-        """EDM's noise level of the VP ODE in x / alpha space: sigma_t / alpha_t = exp(-lambda_t)."""
+        """EDM's noise level of the VP ODE in x / alpha space: sigma / alpha = exp(-lambda)."""
         return 0.0 if t == CLEAN else self.sigma(t) / self.alpha(t)
 
     def __call__(self, x: th.Tensor, t: int) -> Prediction:
@@ -146,7 +149,7 @@ class Denoiser:
             model_kwargs=self.model_kwargs,
         )
         if self.cond_fn is not None:
-            # Classifier guidance as a shift of the score (Dhariwal & Nichol 2021, Alg. 2 / eq. 14):
+            # Classifier guidance as a shift of the score (Dhariwal & Nichol 2021, Algorithm 2):
             # the same correction the original DDIM applies; cond_fn sees the model's timesteps.
             out = self.diffusion.condition_score(
                 self.cond_fn, out, x, tt, model_kwargs=self.model_kwargs
@@ -194,7 +197,7 @@ def _step_dpmpp_2m(den: Denoiser, x: th.Tensor, t: int, t_next: int, hist: list)
 def _step_dpmpp_3m(den: Denoiser, x: th.Tensor, t: int, t_next: int, hist: list) -> th.Tensor:
     """
     DPM-Solver++(3M): the exact integral of the data-prediction exponential integrator
-    (Lu et al. 2022, DPM-Solver++ eq. 9),
+    (the solution formula of DPM-Solver++, Lu et al. 2022),
       x_next = (sigma_next / sigma) x + sigma_next * int_{lambda}^{lambda_next} e^l x0(l) dl,
     with x0(l) replaced by the quadratic through the last three predictions (Newton form in
     lambda). With u = l - lambda and h = lambda_next - lambda:
@@ -221,7 +224,7 @@ def _step_dpmpp_3m(den: Denoiser, x: th.Tensor, t: int, t_next: int, hist: list)
 
 def _step_dpmpp_2m_sde(den: Denoiser, x: th.Tensor, t: int, t_next: int, hist: list) -> th.Tensor:
     """
-    SDE-DPM-Solver++(2M) (Lu et al. 2022, DPM-Solver++ sec. 5 / appendix): the reverse diffusion
+    SDE-DPM-Solver++(2M) (after Lu et al. 2022, DPM-Solver++): the reverse diffusion
     SDE integrated exactly in lambda with the data prediction x0 held (first order) or linear
     (second order) over the step:
       x_next = (sigma_next / sigma) e^-h x + 2 alpha_next int_0^h e^{-2(h-u)} x0(u) du
@@ -244,8 +247,9 @@ def _step_dpmpp_2m_sde(den: Denoiser, x: th.Tensor, t: int, t_next: int, hist: l
     return out + den.sigma(t_next) * math.sqrt(phi) * th.randn_like(x)
 
 
-# Adams-Bashforth weights (newest first) of PLMS: orders 1-3 start the method, order 4 is
-# Liu et al. 2022 (PNDM), eq. 12: eps' = (55 e_t - 59 e_{t-1} + 37 e_{t-2} - 9 e_{t-3}) / 24.
+# Adams-Bashforth weights (newest first) of PLMS: orders 1-3 start the method, order 4 is the
+# pseudo linear multistep of Liu et al. 2022 (PNDM):
+# eps' = (55 e_t - 59 e_{t-1} + 37 e_{t-2} - 9 e_{t-3}) / 24.
 _PLMS_WEIGHTS = (
     (1.0,),
     (3 / 2, -1 / 2),
@@ -256,9 +260,9 @@ _PLMS_WEIGHTS = (
 
 def _step_plms(den: Denoiser, x: th.Tensor, t: int, t_next: int, hist: list) -> th.Tensor:
     """
-    PLMS (Liu et al. 2022, "Pseudo numerical methods for diffusion models", eqs. 11-12): a linear
-    multistep combination eps' of the last four eps, fed to the DDIM transfer step
-    phi(x_t, eps', t, t_next) (their eq. 9, which is our `_step_ddim` with eps'):
+    PLMS (Liu et al. 2022, "Pseudo numerical methods for diffusion models"): a linear
+    multistep combination eps' of the last four eps, fed to their transfer step
+    phi(x_t, eps', t, t_next), which is the DDIM step (our `_step_ddim` with eps'):
     x_next / alpha_next = x / alpha + (sigma_next/alpha_next - sigma/alpha) eps'.
     The first three steps use Adams-Bashforth of order 1 (pseudo-Euler = DDIM), 2 and 3 instead of
     the paper's pseudo Runge-Kutta start, so every step costs one network evaluation. The weights
@@ -295,7 +299,7 @@ STEPS: dict[str, StepFn] = {
     "dpm++2m-sde": _step_dpmpp_2m_sde,
     "heun": _step_heun,
 }
-# Samplers that `sample()` accepts: the original's two loops and the ODE solvers ("ddim" there is the
+# Samplers that `sample()` accepts: the original's two loops and the solvers ("ddim" there is the
 # original's loop, which also honours --eta; STEPS["ddim"] is its eta = 0 step, used by the others).
 SAMPLERS = ("ddpm", "ddim", "plms", "dpm++2m", "dpm++3m", "dpm++2m-sde", "heun")
 _HISTORY = 4  # no step looks further back than PLMS's four predictions
@@ -351,7 +355,8 @@ def select_timesteps(alphas_cumprod, steps: int, spacing: str = "logsnr") -> np.
     acp = np.asarray(alphas_cumprod, dtype=np.float64)
     n_grid = len(acp)
     if not 1 <= steps <= n_grid:
-        raise ValueError(f"--steps must be between 1 and the grid's {n_grid} timesteps, got {steps}")
+        raise ValueError(
+            f"--steps must be between 1 and the grid's {n_grid} timesteps, got {steps}")
     if steps == 1:
         return np.array([n_grid - 1], dtype=np.int64)
     if spacing == "uniform":
@@ -456,7 +461,8 @@ def sample(
         progress=progress,
     )
     if name == "ddpm":
-        return respaced(diffusion, opts.steps, ddim=False).p_sample_loop(model, shape, **loop_kwargs)
+        spaced = respaced(diffusion, opts.steps, ddim=False)
+        return spaced.p_sample_loop(model, shape, **loop_kwargs)
     if name == "ddim":
         spaced = respaced(diffusion, opts.steps, ddim=True)
         return spaced.ddim_sample_loop(model, shape, eta=opts.eta, **loop_kwargs)
@@ -482,5 +488,5 @@ def sample(
 
 
 def nfe(sampler: str, steps: int) -> int:
-    """Network evaluations per sample of `sample()` with --steps `steps` (without CFG's doubling)."""
+    """Network evaluations per sample of `sample()` with --steps `steps` (CFG doubles them)."""
     return 2 * steps - 1 if sampler == "heun" else steps

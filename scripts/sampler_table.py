@@ -1,5 +1,5 @@
 """
-Quality table of samplers and guidance on the digits quickstart (Dhariwal & Nichol 2021, Table 4 style).
+Quality table of samplers and guidance on the digits quickstart (Table 4 of Dhariwal & Nichol 2021).
 
 For each row (sampler, steps, CFG weight, classifier scale) this samples `--num_samples` digits of
 requested classes 0..9 (balanced) from one diffusion model, from the same x_T for every row, and
@@ -106,8 +106,11 @@ class Judge(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Dropout(0.2),
-                                 nn.Linear(256, 256), nn.ReLU(), nn.Dropout(0.2), nn.Linear(256, 10))
+        self.net = nn.Sequential(
+            nn.Linear(64, 256), nn.ReLU(), nn.Dropout(0.2),
+            nn.Linear(256, 256), nn.ReLU(), nn.Dropout(0.2),
+            nn.Linear(256, 10),
+        )
 
     def forward(self, x):
         return self.net(x)

@@ -1,4 +1,4 @@
-"""Classifier-free guidance: exact at w = 0 / 1, linear in w, one batched forward, with every sampler."""
+"""Classifier-free guidance: exact at w = 0 / 1, linear in w, one batched forward, every sampler."""
 
 import math
 
@@ -119,7 +119,8 @@ def test_cfg_w0_w1_reproduce_the_unconditional_and_conditional_samplers(name):
     def run(cfg_scale, labels):
         th.manual_seed(0)  # DDPM's step noise
         return sample(diffusion, model, shape, noise=noise(shape), clip_denoised=False,
-                      device="cpu", model_kwargs={"y": labels}, sampler=name, steps=10, cfg_scale=cfg_scale)
+                      device="cpu", model_kwargs={"y": labels}, sampler=name, steps=10,
+                      cfg_scale=cfg_scale)
 
     cond = run(1.0, y)
     assert th.equal(cond, run(1.0, y))  # deterministic given the seed

@@ -3,9 +3,9 @@
 For data x_0 ~ N(mu, s^2 I) the marginal at timestep t is N(sqrt(a) mu, (a s^2 + 1 - a) I) with
 a = alphas_cumprod[t], so the exact eps-predictor is
     eps*(x_t) = sqrt(1 - a) (x_t - sqrt(a) mu) / (a s^2 + 1 - a),
-and the probability-flow ODE maps the standardized value z = (x_t - sqrt(a) mu) / sqrt(a s^2 + 1 - a)
-to itself at every time (it is the monotone transport between Gaussians). Everything runs in float64
-on a few dimensions, with no network.
+and the probability-flow ODE keeps the standardized value
+z = (x_t - sqrt(a) mu) / sqrt(a s^2 + 1 - a) fixed at every time (it is the monotone transport
+between Gaussians). Everything runs in float64 on a few dimensions, with no network.
 """
 
 import math
