@@ -132,6 +132,23 @@ def _attention_ds(attention_resolutions: str, image_size: int) -> tuple:
     return tuple(out)
 
 
+def _diffusion_from_flags(
+    diffusion_steps, learn_sigma, noise_schedule, use_kl, predict_xstart,
+    rescale_timesteps, rescale_learned_sigmas, timestep_respacing,
+) -> SpacedDiffusion:
+    """`create_gaussian_diffusion` from the `diffusion_defaults()` flags (their names differ)."""
+    return create_gaussian_diffusion(
+        steps=diffusion_steps,
+        learn_sigma=learn_sigma,
+        noise_schedule=noise_schedule,
+        use_kl=use_kl,
+        predict_xstart=predict_xstart,
+        rescale_timesteps=rescale_timesteps,
+        rescale_learned_sigmas=rescale_learned_sigmas,
+        timestep_respacing=timestep_respacing,
+    )
+
+
 def create_model_and_diffusion(
     image_size,
     class_cond,
@@ -179,15 +196,9 @@ def create_model_and_diffusion(
         num_classes=num_classes,
         class_dropout_prob=class_dropout_prob,
     )
-    diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps,
-        learn_sigma=learn_sigma,
-        noise_schedule=noise_schedule,
-        use_kl=use_kl,
-        predict_xstart=predict_xstart,
-        rescale_timesteps=rescale_timesteps,
-        rescale_learned_sigmas=rescale_learned_sigmas,
-        timestep_respacing=timestep_respacing,
+    diffusion = _diffusion_from_flags(
+        diffusion_steps, learn_sigma, noise_schedule, use_kl, predict_xstart,
+        rescale_timesteps, rescale_learned_sigmas, timestep_respacing,
     )
     return model, diffusion
 
@@ -266,15 +277,9 @@ def create_classifier_and_diffusion(
         classifier_channel_mult=classifier_channel_mult,
         num_classes=num_classes,
     )
-    diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps,
-        learn_sigma=learn_sigma,
-        noise_schedule=noise_schedule,
-        use_kl=use_kl,
-        predict_xstart=predict_xstart,
-        rescale_timesteps=rescale_timesteps,
-        rescale_learned_sigmas=rescale_learned_sigmas,
-        timestep_respacing=timestep_respacing,
+    diffusion = _diffusion_from_flags(
+        diffusion_steps, learn_sigma, noise_schedule, use_kl, predict_xstart,
+        rescale_timesteps, rescale_learned_sigmas, timestep_respacing,
     )
     return classifier, diffusion
 
@@ -359,15 +364,9 @@ def sr_create_model_and_diffusion(
         use_fp16=use_fp16,
         num_classes=num_classes,
     )
-    diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps,
-        learn_sigma=learn_sigma,
-        noise_schedule=noise_schedule,
-        use_kl=use_kl,
-        predict_xstart=predict_xstart,
-        rescale_timesteps=rescale_timesteps,
-        rescale_learned_sigmas=rescale_learned_sigmas,
-        timestep_respacing=timestep_respacing,
+    diffusion = _diffusion_from_flags(
+        diffusion_steps, learn_sigma, noise_schedule, use_kl, predict_xstart,
+        rescale_timesteps, rescale_learned_sigmas, timestep_respacing,
     )
     return model, diffusion
 
