@@ -271,7 +271,7 @@ def sample_batch(
         return samplers.sample(
             diffusion, model, tuple(shape), noise=noise, clip_denoised=args.clip_denoised,
             model_kwargs=model_kwargs, cond_fn=cond_fn, device=dist_util.dev(),
-            progress=progress, use_ddim=args.use_ddim, **options,
+            progress=progress, use_ddim=args.use_ddim, noise_fn=noise_fn, **options,
         )
 
 

@@ -91,6 +91,8 @@ class Denoiser:
         applied in score form (`diffusion.condition_score`):
         eps <- eps - sqrt(1 - alpha_bar) * grad.
     :param model_kwargs: extra model inputs, e.g. {'y': labels}.
+    :param noise_fn: `randn_like` for the step noise of stochastic solvers (default torch's), so
+        that seeded sampling can give every sample its own generator.
     """
 
     def __init__(
@@ -102,8 +104,10 @@ class Denoiser:
         denoised_fn: Callable | None = None,
         cond_fn: Callable | None = None,
         model_kwargs: dict | None = None,
+        noise_fn: Callable[[th.Tensor], th.Tensor] | None = None,
     ):
         self.diffusion = diffusion
+        self.noise_fn = noise_fn or th.randn_like
         self.model = model
         self.clip_denoised = clip_denoised
         self.denoised_fn = denoised_fn
@@ -231,8 +235,8 @@ def _step_dpmpp_2m_sde(den: Denoiser, x: th.Tensor, t: int, t_next: int, hist: l
                + sigma_next sqrt(1 - e^-2h) z,
       2 int e^{-2(h-u)} du = 1 - e^-2h,   2 int e^{-2(h-u)} u du = h - (1 - e^-2h) / 2,
     with the slope x0' = (x0_i - x0_{i-1}) / h_{i-1}. The first-order step is exactly the DDPM
-    posterior step q(x_next | x, x0) (DDIM with eta = 1). The noise z is drawn with
-    `th.randn_like` from torch's global generator.
+    posterior step q(x_next | x, x0) (DDIM with eta = 1). The noise z comes from the Denoiser's
+    `noise_fn` (torch's global generator by default).
     """
     p = hist[-1]
     if t_next == CLEAN:
@@ -244,7 +248,7 @@ def _step_dpmpp_2m_sde(den: Denoiser, x: th.Tensor, t: int, t_next: int, hist: l
     if len(hist) >= 2:
         h_last = den.lam(t) - den.lam(hist[-2].t)
         out = out + a_next * (h - 0.5 * phi) / h_last * (p.x0 - hist[-2].x0)
-    return out + den.sigma(t_next) * math.sqrt(phi) * th.randn_like(x)
+    return out + den.sigma(t_next) * math.sqrt(phi) * den.noise_fn(x)
 
 
 # Adams-Bashforth weights (newest first) of PLMS: orders 1-3 start the method, order 4 is the
@@ -426,6 +430,7 @@ def sample(
     device=None,
     progress: bool = False,
     use_ddim: bool = False,
+    noise_fn: Callable[[th.Tensor], th.Tensor] | None = None,
     **options,
 ) -> th.Tensor:
     """
@@ -438,6 +443,8 @@ def sample(
     :param clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress: as in the
         original's `p_sample_loop`.
     :param use_ddim: the original's --use_ddim; used when `sampler` is "".
+    :param noise_fn: `randn_like` for the step noise of the stochastic solvers (dpm++2m-sde); the
+        original's loops draw theirs with `th.randn_like` inside gaussian_diffusion.
     :param options: fields of SamplerOptions (sampler, steps, sampler_spacing, cfg_scale, eta).
     :return: the [N x C x H x W] samples.
     """
@@ -474,6 +481,7 @@ def sample(
         denoised_fn=denoised_fn,
         cond_fn=cond_fn,
         model_kwargs=model_kwargs,
+        noise_fn=noise_fn,
     )
     n_grid = len(den.alphas_cumprod)
     if opts.steps:

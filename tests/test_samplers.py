@@ -318,3 +318,20 @@ def test_dpmpp_2m_sde_first_step_is_the_ddpm_posterior_step():
     assert th.allclose(mine, ddpm, atol=1e-6)
     th.manual_seed(6)
     assert not th.allclose(solve("dpm++2m-sde", den, x, [i, i - 1]), ddpm, atol=1e-3)
+
+
+def test_dpmpp_2m_sde_draws_its_step_noise_from_noise_fn():
+    diffusion = create_gaussian_diffusion(steps=1000)
+    model = GaussianModel(diffusion.alphas_cumprod)
+    shape = (4, 2, 1, 1)
+    calls = []
+
+    def zeros_like(x):
+        calls.append(x.shape)
+        return th.zeros_like(x)
+
+    kwargs = dict(noise=noise(shape), clip_denoised=False, sampler="dpm++2m-sde", steps=6)
+    x = sample(diffusion, model, shape, noise_fn=zeros_like, **kwargs)
+    assert len(calls) == 5 and calls[0] == shape  # one draw per step, none into sigma = 0
+    assert th.equal(x, sample(diffusion, model, shape, noise_fn=zeros_like, **kwargs))
+    assert not th.allclose(x, sample(diffusion, model, shape, **kwargs), atol=1e-3)
