@@ -247,7 +247,7 @@ def plot_fid(results: list[dict], floor: float, path: str) -> None:
     d.line([(m, yf), (w - m, yf)], fill=(160, 160, 160))
     d.text((w - m - 90, yf - 14), "real (val) floor", fill=(120, 120, 120))
     colors = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-              (140, 86, 75)]
+              (140, 86, 75), (227, 119, 194), (127, 127, 127)]
     for i, name in enumerate(dict.fromkeys(r["sampler"] for r in pts)):
         line = sorted((r["nfe"], r["fid"]) for r in pts if r["sampler"] == name)
         coords = [xy(n, f) for n, f in line]
