@@ -249,12 +249,12 @@ def sync(device):
         th.cuda.synchronize(device)
 
 
-def timed(fn, device) -> float:
+def timed(fn, device, clock=time.perf_counter) -> float:
     sync(device)
-    start = time.perf_counter()
+    start = clock()
     fn()
     sync(device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def machine_description(device) -> str:
@@ -286,6 +286,9 @@ def run(args) -> dict:
     for p in phases:
         if p not in ("train", "sample"):
             raise SystemExit(f"--phases: unknown phase {p!r} (use train, sample)")
+    if args.timer == "cpu" and device.type == "cuda":
+        raise SystemExit("--timer cpu measures CPU work; on CUDA use the default wall clock")
+    clock = time.process_time if args.timer == "cpu" else time.perf_counter
     for name in names:  # refuse bad variants before spending minutes on the others
         if variant_flags(name)["use_fp16"] and device.type != "cuda":
             raise SystemExit(f"variant {name!r}: the original's fp16 needs --device cuda")
@@ -309,7 +312,7 @@ def run(args) -> dict:
             fn = (lambda v=v: v.train_step(batches["train"])) if phase == "train" else (
                 lambda v=v: v.sample_forward(batches["sample"]))
             # The first call includes one-off costs (torch.compile, oneDNN weight packing).
-            v.first_call[phase] = timed(fn, device)
+            v.first_call[phase] = timed(fn, device, clock)
             for _ in range(max(args.warmup - 1, 0)):
                 fn()
         for _ in range(args.runs):
@@ -317,7 +320,7 @@ def run(args) -> dict:
                 fn = (lambda v=v: v.train_step(batches["train"])) if phase == "train" else (
                     lambda v=v: v.sample_forward(batches["sample"]))
                 with v.memory[phase].measure():
-                    v.times[phase].append(timed(fn, device))
+                    v.times[phase].append(timed(fn, device, clock))
 
     ref_out = None
     if "sample" in phases:
@@ -346,7 +349,11 @@ def run(args) -> dict:
     base_row = results[0]
     for row in results:
         for phase in phases:
-            row[phase]["ratio"] = row[phase]["median_s"] / base_row[phase]["median_s"]
+            # Median of the per-run ratios: run i of every variant ran back to back, so each
+            # ratio compares times taken under the same machine load.
+            pairs = zip(row[phase]["times_s"], base_row[phase]["times_s"])
+            row[phase]["ratio"] = statistics.median(a / b for a, b in pairs)
+            row[phase]["ratio_of_medians"] = row[phase]["median_s"] / base_row[phase]["median_s"]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return {
         "config": args.config,
@@ -357,6 +364,7 @@ def run(args) -> dict:
         "device": machine_description(device),
         "torch": th.__version__,
         "runs": args.runs,
+        "timer": args.timer,
         "load_average_1min": load,
         "gflop": {k: v / 1e9 for k, v in flops.items()},
         "phases": phases,
@@ -370,7 +378,8 @@ def format_table(report: dict) -> str:
     lines = [
         f"config {report['config']} ({report['num_params'] / 1e6:.1f}M params), "
         f"train batch {report['train_batch']}, sample batch {report['sample_batch']}; "
-        f"{report['device']}; torch {report['torch']}; medians of {report['runs']} interleaved runs; "
+        f"{report['device']}; torch {report['torch']}; medians of {report['runs']} interleaved runs "
+        f"({'CPU seconds of the process' if report['timer'] == 'cpu' else 'wall clock'}); "
         f"1-min load average at the end {report['load_average_1min']:.1f}",
         "FLOPs (FlopCounterMode, faithful model): "
         + ", ".join(
@@ -382,7 +391,8 @@ def format_table(report: dict) -> str:
     header = ["variant"]
     for p in phases:
         what = "train step" if p == "train" else "sample fwd"
-        header += [f"{what} s", "÷ faithful", "GFLOP/s", "peak MiB", "1st call s"]
+        header += [f"{what} s", f"÷ {report['results'][0]['variant']}", "GFLOP/s", "peak MiB",
+                   "1st call s"]
     if "sample" in phases:
         header.append("rel. err vs fp32")
     lines.append("| " + " | ".join(header) + " |")
@@ -398,6 +408,7 @@ def format_table(report: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(
+        f"÷ {report['results'][0]['variant']}: median over runs of the time ratio within a run. "
         "peak MiB: CUDA allocator peak; on CPU, the peak RSS growth during the step. "
         "1st call includes one-off costs (torch.compile, kernel selection)."
     )
@@ -418,6 +429,11 @@ def create_argparser() -> argparse.ArgumentParser:
     parser.add_argument("--runs", type=int, default=5, help="timed runs per variant and phase")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (>= 1)")
     parser.add_argument("--device", default="cuda" if th.cuda.is_available() else "cpu")
+    parser.add_argument("--timer", default="wall", choices=["wall", "cpu"],
+                        help="wall: elapsed seconds (what a user waits). cpu: CPU seconds of this "
+                             "process, which on a shared machine measure the work and not the "
+                             "waiting for other processes; use with --threads 1 (more threads "
+                             "spin while they wait for each other)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--train_batch", type=int, default=0, help="0: the config's batch size")
     parser.add_argument("--sample_batch", type=int, default=0, help="0: the config's batch size")
