@@ -6,8 +6,9 @@ computes (the golden fixtures check it), so every speed-up is opt-in and measure
 faithful path by `scripts/benchmark.py`.
 
 - `use_bf16`: run the forward (and backward) under `torch.autocast(dtype=bfloat16)`. Convolutions
-  and matmuls run in bfloat16 with float32 accumulation; GroupNorm32 still normalizes in float32,
-  and the weights, optimizer state and the diffusion's arithmetic stay float32. Unlike the
+  and matmuls run in bfloat16 with float32 accumulation; GroupNorm takes bfloat16 inputs as they
+  are (`AutocastGroupNorm32`; its statistics are still accumulated in float32), and the weights,
+  optimizer state and the diffusion's arithmetic stay float32. Unlike the
   original's fp16 (`use_fp16`, CUDA only), bfloat16 has float32's exponent range, so no loss
   scaling is needed, and it works on CPUs with AVX512-BF16/AMX as well as on GPUs.
 - `use_sdpa`: attention through `torch.nn.functional.scaled_dot_product_attention` (fused /
@@ -28,6 +29,7 @@ Wiring in a script is three lines::
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import importlib.util
@@ -84,7 +86,9 @@ class FastPathConfig:
         return "+".join(on) if on else "faithful"
 
 
-def resolve_fast_flags(flags: Mapping[str, Any] | Any, device: th.device | str | None = None) -> FastPathConfig:
+def resolve_fast_flags(
+    flags: Mapping[str, Any] | Any, device: th.device | str | None = None
+) -> FastPathConfig:
     """Turn parsed flags (a dict or an argparse Namespace) into a `FastPathConfig`.
 
     `fast=True` turns on every member of `FAST_PRESET`, except that bf16 autocast stays off when
@@ -97,7 +101,9 @@ def resolve_fast_flags(flags: Mapping[str, Any] | Any, device: th.device | str |
         flags = vars(flags)
     missing = [k for k in fast_defaults() if k not in flags]
     if missing:
-        raise KeyError(f"fast-path flags missing: {missing} (build the parser from fast_defaults())")
+        raise KeyError(
+            f"fast-path flags missing: {missing} (build the parser from fast_defaults())"
+        )
     chosen = {k: bool(flags[k]) for k in fast_defaults() if k != "fast"}
     use_fp16 = bool(flags.get("use_fp16", False))
     if flags["fast"]:
@@ -182,7 +188,10 @@ def compiler_problem(device: th.device | str) -> str | None:
     if kind == "cpu":
         candidates = [os.environ.get("CXX", ""), "g++", "clang++", "c++"]
         if not any(c and shutil.which(c) for c in candidates):
-            return "no C++ compiler found (inductor needs g++ or clang++ on PATH, or $CXX) for CPU kernels"
+            return (
+                "no C++ compiler found (inductor needs g++ or clang++ on PATH, or $CXX) "
+                "for CPU kernels"
+            )
     elif kind == "cuda":
         if importlib.util.find_spec("triton") is None:
             return "the 'triton' package is missing (inductor needs it for CUDA kernels)"
@@ -239,9 +248,10 @@ def apply_fast_path(
 class _CompiledForward:
     """A compiled forward that falls back to the eager one if compilation fails at a call.
 
-    torch.compile is lazy: a missing header or a backend bug surfaces only at the first call.
-    Then the eager forward runs; if it succeeds, the failure was the compiler's, so warn once and
-    stay eager from then on. If eager fails as well, the inputs are at fault and its error is raised.
+    torch.compile is lazy: a missing header or a backend bug surfaces only at the first call (or at
+    a recompilation for new shapes). Then the eager forward runs; if it succeeds, the failure was
+    the compiler's, so warn once and stay eager from then on. If eager fails as well, the inputs
+    are at fault and eager's error is raised.
     """
 
     def __init__(self, compiled: Callable, eager: Callable):
@@ -253,8 +263,6 @@ class _CompiledForward:
     def __deepcopy__(self, memo):
         # A deep copy of the model (e.g. an EMA copy) must not call the compiled forward of the
         # original model: give the copy its own eager forward, bound to the copied model.
-        import copy
-
         return copy.deepcopy(self.eager, memo)
 
     def __call__(self, *args, **kwargs):
@@ -264,10 +272,11 @@ class _CompiledForward:
             return self.compiled(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - decided below by whether eager succeeds
             out = self.eager(*args, **kwargs)
-            self.failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            first_line = (str(exc).strip().splitlines() or [""])[0]
+            self.failed = f"{type(exc).__name__}: {first_line}"
             warnings.warn(
-                f"--compile_model True: the compiled model failed at its first use ({self.failed}); "
-                "running eagerly from now on"
+                f"--compile_model True: the compiled model failed ({self.failed}); running eagerly "
+                "from now on"
             )
             return out
 

@@ -56,22 +56,25 @@ CONFIGS = {
     ),
     # The issue's benchmark config: an ADM-64 layout at a third of the width.
     "bench64": dict(
-        flags=dict(image_size=64, num_channels=64, num_res_blocks=2, attention_resolutions="32,16,8",
-                   num_head_channels=32, class_cond=True, learn_sigma=True, resblock_updown=True,
+        flags=dict(image_size=64, num_channels=64, num_res_blocks=2,
+                   attention_resolutions="32,16,8", num_head_channels=32,
+                   class_cond=True, learn_sigma=True, resblock_updown=True,
                    use_scale_shift_norm=True, use_new_attention_order=True),
         train_batch=8, sample_batch=16,
     ),
     # The released ImageNet models' flags (the original README; precision is the variant's choice).
     "adm64": dict(
-        flags=dict(image_size=64, num_channels=192, num_res_blocks=3, attention_resolutions="32,16,8",
-                   num_head_channels=64, class_cond=True, learn_sigma=True, resblock_updown=True,
+        flags=dict(image_size=64, num_channels=192, num_res_blocks=3,
+                   attention_resolutions="32,16,8", num_head_channels=64,
+                   class_cond=True, learn_sigma=True, resblock_updown=True,
                    use_scale_shift_norm=True, use_new_attention_order=True, dropout=0.1,
                    noise_schedule="cosine"),
         train_batch=32, sample_batch=64,
     ),
     "adm256": dict(
-        flags=dict(image_size=256, num_channels=256, num_res_blocks=2, attention_resolutions="32,16,8",
-                   num_head_channels=64, class_cond=True, learn_sigma=True, resblock_updown=True,
+        flags=dict(image_size=256, num_channels=256, num_res_blocks=2,
+                   attention_resolutions="32,16,8", num_head_channels=64,
+                   class_cond=True, learn_sigma=True, resblock_updown=True,
                    use_scale_shift_norm=True),
         train_batch=8, sample_batch=16,
     ),
@@ -94,7 +97,9 @@ def variant_flags(name: str) -> dict:
     flags = dict(fast.fast_defaults(), use_fp16=False)
     for atom in name.split("+"):
         if atom not in ATOMS:
-            raise SystemExit(f"--variants: unknown switch {atom!r} in {name!r}; known: {sorted(ATOMS)}")
+            raise SystemExit(
+                f"--variants: unknown switch {atom!r} in {name!r}; known: {sorted(ATOMS)}"
+            )
         flags.update(ATOMS[atom])
     return flags
 
@@ -306,7 +311,9 @@ def run(args) -> dict:
     runners = [Variant(n, model_flags, state_dict, device) for n in names]
 
     # Reference output for the error column: the float32 faithful forward.
-    reference = Variant("faithful", model_flags, state_dict, device) if "faithful" not in names else None
+    reference = (
+        None if "faithful" in names else Variant("faithful", model_flags, state_dict, device)
+    )
     for phase in phases:
         for v in runners:
             fn = (lambda v=v: v.train_step(batches["train"])) if phase == "train" else (
@@ -378,12 +385,14 @@ def format_table(report: dict) -> str:
     lines = [
         f"config {report['config']} ({report['num_params'] / 1e6:.1f}M params), "
         f"train batch {report['train_batch']}, sample batch {report['sample_batch']}; "
-        f"{report['device']}; torch {report['torch']}; medians of {report['runs']} interleaved runs "
+        f"{report['device']}; torch {report['torch']}; "
+        f"medians of {report['runs']} interleaved runs "
         f"({'CPU seconds of the process' if report['timer'] == 'cpu' else 'wall clock'}); "
         f"1-min load average at the end {report['load_average_1min']:.1f}",
         "FLOPs (FlopCounterMode, faithful model): "
         + ", ".join(
-            f"{'training fwd+bwd' if p == 'train' else 'sampling forward'} {report['gflop'][p]:.1f} GFLOP"
+            f"{'training fwd+bwd' if p == 'train' else 'sampling forward'} "
+            f"{report['gflop'][p]:.1f} GFLOP"
             for p in phases
         ),
         "",
