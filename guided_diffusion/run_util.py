@@ -27,7 +27,7 @@ import numpy as np
 import torch as th
 import torch.distributed as dist
 
-from . import dist_util, logger, samplers
+from . import dist_util, fast, logger, samplers
 from .script_util import (
     args_to_dict,
     classifier_and_diffusion_defaults,
@@ -66,6 +66,7 @@ def sampling_defaults() -> dict:
         progress=True,  # tqdm bars on rank 0
         grid_size=100,  # samples in the PNG grid beside the .npz (0: no grid)
         **samplers.sampler_defaults(),  # --sampler, --steps, --sampler_spacing, --cfg_scale, --eta
+        **fast.fast_defaults(),  # --use_bf16, --use_sdpa, --channels_last, --compile_model, --fast
     )
 
 
@@ -74,8 +75,30 @@ def training_defaults() -> dict:
     return dict(
         common_defaults(),
         random_flip=True,  # the original always flips; digits and text must not be mirrored
-        use_bf16=False,  # bf16 autocast for the forward pass (exclusive with the fp16 flags)
+        **fast.fast_defaults(),  # --use_bf16, --use_sdpa, --channels_last, --compile_model, --fast
     )
+
+
+def fast_config(args, fp16_flag: str = "use_fp16") -> fast.FastPathConfig:
+    """The fast-path switches of the flags; all off for a parser without them (e.g. image_nll)."""
+    if not all(hasattr(args, k) for k in fast.fast_defaults()):
+        return fast.FastPathConfig()
+    flags = dict(vars(args), use_fp16=bool(getattr(args, fp16_flag, False)))
+    try:
+        return fast.resolve_fast_flags(flags, dist_util.dev())
+    except ValueError as e:
+        raise ScriptError(str(e)) from e
+
+
+def apply_fast_path(args, model, fp16_flag: str = "use_fp16") -> fast.FastPathConfig:
+    """Apply the fast-path flags to `model` (in place) and return the resolved switches.
+
+    Call it after loading weights and converting to fp16; wrap forwards in
+    `fast.autocast_context(dist_util.dev(), cfg.use_bf16)` (TrainLoop does so given use_bf16).
+    """
+    cfg = fast_config(args, fp16_flag)
+    fast.apply_fast_path(model, **cfg.model_kwargs())
+    return cfg
 
 
 # ------------------------------------------------------------------------------------------------
@@ -169,6 +192,7 @@ def load_model_and_diffusion(args, kind: str = "unet"):
     if getattr(args, fp16_flag):
         model.convert_to_fp16()
     model.eval()  # sampling and evaluation only: dropout stays off
+    apply_fast_path(args, model, fp16_flag)
     return model, diffusion
 
 
@@ -308,10 +332,13 @@ def make_sample_fn(
         if kwargs_fn is not None:
             model_kwargs.update({k: v.to(device) for k, v in kwargs_fn(indices).items()})
         noise = noise_src.randn((n, *shape), device=device) if noise_src is not None else None
-        sample = sample_batch(
-            model, diffusion, args, (n, *shape), model_kwargs=model_kwargs, cond_fn=cond_fn,
-            noise=noise, noise_fn=noise_src, progress=bool(args.progress) and rank == 0,
-        )
+        # bf16 autocast (--use_bf16 / --fast) around the whole loop: it changes only the
+        # networks' convolutions and matmuls; the diffusion's arithmetic stays float32.
+        with fast.autocast_context(device, fast_config(args).use_bf16):
+            sample = sample_batch(
+                model, diffusion, args, (n, *shape), model_kwargs=model_kwargs, cond_fn=cond_fn,
+                noise=noise, noise_fn=noise_src, progress=bool(args.progress) and rank == 0,
+            )
         return to_uint8_nhwc(sample), model_kwargs.get("y")
 
     return sample_fn

@@ -37,6 +37,7 @@ def main():
 
     logger.log("creating model and diffusion...")
     model, diffusion = run_util.build_model_and_diffusion(args, "classifier")
+    fast_cfg = run_util.apply_fast_path(args, model, "classifier_use_fp16")
     schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
 
     resume_path = args.resume_checkpoint
@@ -51,7 +52,7 @@ def main():
 
     mp_trainer = MixedPrecisionTrainer(
         model=model, use_fp16=args.classifier_use_fp16, initial_lg_loss_scale=16.0,
-        use_bf16=args.use_bf16,
+        use_bf16=fast_cfg.use_bf16,
     )
     if dist_util.is_distributed():
         on_cuda = dist_util.dev().type == "cuda"

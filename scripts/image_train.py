@@ -21,6 +21,7 @@ def main():
 
     logger.log("creating model and diffusion...")
     model, diffusion = run_util.build_model_and_diffusion(args, "unet")
+    fast_cfg = run_util.apply_fast_path(args, model)
     schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
 
     logger.log("creating data loader...")
@@ -50,7 +51,7 @@ def main():
         schedule_sampler=schedule_sampler,
         weight_decay=args.weight_decay,
         lr_anneal_steps=args.lr_anneal_steps,
-        use_bf16=args.use_bf16,
+        use_bf16=fast_cfg.use_bf16,
     ).run_loop()
 
 
