@@ -44,6 +44,12 @@ SAMPLE_FLAGS="--timestep_respacing 100 --num_samples $NUM_SAMPLES --batch_size $
 
 step() { echo; echo "== $* ($(date +%T))"; }
 
+if ! "$PYTHON" -c "import torch, PIL, blobfile, guided_diffusion" 2>/dev/null; then
+  echo "error: $PYTHON cannot import torch/pillow/blobfile/guided_diffusion: activate the" \
+    "environment first (see README), or set PYTHON=path/to/python" >&2
+  exit 1
+fi
+
 step "1/5 digits -> $OUT/data"
 "$PYTHON" datasets/digits.py --out_dir "$OUT/data" --image_size 16
 

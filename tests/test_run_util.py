@@ -133,3 +133,15 @@ def test_require_path_names_the_flag(tmp_path):
     with pytest.raises(run_util.ScriptError, match="--data_dir: no such dir"):
         run_util.require_path(str(tmp_path / "nope"), "data_dir", kind="dir")
     run_util.require_path(str(tmp_path), "data_dir", kind="dir")
+
+
+def test_saved_samples_are_readable_like_plain_files(tmp_path):
+    """The temporary file of the atomic write must not leave the output private (0600)."""
+    arr = np.zeros((1, 4, 4, 3), dtype=np.uint8)
+    umask = os.umask(0o022)
+    try:
+        path = run_util.save_samples(arr, None, out_dir=str(tmp_path))
+    finally:
+        os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o644
+    assert os.stat(path[:-4] + ".png").st_mode & 0o777 == 0o644
