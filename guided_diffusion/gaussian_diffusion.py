@@ -400,6 +400,7 @@ class GaussianDiffusion:
         denoised_fn=None,
         cond_fn: CondFn | None = None,
         model_kwargs: dict | None = None,
+        noise_fn: Callable[[th.Tensor], th.Tensor] | None = None,
     ) -> dict:
         """
         Sample x_{t-1} from the model at the given timestep (Ho et al., Algorithm 2, one step).
@@ -407,13 +408,15 @@ class GaussianDiffusion:
         :param x: the current [N x C x ...] tensor x_t.
         :param t: the timesteps, [N]; 0 is the last step and adds no noise.
         :param cond_fn: if not None, a gradient function for classifier guidance of the mean.
+        :param noise_fn: draws the step's noise like `th.randn_like(x)` (the default); seeded
+                         sampling passes one that gives every sample its own generator.
         :return: a dict with 'sample' (x_{t-1}) and 'pred_xstart'.
         """
         out = self.p_mean_variance(
             model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
             model_kwargs=model_kwargs,
         )
-        noise = th.randn_like(x)
+        noise = (noise_fn or th.randn_like)(x)
         if cond_fn is not None:
             out["mean"] = self.condition_mean(cond_fn, out, x, t, model_kwargs=model_kwargs)
         # The last step (t == 0) returns the mean: x_0 gets no noise.
@@ -430,6 +433,7 @@ class GaussianDiffusion:
         cond_fn: CondFn | None = None,
         model_kwargs: dict | None = None,
         eta: float = 0.0,
+        noise_fn: Callable[[th.Tensor], th.Tensor] | None = None,
     ) -> dict:
         """
         Sample x_{t-1} with DDIM (Song et al. 2021, eq. 12); eta = 0 is deterministic, eta = 1
@@ -455,7 +459,7 @@ class GaussianDiffusion:
             * th.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
             * th.sqrt(1 - alpha_bar / alpha_bar_prev)
         )
-        noise = th.randn_like(x)
+        noise = (noise_fn or th.randn_like)(x)
         mean_pred = (
             out["pred_xstart"] * th.sqrt(alpha_bar_prev)
             + th.sqrt(1 - alpha_bar_prev - sigma**2) * eps
@@ -537,6 +541,7 @@ class GaussianDiffusion:
         model_kwargs: dict | None = None,
         device=None,
         progress: bool = False,
+        noise_fn: Callable[[th.Tensor], th.Tensor] | None = None,
     ) -> Iterator[dict]:
         """
         Generate samples with DDPM ancestral sampling, yielding the p_sample dict of every step.
@@ -546,11 +551,12 @@ class GaussianDiffusion:
         :param device: where to create tensors; defaults to the device of `noise` if given, else
                        of the model's parameters.
         :param progress: if True, show a tqdm progress bar.
+        :param noise_fn: draws each step's noise (default `th.randn_like`), see p_sample.
         """
         yield from self._sample_loop_progressive(
             self.p_sample, model, shape, noise=noise, device=device, progress=progress,
             clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
-            model_kwargs=model_kwargs,
+            model_kwargs=model_kwargs, noise_fn=noise_fn,
         )
 
     def ddim_sample_loop_progressive(
@@ -565,12 +571,13 @@ class GaussianDiffusion:
         device=None,
         progress: bool = False,
         eta: float = 0.0,
+        noise_fn: Callable[[th.Tensor], th.Tensor] | None = None,
     ) -> Iterator[dict]:
         """Like p_sample_loop_progressive, with DDIM steps (see ddim_sample)."""
         yield from self._sample_loop_progressive(
             self.ddim_sample, model, shape, noise=noise, device=device, progress=progress,
             clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
-            model_kwargs=model_kwargs, eta=eta,
+            model_kwargs=model_kwargs, eta=eta, noise_fn=noise_fn,
         )
 
     def p_sample_loop(
@@ -584,6 +591,7 @@ class GaussianDiffusion:
         model_kwargs: dict | None = None,
         device=None,
         progress: bool = False,
+        noise_fn: Callable[[th.Tensor], th.Tensor] | None = None,
     ) -> th.Tensor:
         """
         Generate samples with DDPM ancestral sampling.
@@ -594,6 +602,7 @@ class GaussianDiffusion:
             self.p_sample_loop_progressive(
                 model, shape, noise=noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
                 cond_fn=cond_fn, model_kwargs=model_kwargs, device=device, progress=progress,
+                noise_fn=noise_fn,
             )
         )
 
@@ -609,6 +618,7 @@ class GaussianDiffusion:
         device=None,
         progress: bool = False,
         eta: float = 0.0,
+        noise_fn: Callable[[th.Tensor], th.Tensor] | None = None,
     ) -> th.Tensor:
         """
         Generate samples with DDIM.
@@ -619,7 +629,7 @@ class GaussianDiffusion:
             self.ddim_sample_loop_progressive(
                 model, shape, noise=noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
                 cond_fn=cond_fn, model_kwargs=model_kwargs, device=device, progress=progress,
-                eta=eta,
+                eta=eta, noise_fn=noise_fn,
             )
         )
 

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import sys
@@ -234,34 +233,6 @@ class PerSampleNoise:
         return self.randn(like.shape, device=like.device, dtype=like.dtype)
 
 
-@contextlib.contextmanager
-def _step_noise_from(noise_fn: Callable[[th.Tensor], th.Tensor] | None):
-    """
-    Make the diffusion's sampling steps draw their noise from `noise_fn`.
-
-    The steps call `th.randn_like(x)`; while the diffusion has no noise hook, this swaps the
-    `th` that gaussian_diffusion.py sees for a view of torch whose `randn_like` is `noise_fn`.
-    Torch itself, and every other module, are untouched.
-    """
-    if noise_fn is None:
-        yield
-        return
-    from . import gaussian_diffusion as gd
-
-    class _TorchView:
-        def __getattr__(self, name):
-            return getattr(th, name)
-
-    view = _TorchView()
-    view.randn_like = lambda x, **_: noise_fn(x)
-    saved = gd.th
-    gd.th = view
-    try:
-        yield
-    finally:
-        gd.th = saved
-
-
 # ------------------------------------------------------------------------------------------------
 # Sampling
 
@@ -291,12 +262,11 @@ def sample_batch(
     # samplers.sample picks the loop: the original's (--use_ddim, --timestep_respacing) unless
     # --sampler/--steps ask for another; --cfg_scale wraps the model for classifier-free guidance.
     options = {k: getattr(args, k, v) for k, v in samplers.sampler_defaults().items()}
-    with _step_noise_from(noise_fn):
-        return samplers.sample(
-            diffusion, model, tuple(shape), noise=noise, clip_denoised=args.clip_denoised,
-            model_kwargs=model_kwargs, cond_fn=cond_fn, device=dist_util.dev(),
-            progress=progress, use_ddim=args.use_ddim, noise_fn=noise_fn, **options,
-        )
+    return samplers.sample(
+        diffusion, model, tuple(shape), noise=noise, clip_denoised=args.clip_denoised,
+        model_kwargs=model_kwargs, cond_fn=cond_fn, device=dist_util.dev(),
+        progress=progress, use_ddim=args.use_ddim, noise_fn=noise_fn, **options,
+    )
 
 
 def make_sample_fn(

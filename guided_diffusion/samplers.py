@@ -443,8 +443,8 @@ def sample(
     :param clip_denoised, denoised_fn, cond_fn, model_kwargs, device, progress: as in the
         original's `p_sample_loop`.
     :param use_ddim: the original's --use_ddim; used when `sampler` is "".
-    :param noise_fn: `randn_like` for the step noise of the stochastic solvers (dpm++2m-sde); the
-        original's loops draw theirs with `th.randn_like` inside gaussian_diffusion.
+    :param noise_fn: `randn_like` for the step noise of the stochastic samplers (DDPM, DDIM with
+        eta > 0, dpm++2m-sde); default torch's global generator.
     :param options: fields of SamplerOptions (sampler, steps, sampler_spacing, cfg_scale, eta).
     :return: the [N x C x H x W] samples.
     """
@@ -466,6 +466,7 @@ def sample(
         model_kwargs=model_kwargs,
         device=device,
         progress=progress,
+        noise_fn=noise_fn,
     )
     if name == "ddpm":
         spaced = respaced(diffusion, opts.steps, ddim=False)

@@ -533,3 +533,27 @@ def test_matches_original_golden(name, golden_models):
             cond_fn=cond_fn, model_kwargs=kw, device="cpu", eta=0.0,
         )
         _close(out, d["ddim_sample_loop"], rtol=1e-3, atol=1e-4)
+
+
+def test_sampling_steps_draw_their_noise_from_noise_fn():
+    """DDPM and DDIM(eta>0) steps take their noise from noise_fn: seeded sampling relies on it."""
+    from guided_diffusion.script_util import create_gaussian_diffusion
+
+    diffusion = create_gaussian_diffusion(steps=100, noise_schedule="cosine", timestep_respacing="5")
+    model = lambda x, t, **kw: 0.1 * x  # noqa: E731
+    x_T = th.randn(2, 3, 4, 4, generator=th.Generator().manual_seed(0))
+    calls = []
+
+    def zeros(x):
+        calls.append(tuple(x.shape))
+        return th.zeros_like(x)
+
+    for loop, kw in ((diffusion.p_sample_loop, {}), (diffusion.ddim_sample_loop, {"eta": 1.0})):
+        calls.clear()
+        with_fn = loop(model, x_T.shape, noise=x_T.clone(), noise_fn=zeros, **kw)
+        assert calls == [tuple(x_T.shape)] * 5
+        # Zero step noise equals the noise-free mean path; torch's noise does not.
+        th.manual_seed(1)
+        with_randn = loop(model, x_T.shape, noise=x_T.clone(), **kw)
+        assert not th.allclose(with_fn, with_randn)
+        assert th.equal(with_fn, loop(model, x_T.shape, noise=x_T.clone(), noise_fn=zeros, **kw))
