@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import tempfile
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -27,6 +26,7 @@ import torch as th
 import torch.distributed as dist
 
 from . import dist_util, fast, logger, samplers
+from .train_util import atomic_write
 from .script_util import (
     args_to_dict,
     classifier_and_diffusion_defaults,
@@ -403,25 +403,6 @@ def generate_samples(
 # Writing samples
 
 
-def _atomic_write(path: str, write: Callable) -> None:
-    """Write through a temporary file in the same directory, then rename: readers never see half."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        # mkstemp makes the file private (0600); give it the mode a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def image_grid(arr: np.ndarray, labels: np.ndarray | None = None, max_images: int = 100,
                min_tile: int = 64, pad: int = 2) -> np.ndarray:
     """
@@ -464,11 +445,11 @@ def save_samples(arr: np.ndarray, labels: np.ndarray | None = None, out_dir: str
     out_path = os.path.join(out_dir or logger.get_dir(), f"samples_{shape_str}.npz")
     logger.log(f"saving to {out_path}")
     arrays = (arr,) if labels is None else (arr, labels)
-    _atomic_write(out_path, lambda f: np.savez(f, *arrays))
+    atomic_write(out_path, lambda f: np.savez(f, *arrays))
     if grid_size > 0:
         grid = image_grid(arr, labels, max_images=grid_size)
         img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-        _atomic_write(out_path[: -len(".npz")] + ".png", lambda f: img.save(f, format="PNG"))
+        atomic_write(out_path[: -len(".npz")] + ".png", lambda f: img.save(f, format="PNG"))
     return out_path
 
 

@@ -22,7 +22,7 @@ import json
 import os
 import re
 import tempfile
-from typing import Iterator
+from typing import Callable, Iterator
 
 import blobfile as bf
 import numpy as np
@@ -337,29 +337,38 @@ def parse_ema_rates(ema_rate: float | str) -> list:
         raise ValueError(f"--ema_rate must be comma-separated floats, got {ema_rate!r}") from None
 
 
-def save_atomic(obj, path: str) -> None:
+def atomic_write(path: str, write: Callable) -> None:
     """
-    `torch.save` so that `path` never holds a partial file: local paths are written to a
-    temporary file in the same folder, then renamed over `path`. Object stores (gs://, az://)
-    publish an object only once its upload completes, so those are written directly.
+    Call `write(f)` on a binary file so that `path` never holds a partial file: local paths are
+    written to a temporary file in the same folder, then renamed over `path`. Object stores
+    (gs://, az://) publish an object only once its upload completes, so those are written directly.
     """
     if "://" in path:
         with bf.BlobFile(path, "wb") as f:
-            th.save(obj, f)
+            write(f)
         return
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            th.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp makes the file private (0600); give it the mode a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def save_atomic(obj, path: str) -> None:
+    """`torch.save` through `atomic_write`."""
+    atomic_write(path, lambda f: th.save(obj, f))
 
 
 def parse_resume_step_from_filename(filename: str) -> int:

@@ -215,6 +215,10 @@ def test_save_atomic_leaves_no_partial_file(tmp_path, monkeypatch):
     target = tmp_path / "model000001.pt"
     save_atomic({"a": th.ones(2)}, str(target))
     assert th.equal(load(target)["a"], th.ones(2))
+    umask = os.umask(0)
+    os.umask(umask)
+    # Not mkstemp's private 0600: the mode a plain open() gives, so collaborators can read it.
+    assert (target.stat().st_mode & 0o777) == (0o666 & ~umask)
 
     def broken_save(obj, f):
         f.write(b"partial")
