@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="A faithful, tested PyTorch reimplementation of OpenAI's ADM (guided-diffusion).",
     packages=["guided_diffusion", "evaluations"],
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     # torch is pinned in the install commands (README, .ci/run) to the CPU wheel; any >= 2.1 works.
     install_requires=["torch>=2.1", "numpy", "blobfile>=1.0.5", "tqdm", "pillow", "scipy"],
     extras_require={
