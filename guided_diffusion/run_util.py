@@ -78,6 +78,51 @@ def training_defaults() -> dict:
     )
 
 
+def diffusion_training_defaults() -> dict:
+    """The original's TrainLoop flags, shared by image_train.py and super_res_train.py."""
+    return dict(
+        data_dir="",
+        schedule_sampler="uniform",
+        lr=1e-4,
+        weight_decay=0.0,
+        lr_anneal_steps=0,
+        batch_size=1,
+        microbatch=-1,  # -1 disables microbatches
+        ema_rate="0.9999",  # comma-separated list of EMA values
+        log_interval=10,
+        save_interval=10000,
+        resume_checkpoint="",  # a model*.pt, or "auto": the newest one in --output_dir
+        use_fp16=False,
+        fp16_scale_growth=1e-3,
+    )
+
+
+def train_diffusion(args, model, diffusion, data, use_bf16: bool) -> None:
+    """Run the original's TrainLoop from the `diffusion_training_defaults()` flags."""
+    from .resample import create_named_schedule_sampler
+    from .train_util import TrainLoop
+
+    logger.log("training...")
+    TrainLoop(
+        model=model,
+        diffusion=diffusion,
+        data=data,
+        batch_size=args.batch_size,
+        microbatch=args.microbatch,
+        lr=args.lr,
+        ema_rate=args.ema_rate,
+        log_interval=args.log_interval,
+        save_interval=args.save_interval,
+        resume_checkpoint=args.resume_checkpoint,
+        use_fp16=args.use_fp16,
+        fp16_scale_growth=args.fp16_scale_growth,
+        schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion),
+        weight_decay=args.weight_decay,
+        lr_anneal_steps=args.lr_anneal_steps,
+        use_bf16=use_bf16,
+    ).run_loop()
+
+
 def fast_config(args, fp16_flag: str = "use_fp16") -> fast.FastPathConfig:
     """The fast-path switches of the flags; all off for a parser without them (e.g. image_nll)."""
     if not all(hasattr(args, k) for k in fast.fast_defaults()):
@@ -267,6 +312,24 @@ def sample_batch(
         model_kwargs=model_kwargs, cond_fn=cond_fn, device=dist_util.dev(),
         progress=progress, use_ddim=args.use_ddim, noise_fn=noise_fn, **options,
     )
+
+
+def sample_and_save(sample_fn, args, image_size: int, with_labels: bool) -> None:
+    """
+    What every sampling script ends with: generate `--num_samples` samples across ranks with
+    `sample_fn` (see `make_sample_fn`), write them on rank 0 (`save_samples`), wait for all ranks.
+
+    :param image_size: H = W of the samples.
+    :param with_labels: whether `sample_fn` returns labels to save as `arr_1`.
+    """
+    result = generate_samples(
+        sample_fn, args.num_samples, args.batch_size, (image_size, image_size, 3),
+        with_labels=with_labels, progress=args.progress,
+    )
+    if result is not None:
+        save_samples(*result, out_dir=args.output_dir, grid_size=args.grid_size)
+    dist_util.barrier()
+    logger.log("sampling complete")
 
 
 def make_sample_fn(

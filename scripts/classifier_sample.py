@@ -6,7 +6,7 @@ Algorithm 1 for DDPM, Algorithm 2 for DDIM): every sample gets a random target l
 
 import argparse
 
-from guided_diffusion import dist_util, logger, run_util
+from guided_diffusion import logger, run_util
 from guided_diffusion.guidance import classifier_cond_fn
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
@@ -32,14 +32,7 @@ def main():
         num_classes=args.num_classes,
         cond_fn=classifier_cond_fn(classifier, args.classifier_scale),
     )
-    result = run_util.generate_samples(
-        sample_fn, args.num_samples, args.batch_size, (args.image_size, args.image_size, 3),
-        with_labels=True, progress=args.progress,
-    )
-    if result is not None:
-        run_util.save_samples(*result, out_dir=args.output_dir, grid_size=args.grid_size)
-    dist_util.barrier()
-    logger.log("sampling complete")
+    run_util.sample_and_save(sample_fn, args, args.image_size, with_labels=True)
 
 
 def create_argparser() -> argparse.ArgumentParser:

@@ -6,7 +6,7 @@ grid beside it. Run on several processes with `torchrun --nproc_per_node=K` or `
 
 import argparse
 
-from guided_diffusion import dist_util, logger, run_util
+from guided_diffusion import logger, run_util
 from guided_diffusion.script_util import add_dict_to_argparser, model_and_diffusion_defaults
 
 
@@ -22,14 +22,7 @@ def main():
         model, diffusion, args, (3, args.image_size, args.image_size),
         num_classes=args.num_classes if args.class_cond else None,
     )
-    result = run_util.generate_samples(
-        sample_fn, args.num_samples, args.batch_size, (args.image_size, args.image_size, 3),
-        with_labels=args.class_cond, progress=args.progress,
-    )
-    if result is not None:
-        run_util.save_samples(*result, out_dir=args.output_dir, grid_size=args.grid_size)
-    dist_util.barrier()
-    logger.log("sampling complete")
+    run_util.sample_and_save(sample_fn, args, args.image_size, with_labels=args.class_cond)
 
 
 def create_argparser() -> argparse.ArgumentParser:

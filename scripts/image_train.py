@@ -9,9 +9,8 @@ import argparse
 
 from guided_diffusion import logger, run_util
 from guided_diffusion.image_datasets import load_data
-from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.script_util import add_dict_to_argparser, model_and_diffusion_defaults
-from guided_diffusion.train_util import TrainLoop, save_run_flags
+from guided_diffusion.train_util import save_run_flags
 
 
 def main():
@@ -22,7 +21,6 @@ def main():
     logger.log("creating model and diffusion...")
     model, diffusion = run_util.build_model_and_diffusion(args, "unet")
     fast_cfg = run_util.apply_fast_path(args, model)
-    schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
 
     logger.log("creating data loader...")
     run_util.require_path(args.data_dir, "data_dir", kind="dir")
@@ -34,43 +32,11 @@ def main():
         random_flip=args.random_flip,
     )
 
-    logger.log("training...")
-    TrainLoop(
-        model=model,
-        diffusion=diffusion,
-        data=data,
-        batch_size=args.batch_size,
-        microbatch=args.microbatch,
-        lr=args.lr,
-        ema_rate=args.ema_rate,
-        log_interval=args.log_interval,
-        save_interval=args.save_interval,
-        resume_checkpoint=args.resume_checkpoint,
-        use_fp16=args.use_fp16,
-        fp16_scale_growth=args.fp16_scale_growth,
-        schedule_sampler=schedule_sampler,
-        weight_decay=args.weight_decay,
-        lr_anneal_steps=args.lr_anneal_steps,
-        use_bf16=fast_cfg.use_bf16,
-    ).run_loop()
+    run_util.train_diffusion(args, model, diffusion, data, use_bf16=fast_cfg.use_bf16)
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    defaults = dict(
-        data_dir="",
-        schedule_sampler="uniform",
-        lr=1e-4,
-        weight_decay=0.0,
-        lr_anneal_steps=0,
-        batch_size=1,
-        microbatch=-1,  # -1 disables microbatches
-        ema_rate="0.9999",  # comma-separated list of EMA values
-        log_interval=10,
-        save_interval=10000,
-        resume_checkpoint="",  # a model*.pt, or "auto": the newest one in --output_dir
-        use_fp16=False,
-        fp16_scale_growth=1e-3,
-    )
+    defaults = run_util.diffusion_training_defaults()
     defaults.update(model_and_diffusion_defaults())
     defaults.update(run_util.training_defaults())
     parser = argparse.ArgumentParser(description=__doc__)

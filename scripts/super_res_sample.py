@@ -9,7 +9,7 @@ import argparse
 import numpy as np
 import torch as th
 
-from guided_diffusion import dist_util, logger, run_util
+from guided_diffusion import logger, run_util
 from guided_diffusion.script_util import add_dict_to_argparser, sr_model_and_diffusion_defaults
 
 
@@ -59,14 +59,7 @@ def main():
     sample_fn = run_util.make_sample_fn(
         model, diffusion, args, (3, args.large_size, args.large_size), kwargs_fn=base_kwargs
     )
-    result = run_util.generate_samples(
-        sample_fn, args.num_samples, args.batch_size, (args.large_size, args.large_size, 3),
-        with_labels=args.class_cond, progress=args.progress,
-    )
-    if result is not None:
-        run_util.save_samples(*result, out_dir=args.output_dir, grid_size=args.grid_size)
-    dist_util.barrier()
-    logger.log("sampling complete")
+    run_util.sample_and_save(sample_fn, args, args.large_size, with_labels=args.class_cond)
 
 
 def create_argparser() -> argparse.ArgumentParser:

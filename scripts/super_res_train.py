@@ -10,9 +10,8 @@ import torch.nn.functional as F
 
 from guided_diffusion import logger, run_util
 from guided_diffusion.image_datasets import load_data
-from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.script_util import add_dict_to_argparser, sr_model_and_diffusion_defaults
-from guided_diffusion.train_util import TrainLoop, save_run_flags
+from guided_diffusion.train_util import save_run_flags
 
 
 def main():
@@ -23,7 +22,6 @@ def main():
     logger.log("creating model...")
     model, diffusion = run_util.build_model_and_diffusion(args, "superres")
     fast_cfg = run_util.apply_fast_path(args, model)
-    schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
 
     logger.log("creating data loader...")
     run_util.require_path(args.data_dir, "data_dir", kind="dir")
@@ -32,25 +30,7 @@ def main():
         class_cond=args.class_cond, random_flip=args.random_flip,
     )
 
-    logger.log("training...")
-    TrainLoop(
-        model=model,
-        diffusion=diffusion,
-        data=data,
-        batch_size=args.batch_size,
-        microbatch=args.microbatch,
-        lr=args.lr,
-        ema_rate=args.ema_rate,
-        log_interval=args.log_interval,
-        save_interval=args.save_interval,
-        resume_checkpoint=args.resume_checkpoint,
-        use_fp16=args.use_fp16,
-        fp16_scale_growth=args.fp16_scale_growth,
-        schedule_sampler=schedule_sampler,
-        weight_decay=args.weight_decay,
-        lr_anneal_steps=args.lr_anneal_steps,
-        use_bf16=fast_cfg.use_bf16,
-    ).run_loop()
+    run_util.train_diffusion(args, model, diffusion, data, use_bf16=fast_cfg.use_bf16)
 
 
 def load_superres_data(data_dir: str, batch_size: int, large_size: int, small_size: int,
@@ -67,21 +47,7 @@ def load_superres_data(data_dir: str, batch_size: int, large_size: int, small_si
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    defaults = dict(
-        data_dir="",
-        schedule_sampler="uniform",
-        lr=1e-4,
-        weight_decay=0.0,
-        lr_anneal_steps=0,
-        batch_size=1,
-        microbatch=-1,
-        ema_rate="0.9999",
-        log_interval=10,
-        save_interval=10000,
-        resume_checkpoint="",
-        use_fp16=False,
-        fp16_scale_growth=1e-3,
-    )
+    defaults = run_util.diffusion_training_defaults()
     defaults.update(sr_model_and_diffusion_defaults())
     defaults.update(run_util.training_defaults())
     parser = argparse.ArgumentParser(description=__doc__)
