@@ -535,3 +535,7 @@ def run_main(main: Callable[[], None]) -> None:
         message = "; ".join(lines).replace(":; - ", ": ").replace("; - ", "; ")
         print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(1)
+    finally:
+        # Leave the process group before the interpreter exits: tearing gloo down during exit
+        # can abort a rank ("terminate called without an active exception") after its work is done.
+        dist_util.cleanup()
