@@ -557,3 +557,117 @@ def test_sampling_steps_draw_their_noise_from_noise_fn():
         with_randn = loop(model, x_T.shape, noise=x_T.clone(), **kw)
         assert not th.allclose(with_fn, with_randn)
         assert th.equal(with_fn, loop(model, x_T.shape, noise=x_T.clone(), noise_fn=zeros, **kw))
+
+
+# ---------------------------------------------------------------------------------------------
+# The original's sampling steps, frozen: the loops must reproduce them bit for bit.
+
+
+class _TinyModel(th.nn.Module):
+    """A cheap network with a timestep dependence; 2C outputs when the variance is learned."""
+
+    def __init__(self, learned: bool):
+        super().__init__()
+        g = th.Generator().manual_seed(3)
+        out = 6 if learned else 3
+        self.weight = th.nn.Parameter(0.3 * th.randn(out, 3, 1, 1, generator=g))
+
+    def forward(self, x, t, y=None):
+        h = th.nn.functional.conv2d(x, self.weight)
+        scale = 1.0 + t.float().view(-1, 1, 1, 1) / 1000.0
+        return th.tanh(h * scale + (0 if y is None else 0.1 * y.float().view(-1, 1, 1, 1)))
+
+
+def _frozen_p_sample(diffusion, model, x, t, cond_fn, kw, noise):
+    """Ho et al. Algorithm 2 with the mean shifted by cond_fn, exactly as the original writes it."""
+    out = diffusion.p_mean_variance(model, x, t, clip_denoised=True, model_kwargs=kw)
+    if cond_fn is not None:
+        out["mean"] = diffusion.condition_mean(cond_fn, out, x, t, model_kwargs=kw)
+    mask = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))
+    return out["mean"] + mask * th.exp(0.5 * out["log_variance"]) * noise, out["pred_xstart"]
+
+
+def _frozen_ddim_sample(diffusion, model, x, t, cond_fn, kw, eta, noise):
+    """DDIM (Song et al. eq. 12, 16) with score guidance, exactly as the original writes it."""
+    out = diffusion.p_mean_variance(model, x, t, clip_denoised=True, model_kwargs=kw)
+    if cond_fn is not None:
+        out = diffusion.condition_score(cond_fn, out, x, t, model_kwargs=kw)
+    eps = diffusion._predict_eps_from_xstart(x, t, out["pred_xstart"])
+    per = (x.shape[0],) + (1,) * (x.ndim - 1)
+    alpha_bar = gd._extract_into_tensor(diffusion.alphas_cumprod, t, per)
+    alpha_bar_prev = gd._extract_into_tensor(diffusion.alphas_cumprod_prev, t, per)
+    sigma = (eta * th.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
+             * th.sqrt(1 - alpha_bar / alpha_bar_prev))
+    mean_pred = (out["pred_xstart"] * th.sqrt(alpha_bar_prev)
+                 + th.sqrt(1 - alpha_bar_prev - sigma**2) * eps)
+    mask = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))
+    return mean_pred + mask * sigma * noise, out["pred_xstart"]
+
+
+@pytest.mark.parametrize("learned", [False, True])
+@pytest.mark.parametrize("guided", [False, True])
+def test_loops_and_steps_are_bit_identical_to_the_original_formulas(learned, guided):
+    """
+    p_sample_loop(_progressive), ddim_sample_loop(_progressive) with eta 0 and 0.7, and the
+    single steps (per-example t) equal the original's step formulas exactly, with and without
+    classifier guidance, on fixed and learned variances.
+    """
+    from guided_diffusion.script_util import create_gaussian_diffusion
+
+    diffusion = create_gaussian_diffusion(steps=100, learn_sigma=learned, timestep_respacing="6")
+    model = _TinyModel(learned)
+    kw = {"y": th.tensor([1, 2])}
+    cond_fn = (lambda x, t, y=None: 0.2 * th.sin(x) + 0.001 * t.float().view(-1, 1, 1, 1)
+               ) if guided else None
+    x_T = th.randn(2, 3, 4, 4, generator=th.Generator().manual_seed(0))
+    step_noise = [th.randn_like(x_T) for _ in range(6)]
+
+    def noise_fn_from(draws):
+        it = iter(draws)
+        return lambda x: next(it)
+
+    for name in ("ddpm", "ddim0", "ddim0.7"):
+        eta = 0.0 if name == "ddpm" else float(name[4:])
+        x, expected = x_T, []
+        for k, i in enumerate(range(5, -1, -1)):
+            t = th.tensor([i, i])
+            if name == "ddpm":
+                x, x0 = _frozen_p_sample(diffusion, model, x, t, cond_fn, kw, step_noise[k])
+            else:
+                x, x0 = _frozen_ddim_sample(diffusion, model, x, t, cond_fn, kw, eta,
+                                            step_noise[k])
+            expected.append((x, x0))
+        loop_kw = dict(noise=x_T.clone(), cond_fn=cond_fn, model_kwargs=kw,
+                       noise_fn=noise_fn_from(step_noise))
+        if name == "ddpm":
+            got = list(diffusion.p_sample_loop_progressive(model, x_T.shape, **loop_kw))
+            loop_kw["noise_fn"] = noise_fn_from(step_noise)
+            final = diffusion.p_sample_loop(model, x_T.shape, **loop_kw)
+        else:
+            got = list(diffusion.ddim_sample_loop_progressive(model, x_T.shape, eta=eta, **loop_kw))
+            loop_kw["noise_fn"] = noise_fn_from(step_noise)
+            final = diffusion.ddim_sample_loop(model, x_T.shape, eta=eta, **loop_kw)
+        assert len(got) == 6 and all(set(o) == {"sample", "pred_xstart"} for o in got)
+        for o, (x, x0) in zip(got, expected):
+            assert th.equal(o["sample"], x) and th.equal(o["pred_xstart"], x0), name
+        assert th.equal(final, expected[-1][0]), name
+
+    # Single steps at per-example timesteps (0 and 4 in one batch: one gets no noise).
+    t = th.tensor([0, 4])
+    x = x_T
+    ref, ref_x0 = _frozen_p_sample(diffusion, model, x, t, cond_fn, kw, step_noise[0])
+    out = diffusion.p_sample(model, x, t, cond_fn=cond_fn, model_kwargs=kw,
+                             noise_fn=lambda z: step_noise[0])
+    assert th.equal(out["sample"], ref) and th.equal(out["pred_xstart"], ref_x0)
+    ref, ref_x0 = _frozen_ddim_sample(diffusion, model, x, t, cond_fn, kw, 0.5, step_noise[1])
+    out = diffusion.ddim_sample(model, x, t, cond_fn=cond_fn, model_kwargs=kw, eta=0.5,
+                                noise_fn=lambda z: step_noise[1])
+    assert th.equal(out["sample"], ref) and th.equal(out["pred_xstart"], ref_x0)
+    # The reverse (encoding) step: DDIM eq. 12 with sigma = 0 towards the next, noisier step.
+    t = th.tensor([2, 5])  # 5 is the last step: alphas_cumprod_next = 0 there
+    out = diffusion.ddim_reverse_sample(model, x, t, clip_denoised=False, model_kwargs=kw)
+    pmv = diffusion.p_mean_variance(model, x, t, clip_denoised=False, model_kwargs=kw)
+    eps = diffusion._predict_eps_from_xstart(x, t, pmv["pred_xstart"])
+    a_next = gd._extract_into_tensor(diffusion.alphas_cumprod_next, t, (2, 1, 1, 1))
+    ref = pmv["pred_xstart"] * th.sqrt(a_next) + th.sqrt(1 - a_next) * eps
+    assert th.equal(out["sample"], ref) and th.equal(out["pred_xstart"], pmv["pred_xstart"])
