@@ -16,6 +16,11 @@ _HALF_BIN = 1.0 / 255.0
 _LOG_FLOOR = 1e-12
 
 
+def mean_flat(tensor: th.Tensor) -> th.Tensor:
+    """Mean over all non-batch dimensions: [N x ...] -> [N] (per-example losses)."""
+    return tensor.mean(dim=list(range(1, tensor.ndim)))
+
+
 def normal_kl(mean1, logvar1, mean2, logvar2) -> th.Tensor:
     """
     KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), elementwise, in nats.

@@ -13,6 +13,8 @@ import torch as th
 import torch.nn as nn
 import torch.utils.checkpoint
 
+from .losses import mean_flat  # noqa: F401  (diffusion math; the original's nn.mean_flat)
+
 # The original shipped its own SiLU for old PyTorch versions; the name is kept for imports.
 SiLU = nn.SiLU
 
@@ -81,11 +83,6 @@ def scale_module(module: nn.Module, scale: float) -> nn.Module:
         for p in module.parameters():
             p.mul_(scale)
     return module
-
-
-def mean_flat(tensor: th.Tensor) -> th.Tensor:
-    """Mean over all non-batch dimensions: [N x ...] -> [N]."""
-    return tensor.mean(dim=list(range(1, tensor.ndim)))
 
 
 def normalization(channels: int) -> nn.Module:
