@@ -16,8 +16,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch as th
 
-from .losses import discretized_gaussian_log_likelihood, normal_kl
-from .nn import mean_flat
+from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 
 # model(x [N x C x ...], t [N], **model_kwargs) -> [N x C x ...] or [N x 2C x ...]
 Model = Callable[..., th.Tensor]
@@ -138,6 +137,15 @@ class GaussianDiffusion:
                 f"betas must lie in (0, 1], got min {betas.min()} and max {betas.max()}"
             )
         self.num_timesteps = int(betas.shape[0])
+        # What `respace` rebuilds from: this process's own constructor settings (SpacedDiffusion
+        # replaces them with its base process's).
+        self.base_kwargs = dict(
+            betas=betas,
+            model_mean_type=model_mean_type,
+            model_var_type=model_var_type,
+            loss_type=loss_type,
+            rescale_timesteps=rescale_timesteps,
+        )
 
         # Forward process q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I): Ho et al., eq. 4.
         alphas = 1.0 - betas
@@ -300,7 +308,7 @@ class GaussianDiffusion:
                 pred_xstart = process_xstart(model_output)
             else:
                 pred_xstart = process_xstart(
-                    self._predict_xstart_from_eps(x_t=x, t=t, eps=model_output)
+                    self.predict_xstart(x_t=x, t=t, eps=model_output)
                 )
             # The reverse mean is the posterior mean at the predicted x_0 (Ho et al., eq. 7).
             model_mean, _, _ = self.q_posterior_mean_variance(x_start=pred_xstart, x_t=x, t=t)
@@ -314,12 +322,35 @@ class GaussianDiffusion:
             "pred_xstart": pred_xstart,
         }
 
-    def _predict_xstart_from_eps(self, x_t: th.Tensor, t: th.Tensor, eps: th.Tensor) -> th.Tensor:
-        # Invert x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps for x_0 (Ho et al., eq. 4).
+    def predict_xstart(self, x_t: th.Tensor, t: th.Tensor, eps: th.Tensor) -> th.Tensor:
+        """
+        x_0 from a noise prediction: invert x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps (Ho et al.,
+        eq. 4).
+
+        :param x_t: the [N x C x ...] tensor at time t; `eps` is like it.
+        :param t: the timesteps, [N].
+        :return: the [N x C x ...] x_0.
+        """
         return (
             _extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
             - _extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps
         )
+
+    def predict_eps(self, x_t: th.Tensor, t: th.Tensor, pred_xstart: th.Tensor) -> th.Tensor:
+        """
+        The noise from an x_0 prediction: invert x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps.
+
+        :param x_t: the [N x C x ...] tensor at time t; `pred_xstart` is like it.
+        :param t: the timesteps, [N].
+        :return: the [N x C x ...] eps.
+        """
+        return (
+            _extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart
+        ) / _extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape)
+
+    # The original's private names, which user code calls.
+    _predict_xstart_from_eps = predict_xstart
+    _predict_eps_from_xstart = predict_eps
 
     def _predict_xstart_from_xprev(
         self, x_t: th.Tensor, t: th.Tensor, xprev: th.Tensor
@@ -332,14 +363,6 @@ class GaussianDiffusion:
             )
             * x_t
         )
-
-    def _predict_eps_from_xstart(
-        self, x_t: th.Tensor, t: th.Tensor, pred_xstart: th.Tensor
-    ) -> th.Tensor:
-        # Invert x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps for eps.
-        return (
-            _extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart
-        ) / _extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape)
 
     def _scale_timesteps(self, t: th.Tensor) -> th.Tensor:
         """The timesteps the model sees: t itself, or t * 1000 / T (float) if rescaling."""
@@ -381,15 +404,45 @@ class GaussianDiffusion:
         if model_kwargs is None:
             model_kwargs = {}
         alpha_bar = _extract_into_tensor(self.alphas_cumprod, t, _per_example(x))
-        eps = self._predict_eps_from_xstart(x, t, p_mean_var["pred_xstart"])
+        eps = self.predict_eps(x, t, p_mean_var["pred_xstart"])
         eps = eps - (1 - alpha_bar).sqrt() * cond_fn(x, self._scale_timesteps(t), **model_kwargs)
         out = p_mean_var.copy()
-        out["pred_xstart"] = self._predict_xstart_from_eps(x, t, eps)
+        out["pred_xstart"] = self.predict_xstart(x, t, eps)
         out["mean"], _, _ = self.q_posterior_mean_variance(x_start=out["pred_xstart"], x_t=x, t=t)
         return out
 
     # ----------------------------------------------------------------------------------------
-    # Sampling steps
+    # Respacing
+
+    def respace(self, use_timesteps) -> "GaussianDiffusion":
+        """
+        This process on a subset of its grid, built as the diffusion factory builds one: a
+        `SpacedDiffusion` over the base schedule and constructor settings this one was made from.
+
+        :param use_timesteps: indices into this diffusion's grid (for a SpacedDiffusion, into its
+                              respaced grid) to keep.
+        :return: a SpacedDiffusion whose model calls see the base process's timesteps.
+        """
+        from .respace import SpacedDiffusion  # respace builds on this module
+
+        base_t = getattr(self, "timestep_map", range(self.num_timesteps))
+        keep = [int(i) for i in use_timesteps]
+        bad = [i for i in keep if not 0 <= i < self.num_timesteps]
+        if bad:
+            raise ValueError(f"timesteps {bad[:5]} are outside the {self.num_timesteps}-step grid")
+        return SpacedDiffusion(use_timesteps={base_t[i] for i in keep}, **self.base_kwargs)
+
+    # ----------------------------------------------------------------------------------------
+    # Sampling: the original's entry points, thin shims over the one loop of `samplers`
+    # (imported lazily: samplers builds on this module).
+
+    def _denoiser(self, model, clip_denoised, denoised_fn, cond_fn, model_kwargs, noise_fn=None):
+        from . import samplers
+
+        return samplers.Denoiser(
+            self, model, clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
+            model_kwargs=model_kwargs, noise_fn=noise_fn,
+        )
 
     def p_sample(
         self,
@@ -412,16 +465,10 @@ class GaussianDiffusion:
                          sampling passes one that gives every sample its own generator.
         :return: a dict with 'sample' (x_{t-1}) and 'pred_xstart'.
         """
-        out = self.p_mean_variance(
-            model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-            model_kwargs=model_kwargs,
-        )
-        noise = (noise_fn or th.randn_like)(x)
-        if cond_fn is not None:
-            out["mean"] = self.condition_mean(cond_fn, out, x, t, model_kwargs=model_kwargs)
-        # The last step (t == 0) returns the mean: x_0 gets no noise.
-        sample = out["mean"] + _nonzero_mask(t, x) * th.exp(0.5 * out["log_variance"]) * noise
-        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+        from . import samplers
+
+        den = self._denoiser(model, clip_denoised, denoised_fn, cond_fn, model_kwargs, noise_fn)
+        return samplers.step_once("ddpm", den, x, t, t - 1)
 
     def ddim_sample(
         self,
@@ -437,35 +484,14 @@ class GaussianDiffusion:
     ) -> dict:
         """
         Sample x_{t-1} with DDIM (Song et al. 2021, eq. 12); eta = 0 is deterministic, eta = 1
-        matches the DDPM posterior variance.
+        matches the DDPM posterior variance. cond_fn guides the score.
 
         :return: a dict with 'sample' (x_{t-1}) and 'pred_xstart'.
         """
-        out = self.p_mean_variance(
-            model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-            model_kwargs=model_kwargs,
-        )
-        if cond_fn is not None:
-            out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
-        # Recompute eps from the (possibly clipped) x_0 so that both agree with x_t.
-        eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
-        # Per-example [N x 1 x ...] coefficients: the same values as expanding them to x's shape,
-        # without computing every square root once per pixel.
-        alpha_bar = _extract_into_tensor(self.alphas_cumprod, t, _per_example(x))
-        alpha_bar_prev = _extract_into_tensor(self.alphas_cumprod_prev, t, _per_example(x))
-        # Song et al. 2021, eq. 16.
-        sigma = (
-            eta
-            * th.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
-            * th.sqrt(1 - alpha_bar / alpha_bar_prev)
-        )
-        noise = (noise_fn or th.randn_like)(x)
-        mean_pred = (
-            out["pred_xstart"] * th.sqrt(alpha_bar_prev)
-            + th.sqrt(1 - alpha_bar_prev - sigma**2) * eps
-        )
-        sample = mean_pred + _nonzero_mask(t, x) * sigma * noise
-        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+        from . import samplers
+
+        den = self._denoiser(model, clip_denoised, denoised_fn, cond_fn, model_kwargs, noise_fn)
+        return samplers.step_once("ddim", den, x, t, t - 1, eta=eta)
 
     def ddim_reverse_sample(
         self,
@@ -482,53 +508,14 @@ class GaussianDiffusion:
 
         :return: a dict with 'sample' (x_{t+1}) and 'pred_xstart'.
         """
+        from . import samplers
+
         if eta != 0.0:
             raise ValueError(f"ddim_reverse_sample is only deterministic with eta=0, got {eta}")
-        out = self.p_mean_variance(
-            model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-            model_kwargs=model_kwargs,
-        )
-        eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
-        alpha_bar_next = _extract_into_tensor(self.alphas_cumprod_next, t, _per_example(x))
-        # DDIM eq. 12 with sigma = 0, run towards the next (noisier) step.
-        mean_pred = out["pred_xstart"] * th.sqrt(alpha_bar_next) + th.sqrt(1 - alpha_bar_next) * eps
-        return {"sample": mean_pred, "pred_xstart": out["pred_xstart"]}
-
-    # ----------------------------------------------------------------------------------------
-    # Sampling loops: one loop, two step functions
-
-    def _sample_loop_progressive(
-        self,
-        step_fn: Callable[..., dict],
-        model: Model,
-        shape,
-        noise: th.Tensor | None = None,
-        device=None,
-        progress: bool = False,
-        **step_kwargs,
-    ) -> Iterator[dict]:
-        """
-        Run `step_fn(model, x_t, t, **step_kwargs)` from t = T-1 down to 0, yielding each step's
-        output dict ('sample', 'pred_xstart').  DDPM and DDIM differ only in step_fn.
-        """
-        if device is None:
-            # Given noise fixes the device; otherwise follow the model's parameters.
-            device = noise.device if noise is not None else next(model.parameters()).device
-        if not isinstance(shape, (tuple, list)):
-            raise TypeError(f"shape must be a tuple or list, got {type(shape).__name__}")
-        img = noise if noise is not None else th.randn(*shape, device=device)
-        indices = list(range(self.num_timesteps))[::-1]
-        if progress:
-            # Imported lazily: tqdm is only needed for interactive runs.
-            from tqdm.auto import tqdm
-
-            indices = tqdm(indices)
-        for i in indices:
-            t = th.tensor([i] * shape[0], device=device)
-            with th.no_grad():
-                out = step_fn(model, img, t, **step_kwargs)
-            yield out
-            img = out["sample"]
+        den = self._denoiser(model, clip_denoised, denoised_fn, None, model_kwargs)
+        pred = den(x, t)
+        # DDIM eq. 12 with sigma = 0 towards the next, noisier step (alphas_cumprod 0 past T-1).
+        return {"sample": samplers.ddim_update(den, x, t, t + 1, pred), "pred_xstart": pred.x0}
 
     def p_sample_loop_progressive(
         self,
@@ -548,15 +535,16 @@ class GaussianDiffusion:
 
         :param shape: the shape of the samples, (N, C, H, W).
         :param noise: if given, the initial x_T (else standard normal noise on `device`).
-        :param device: where to create tensors; defaults to the device of `noise` if given, else
-                       of the model's parameters.
+        :param device: where to create x_T; defaults to the device of the model's parameters.
         :param progress: if True, show a tqdm progress bar.
         :param noise_fn: draws each step's noise (default `th.randn_like`), see p_sample.
         """
-        yield from self._sample_loop_progressive(
-            self.p_sample, model, shape, noise=noise, device=device, progress=progress,
-            clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
-            model_kwargs=model_kwargs, noise_fn=noise_fn,
+        from . import samplers
+
+        yield from samplers.sample_loop_progressive(
+            "ddpm", self, model, shape, noise=noise, clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn, cond_fn=cond_fn, model_kwargs=model_kwargs, device=device,
+            progress=progress, noise_fn=noise_fn,
         )
 
     def ddim_sample_loop_progressive(
@@ -574,10 +562,12 @@ class GaussianDiffusion:
         noise_fn: Callable[[th.Tensor], th.Tensor] | None = None,
     ) -> Iterator[dict]:
         """Like p_sample_loop_progressive, with DDIM steps (see ddim_sample)."""
-        yield from self._sample_loop_progressive(
-            self.ddim_sample, model, shape, noise=noise, device=device, progress=progress,
-            clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
-            model_kwargs=model_kwargs, eta=eta, noise_fn=noise_fn,
+        from . import samplers
+
+        yield from samplers.sample_loop_progressive(
+            "ddim", self, model, shape, noise=noise, clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn, cond_fn=cond_fn, model_kwargs=model_kwargs, device=device,
+            progress=progress, noise_fn=noise_fn, eta=eta,
         )
 
     def p_sample_loop(
@@ -598,13 +588,13 @@ class GaussianDiffusion:
 
         :return: the final [N x C x ...] batch of samples x_0.
         """
-        return _final_sample(
-            self.p_sample_loop_progressive(
-                model, shape, noise=noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                cond_fn=cond_fn, model_kwargs=model_kwargs, device=device, progress=progress,
-                noise_fn=noise_fn,
-            )
-        )
+        from . import samplers
+
+        return samplers.final_sample(self.p_sample_loop_progressive(
+            model, shape, noise=noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+            cond_fn=cond_fn, model_kwargs=model_kwargs, device=device, progress=progress,
+            noise_fn=noise_fn,
+        ))
 
     def ddim_sample_loop(
         self,
@@ -625,13 +615,13 @@ class GaussianDiffusion:
 
         :return: the final [N x C x ...] batch of samples x_0.
         """
-        return _final_sample(
-            self.ddim_sample_loop_progressive(
-                model, shape, noise=noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                cond_fn=cond_fn, model_kwargs=model_kwargs, device=device, progress=progress,
-                eta=eta, noise_fn=noise_fn,
-            )
-        )
+        from . import samplers
+
+        return samplers.final_sample(self.ddim_sample_loop_progressive(
+            model, shape, noise=noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+            cond_fn=cond_fn, model_kwargs=model_kwargs, device=device, progress=progress,
+            eta=eta, noise_fn=noise_fn,
+        ))
 
     # ----------------------------------------------------------------------------------------
     # Losses and likelihood
@@ -792,7 +782,7 @@ class GaussianDiffusion:
                 )
             vb.append(out["output"])
             xstart_mse.append(mean_flat((out["pred_xstart"] - x_start) ** 2))
-            eps = self._predict_eps_from_xstart(x_t, t_batch, out["pred_xstart"])
+            eps = self.predict_eps(x_t, t_batch, out["pred_xstart"])
             mse.append(mean_flat((eps - noise) ** 2))
 
         # Stacked in loop order, i.e. from t = T-1 down to 0, as the original does.
@@ -809,14 +799,6 @@ class GaussianDiffusion:
             "xstart_mse": xstart_mse,
             "mse": mse,
         }
-
-
-def _final_sample(progressive: Iterator[dict]) -> th.Tensor:
-    """Run a progressive sampling loop to the end and return its last 'sample'."""
-    final = None
-    for out in progressive:
-        final = out
-    return final["sample"]
 
 
 def _per_example(x: th.Tensor) -> tuple:

@@ -111,8 +111,10 @@ class SpacedDiffusion(GaussianDiffusion):
                 new_betas.append(1 - alpha_cumprod / last_alpha_cumprod)
                 last_alpha_cumprod = alpha_cumprod
                 self.timestep_map.append(i)
+        base_kwargs = dict(kwargs, betas=base_diffusion.betas)
         kwargs["betas"] = np.array(new_betas)
         super().__init__(**kwargs)
+        self.base_kwargs = base_kwargs  # `respace` respaces the base process, not this one
 
     def p_mean_variance(self, model, *args, **kwargs):
         return super().p_mean_variance(self._wrap_model(model), *args, **kwargs)

@@ -1,47 +1,52 @@
-"""Samplers behind one interface: the original's DDPM/DDIM loops and fast ODE/SDE solvers.
+"""Every sampler as one step function of one loop: DDPM, DDIM and fast ODE/SDE solvers.
 
 `sample(diffusion, model, shape, sampler=..., steps=..., ...)` is the one entry point the sampling
-scripts call. It dispatches:
+scripts call; the original's `p_sample_loop` / `ddim_sample_loop` (and their `_progressive` and
+single-step forms) are thin shims over the same loop. The samplers:
 
-- `"ddpm"` / `"ddim"` (and `""`, which means "DDIM if --use_ddim else DDPM", the original's rule) to
-  the diffusion's own `p_sample_loop` / `ddim_sample_loop`. `--steps N` respaces the full schedule
-  the way the original's README does (`--timestep_respacing N` for DDPM, `ddimN` for DDIM);
-  `--steps 0` samples on the diffusion's grid as built from `--timestep_respacing`.
-- `"plms"`, `"dpm++2m"`, `"dpm++3m"`, `"heun"` to solvers of the probability-flow ODE of the
-  model's own VP schedule (alpha_t^2 = alphas_cumprod[t], sigma_t^2 = 1 - alphas_cumprod[t]),
-  and `"dpm++2m-sde"` to the second-order multistep solver of the reverse SDE (stochastic, like
-  DDPM, which corrects model errors that a deterministic ODE solver carries to the end).
+- `"ddpm"`: ancestral sampling (Ho et al. 2020, Algorithm 2) with the model's fixed or learned
+  variance; classifier guidance shifts the mean (Dhariwal & Nichol 2021, Algorithm 1).
+- `"ddim"`: DDIM (Song et al. 2021, eqs. 12 and 16) with `--eta`; guidance shifts the score.
+- `"plms"`, `"dpm++2m"`, `"dpm++3m"`, `"heun"`: solvers of the probability-flow ODE of the model's
+  own VP schedule (alpha_t^2 = alphas_cumprod[t], sigma_t^2 = 1 - alphas_cumprod[t]), and
+  `"dpm++2m-sde"`, the second-order multistep solver of the reverse SDE (stochastic like DDPM,
+  which corrects model errors that a deterministic ODE solver carries to the end).
+- `""` means "DDIM if --use_ddim else DDPM", the original's rule.
 
-Every ODE/SDE solver is one step function with the same signature,
-`step(denoiser, x, t, t_next, history) -> x_next`, run by the single loop
-`solve(name, denoiser, x, timesteps)` (one sampler signature, as in k-diffusion). The
-`Denoiser` adapter is the only place that talks to the model: it turns
-`diffusion.p_mean_variance` (which already handles respaced timesteps, eps/x0/learned-variance
-outputs, `clip_denoised` and `denoised_fn`) plus `diffusion.condition_score` (classifier guidance,
-score form) into the pair (eps, x0) at a grid point. Classifier-free guidance wraps the model itself
-(`guidance.cfg_model`), so it works the same in every loop.
+Every sampler is one function `step(denoiser, x, t, t_next, history) -> x_next` run by the single
+loop `solve_progressive` (one sampler signature, as in k-diffusion). The `Denoiser` adapter is the
+only place that calls the model: `diffusion.p_mean_variance` (respaced timesteps, eps/x0/learned-
+variance outputs, `clip_denoised`, `denoised_fn`) plus classifier guidance, turned into the pair
+(eps, x0) at a grid point. Classifier-free guidance wraps the model itself (`guidance.cfg_model`).
 
-Time steps. Solvers only ever evaluate the model at *integer* timesteps of the diffusion's grid,
-the timesteps it was trained on. `--steps N` picks N of them with log-SNR
-lambda_t = log(alpha_t / sigma_t) as close as possible to uniform between the noisiest and the
-cleanest grid point (the spacing DPM-Solver recommends for pixel-space models, Lu et al. 2022),
-collisions pushed one grid step apart; `--sampler_spacing uniform` spaces them evenly in t instead.
-After the last (cleanest) grid point, every solver takes one final step to the noise-free end of the
-ODE (alpha = 1, sigma = 0), like the original DDIM, whose last step returns the predicted x_0. So a
-multistep solver with `--steps N` costs N network evaluations (NFE); Heun costs 2N - 1.
+Time steps, the same rule for every sampler. A loop walks the diffusion's whole grid, from its
+noisiest point down to index 0 and then one last step to the noise-free end (CLEAN: alpha = 1,
+sigma = 0; DDPM's last step returns the posterior mean there, DDIM's the predicted x_0), evaluating
+the model once per grid point. `--steps N` first respaces the diffusion to N of its grid
+timesteps, chosen by `select_timesteps` under `--sampler_spacing`: "logsnr" (default) puts them as
+close as possible to uniform in log-SNR lambda_t = log(alpha_t / sigma_t) (the spacing DPM-Solver
+recommends for pixel-space models, Lu et al. 2022), "uniform" evenly in t exactly as
+`--timestep_respacing N` does. The respaced diffusion is built by `diffusion.respace`, the same
+`SpacedDiffusion` construction as the factory's. So `--steps N` costs N network evaluations (NFE)
+for every sampler except Heun, whose corrector makes it 2N - 1. `--steps 0` keeps the diffusion's
+grid (the full schedule, or `--timestep_respacing`, which with `--use_ddim` behave exactly as the
+original's).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch as th
 
+from .gaussian_diffusion import _extract_into_tensor, _nonzero_mask, _per_example
 from .guidance import cfg_model
+from .respace import space_timesteps
 
 CLEAN = -1  # grid index of the noise-free end of the ODE: alphas_cumprod = 1, sigma = 0
 
@@ -70,16 +75,24 @@ def sampler_defaults() -> dict:
 
 @dataclass
 class Prediction:
-    """The model's prediction at one grid point: timestep `t` (grid index), `eps` and `x0`."""
+    """
+    The model's prediction at one grid point.
 
-    t: int
+    :param t: the grid index (an int in the loop; an [N] tensor in the single-step shims).
+    :param eps: the [N x C x ...] noise prediction, consistent with x0.
+    :param x0: the [N x C x ...] prediction of x_0 (clipped, denoised_fn'd, score-guided).
+    :param out: the dict of `p_mean_variance` ('mean', 'variance', 'log_variance', 'pred_xstart').
+    """
+
+    t: int | th.Tensor
     eps: th.Tensor
     x0: th.Tensor
+    out: dict
 
 
 class Denoiser:
     """
-    Adapter between a diffusion + model and the ODE solvers: (eps, x0) at an integer grid timestep.
+    Adapter between a diffusion + model and the step functions: (eps, x0) at a grid timestep.
 
     :param diffusion: a GaussianDiffusion / SpacedDiffusion; its `alphas_cumprod` define the grid
         (for a SpacedDiffusion, the respaced grid; it maps grid indices to the model's timesteps).
@@ -88,10 +101,10 @@ class Denoiser:
         DDIM).
     :param denoised_fn: optional function applied to the predicted x_0 before clipping.
     :param cond_fn: optional classifier-guidance gradient function `cond_fn(x, t, **model_kwargs)`;
-        applied in score form (`diffusion.condition_score`):
-        eps <- eps - sqrt(1 - alpha_bar) * grad.
+        applied in score form (`diffusion.condition_score`),
+        eps <- eps - sqrt(1 - alpha_bar) * grad, except for DDPM, whose step shifts the mean.
     :param model_kwargs: extra model inputs, e.g. {'y': labels}.
-    :param noise_fn: `randn_like` for the step noise of stochastic solvers (default torch's), so
+    :param noise_fn: `randn_like` for the step noise of stochastic samplers (default torch's), so
         that seeded sampling can give every sample its own generator.
     """
 
@@ -114,6 +127,10 @@ class Denoiser:
         self.cond_fn = cond_fn
         self.model_kwargs = model_kwargs or {}
         self.alphas_cumprod = np.asarray(diffusion.alphas_cumprod, dtype=np.float64)
+        # alphas_cumprod indexed by any step target: [0, T) the grid, T the point past the
+        # noisiest one (0, where the reverse DDIM step ends: the original's alphas_cumprod_next),
+        # and CLEAN = -1 the noise-free end (1: the original's alphas_cumprod_prev at t = 0).
+        self._alpha_bar_targets = np.append(self.alphas_cumprod, [0.0, 1.0])
         self.nfe = 0  # network evaluations so far (the cost the quality table reports)
 
     # Schedule of the VP ODE at a grid index (CLEAN = the noise-free end), in float64.
@@ -137,13 +154,23 @@ class Denoiser:
         """EDM's noise level of the VP ODE in x / alpha space: sigma / alpha = exp(-lambda)."""
         return 0.0 if t == CLEAN else self.sigma(t) / self.alpha(t)
 
-    def __call__(self, x: th.Tensor, t: int) -> Prediction:
+    def alpha_bar_like(self, t: int | th.Tensor, x: th.Tensor) -> th.Tensor:
+        """
+        alphas_cumprod at step target(s) t as float32 [N x 1 x ...], rounded as the original's
+        DDPM/DDIM steps round it (float64 lookup, then float32).
+
+        :param t: an int or [N] tensor of grid indices, CLEAN, or len(grid) (beyond the noisiest).
+        """
+        return _extract_into_tensor(self._alpha_bar_targets, _batch_t(t, x), _per_example(x))
+
+    def __call__(self, x: th.Tensor, t: int | th.Tensor, guide_score: bool = True) -> Prediction:
         """
         :param x: the [N x C x ...] sample at grid timestep `t`.
-        :param t: an integer index into the diffusion's grid (not CLEAN).
+        :param t: an integer index into the diffusion's grid (not CLEAN), or an [N] tensor of them.
+        :param guide_score: apply cond_fn to the score; False leaves guidance to the step (DDPM).
         :return: Prediction with eps and x0, both shaped like x.
         """
-        tt = th.full((x.shape[0],), int(t), device=x.device, dtype=th.long)
+        tt = _batch_t(t, x)
         out = self.diffusion.p_mean_variance(
             self.model,
             x,
@@ -152,31 +179,92 @@ class Denoiser:
             denoised_fn=self.denoised_fn,
             model_kwargs=self.model_kwargs,
         )
-        if self.cond_fn is not None:
-            # Classifier guidance as a shift of the score (Dhariwal & Nichol 2021, Algorithm 2):
-            # the same correction the original DDIM applies; cond_fn sees the model's timesteps.
+        self.nfe += 1
+        if self.cond_fn is not None and guide_score:
+            # Classifier guidance as a shift of the score (Dhariwal & Nichol 2021, Algorithm 2);
+            # cond_fn sees the model's timesteps.
             out = self.diffusion.condition_score(
                 self.cond_fn, out, x, tt, model_kwargs=self.model_kwargs
             )
         x0 = out["pred_xstart"]
         # eps consistent with the (clipped, guided) x0, as the original DDIM step computes it.
-        eps = self.diffusion._predict_eps_from_xstart(x, tt, x0)
-        self.nfe += 1
-        return Prediction(int(t), eps, x0)
+        eps = self.diffusion.predict_eps(x, tt, x0)
+        return Prediction(t, eps, x0, out)
+
+
+def _batch_t(t: int | th.Tensor, x: th.Tensor) -> th.Tensor:
+    """Grid index t as the [N] long tensor the diffusion's methods take."""
+    if th.is_tensor(t):
+        return t
+    return th.full((x.shape[0],), int(t), device=x.device, dtype=th.long)
 
 
 # A step maps x at grid point t to x at t_next, given the predictions so far (newest last; the
-# newest is at t). Every solver below is one such function, run by `solve`.
+# newest is at t). Every sampler below is one such function, run by `solve_progressive`.
 StepFn = Callable[[Denoiser, th.Tensor, int, int, list], th.Tensor]
 
 
-def _step_ddim(den: Denoiser, x: th.Tensor, t: int, t_next: int, hist: list) -> th.Tensor:
+def _step_ddpm(den: Denoiser, x: th.Tensor, t, t_next, hist: list) -> th.Tensor:
     """
-    DDIM with eta = 0 (Song et al. 2021, eq. 12) = DPM-Solver++(1) = Euler in sigma/alpha space:
-    x_next = alpha_next * x0 + sigma_next * eps.
+    Ancestral sampling, x_{t-1} ~ p(x_{t-1} | x_t) (Ho et al. 2020, Algorithm 2, one step), with
+    the model's fixed or learned variance. Classifier guidance shifts the mean by
+    variance * grad (Dhariwal & Nichol 2021, Algorithm 1). The last step (t = 0) returns the mean.
+    The posterior is the diffusion's own step: t_next must be t - 1.
     """
+    if not th.is_tensor(t) and t_next != t - 1:
+        raise ValueError(f"a DDPM step goes to the previous grid point, not from {t} to {t_next}")
     p = hist[-1]
-    return den.alpha(t_next) * p.x0 + den.sigma(t_next) * p.eps
+    tt = _batch_t(t, x)
+    noise = den.noise_fn(x)  # drawn before cond_fn runs, in the original's order
+    mean = p.out["mean"]
+    if den.cond_fn is not None:
+        mean = den.diffusion.condition_mean(
+            den.cond_fn, p.out, x, tt, model_kwargs=den.model_kwargs
+        )
+    return mean + _nonzero_mask(tt, x) * th.exp(0.5 * p.out["log_variance"]) * noise
+
+
+def ddim_update(
+    den: Denoiser,
+    x: th.Tensor,
+    t,
+    t_next,
+    pred: Prediction,
+    eta: float = 0.0,
+    noise: th.Tensor | None = None,
+) -> th.Tensor:
+    """
+    The DDIM update (Song et al. 2021, eq. 12) from grid point t to t_next, in either direction:
+      x_next = sqrt(abar_next) x0 + sqrt(1 - abar_next - s^2) eps + s z,
+      s = eta sqrt((1 - abar_next) / (1 - abar)) sqrt(1 - abar / abar_next)   (eq. 16).
+    With eta = 0 it is the exact DDIM ODE step (= DPM-Solver++(1)); eta = 1 is the DDPM posterior.
+    Coefficients are float32 per example, as the original rounds them.
+
+    :param t, t_next: ints or [N] tensors of step targets (CLEAN, or len(grid) for the reverse
+        step from the noisiest point).
+    :param noise: the [N x C x ...] step noise z; needed when eta != 0.
+    """
+    alpha_bar_next = den.alpha_bar_like(t_next, x)
+    x_next = pred.x0 * th.sqrt(alpha_bar_next)
+    if eta == 0.0:
+        # s = 0 exactly: skipping it leaves every value as the original computes it.
+        return x_next + th.sqrt(1 - alpha_bar_next) * pred.eps
+    alpha_bar = den.alpha_bar_like(t, x)
+    s = (
+        eta
+        * th.sqrt((1 - alpha_bar_next) / (1 - alpha_bar))
+        * th.sqrt(1 - alpha_bar / alpha_bar_next)
+    )
+    x_next = x_next + th.sqrt(1 - alpha_bar_next - s**2) * pred.eps
+    # No noise into the last step's target (s is 0 there anyway), as the original masks it.
+    return x_next + _nonzero_mask(_batch_t(t, x), x) * s * noise
+
+
+def _step_ddim(den: Denoiser, x, t, t_next, hist: list, eta: float = 0.0) -> th.Tensor:
+    """DDIM with eta (Song et al. 2021): `ddim_update` with step noise from den.noise_fn."""
+    # The original draws the noise even at eta = 0: later draws of a seeded run depend on it.
+    noise = den.noise_fn(x)
+    return ddim_update(den, x, t, t_next, hist[-1], eta, noise)
 
 
 def _step_dpmpp_2m(den: Denoiser, x: th.Tensor, t: int, t_next: int, hist: list) -> th.Tensor:
@@ -266,7 +354,7 @@ def _step_plms(den: Denoiser, x: th.Tensor, t: int, t_next: int, hist: list) -> 
     """
     PLMS (Liu et al. 2022, "Pseudo numerical methods for diffusion models"): a linear
     multistep combination eps' of the last four eps, fed to their transfer step
-    phi(x_t, eps', t, t_next), which is the DDIM step (our `_step_ddim` with eps'):
+    phi(x_t, eps', t, t_next), which is the DDIM step (`ddim_update` with eps', eta = 0):
     x_next / alpha_next = x / alpha + (sigma_next/alpha_next - sigma/alpha) eps'.
     The first three steps use Adams-Bashforth of order 1 (pseudo-Euler = DDIM), 2 and 3 instead of
     the paper's pseudo Runge-Kutta start, so every step costs one network evaluation. The weights
@@ -296,6 +384,7 @@ def _step_heun(den: Denoiser, x: th.Tensor, t: int, t_next: int, hist: list) -> 
 
 
 STEPS: dict[str, StepFn] = {
+    "ddpm": _step_ddpm,
     "ddim": _step_ddim,
     "plms": _step_plms,
     "dpm++2m": _step_dpmpp_2m,
@@ -303,10 +392,74 @@ STEPS: dict[str, StepFn] = {
     "dpm++2m-sde": _step_dpmpp_2m_sde,
     "heun": _step_heun,
 }
-# Samplers that `sample()` accepts: the original's two loops and the solvers ("ddim" there is the
-# original's loop, which also honours --eta; STEPS["ddim"] is its eta = 0 step, used by the others).
-SAMPLERS = ("ddpm", "ddim", "plms", "dpm++2m", "dpm++3m", "dpm++2m-sde", "heun")
+SAMPLERS = tuple(STEPS)  # what `--sampler` accepts (besides "", the original's choice)
+_MEAN_GUIDED = {"ddpm"}  # samplers that apply cond_fn to the mean themselves, not to the score
 _HISTORY = 4  # no step looks further back than PLMS's four predictions
+
+
+def _step_fn(sampler: str, eta: float) -> StepFn:
+    if sampler not in STEPS:
+        raise ValueError(f"--sampler {sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
+    if eta == 0.0:
+        return STEPS[sampler]
+    if sampler != "ddim":
+        raise ValueError(f"--eta {eta} applies to --sampler ddim only, not {sampler!r}")
+    return functools.partial(_step_ddim, eta=eta)
+
+
+def step_once(sampler: str, den: Denoiser, x: th.Tensor, t, t_next, eta: float = 0.0) -> dict:
+    """
+    One step of `sampler` without history (the original's `p_sample` / `ddim_sample`).
+
+    :param t, t_next: ints or [N] tensors of grid indices (t_next may be CLEAN).
+    :return: a dict with 'sample' (x at t_next) and 'pred_xstart'.
+    """
+    step = _step_fn(sampler, eta)
+    pred = den(x, t, guide_score=sampler not in _MEAN_GUIDED)
+    return {"sample": step(den, x, t, t_next, [pred]), "pred_xstart": pred.x0}
+
+
+def solve_progressive(
+    sampler: str,
+    den: Denoiser,
+    x: th.Tensor,
+    timesteps: Sequence[int],
+    progress: bool = False,
+    eta: float = 0.0,
+) -> Iterator[dict]:
+    """
+    The one sampling loop: step x from timesteps[0] to timesteps[-1], evaluating the model once
+    per step at the current point (plus Heun's corrector), and yield every step's result.
+
+    :param sampler: a key of STEPS.
+    :param den: the Denoiser adapter.
+    :param x: the [N x C x ...] starting sample at timesteps[0] (e.g. pure noise at the top).
+    :param timesteps: decreasing grid indices; the last may be CLEAN (the noise-free end).
+    :param progress: show a tqdm progress bar.
+    :param eta: DDIM's eta (only for sampler "ddim").
+    :return: an iterator of dicts with 'sample' (x at the next timestep) and 'pred_xstart' (the
+        x_0 prediction at the current one).
+    """
+    step = _step_fn(sampler, eta)
+    guide_score = sampler not in _MEAN_GUIDED
+    ts = [int(t) for t in timesteps]
+    if any(a <= b and b != CLEAN for a, b in zip(ts, ts[1:])) or CLEAN in ts[:-1]:
+        raise ValueError(f"timesteps must decrease strictly and only end with CLEAN, got {ts}")
+    indices = range(len(ts) - 1)
+    if progress:
+        # Imported lazily: tqdm is only needed for interactive runs.
+        from tqdm.auto import tqdm
+
+        indices = tqdm(indices)
+    hist: list[Prediction] = []
+    for i in indices:
+        # No graph, as in the original's loops (cond_fn enables grad for itself). Not around the
+        # yield: the caller's code between steps must keep its own grad mode.
+        with th.no_grad():
+            hist.append(den(x, ts[i], guide_score=guide_score))
+            x = step(den, x, ts[i], ts[i + 1], hist)
+        del hist[:-_HISTORY]
+        yield {"sample": x, "pred_xstart": hist[-1].x0}
 
 
 def solve(
@@ -315,44 +468,77 @@ def solve(
     x: th.Tensor,
     timesteps: Sequence[int],
     progress: bool = False,
+    eta: float = 0.0,
 ) -> th.Tensor:
-    """
-    Integrate the probability-flow ODE from timesteps[0] to timesteps[-1]: the one loop of every
-    ODE solver. The model is evaluated once per step at the current point (plus Heun's corrector).
+    """`solve_progressive` run to the end: the sample at timesteps[-1]."""
+    return final_sample(solve_progressive(sampler, den, x, timesteps, progress, eta))
 
-    :param sampler: a key of STEPS.
-    :param den: the Denoiser adapter.
-    :param x: the [N x C x ...] starting sample at timesteps[0] (e.g. pure noise at the top).
-    :param timesteps: decreasing grid indices; the last may be CLEAN (the noise-free end).
-    :return: the sample at timesteps[-1].
-    """
-    if sampler not in STEPS:
-        raise ValueError(f"unknown ODE sampler {sampler!r}; choose one of {sorted(STEPS)}")
-    ts = [int(t) for t in timesteps]
-    if any(a <= b and b != CLEAN for a, b in zip(ts, ts[1:])) or CLEAN in ts[:-1]:
-        raise ValueError(f"timesteps must decrease strictly and only end with CLEAN, got {ts}")
-    step = STEPS[sampler]
-    indices = range(len(ts) - 1)
-    if progress:
-        from tqdm.auto import tqdm
 
-        indices = tqdm(indices)
-    hist: list[Prediction] = []
-    with th.no_grad():  # as the original's loops; cond_fn enables grad for itself
-        for i in indices:
-            hist.append(den(x, ts[i]))
-            x = step(den, x, ts[i], ts[i + 1], hist)
-            del hist[:-_HISTORY]
-    return x
+def final_sample(progressive: Iterator[dict]) -> th.Tensor:
+    """Run a progressive loop to the end and return its last 'sample'."""
+    final = None
+    for out in progressive:
+        final = out
+    if final is None:
+        raise ValueError("the sampling loop took no steps")
+    return final["sample"]
+
+
+def grid(diffusion) -> list[int]:
+    """The loop's timesteps on a diffusion's whole grid: T-1 down to 0, then CLEAN."""
+    return [*range(diffusion.num_timesteps - 1, -1, -1), CLEAN]
+
+
+def sample_loop_progressive(
+    sampler: str,
+    diffusion,
+    model,
+    shape: Sequence[int],
+    *,
+    noise: th.Tensor | None = None,
+    clip_denoised: bool = True,
+    denoised_fn: Callable | None = None,
+    cond_fn: Callable | None = None,
+    model_kwargs: dict | None = None,
+    device=None,
+    progress: bool = False,
+    noise_fn: Callable[[th.Tensor], th.Tensor] | None = None,
+    eta: float = 0.0,
+) -> Iterator[dict]:
+    """
+    Sample on the diffusion's whole grid with `sampler`, yielding every step's dict ('sample',
+    'pred_xstart'): the loop behind `sample()` and the original's `*_sample_loop_progressive`.
+
+    :param shape: the [N x C x ...] shape of the samples (a tuple or list).
+    :param noise: the initial x_T; else standard normal noise on `device`, which defaults to
+        the device of the model's parameters.
+    """
+    if not isinstance(shape, (tuple, list)):
+        raise TypeError(f"shape must be a tuple or list, got {type(shape).__name__}")
+    if noise is None:
+        if device is None:
+            device = next(model.parameters()).device
+        noise = th.randn(*shape, device=device)
+    den = Denoiser(
+        diffusion,
+        model,
+        clip_denoised=clip_denoised,
+        denoised_fn=denoised_fn,
+        cond_fn=cond_fn,
+        model_kwargs=model_kwargs,
+        noise_fn=noise_fn,
+    )
+    yield from solve_progressive(sampler, den, noise, grid(diffusion), progress, eta)
 
 
 def select_timesteps(alphas_cumprod, steps: int, spacing: str = "logsnr") -> np.ndarray:
     """
-    Choose `steps` integer grid indices, decreasing from the noisiest (len - 1) to the cleanest (0).
+    Choose `steps` integer grid indices, decreasing from the noisiest (len - 1) to the cleanest (0):
+    the one rule behind `--steps` for every sampler.
 
     :param alphas_cumprod: the grid's [T] cumulative alphas.
     :param spacing: "logsnr": nearest to uniform in lambda = log(alpha / sigma) (Lu et al. 2022);
-        "uniform": evenly spaced in t (the original's respacing within one section).
+        "uniform": evenly spaced in t, exactly the original's `--timestep_respacing N`.
     :return: int64 array [steps], strictly decreasing. Indices that would coincide near t = 0, where
         one grid step spans a large log-SNR interval, are pushed one grid step apart.
     """
@@ -361,17 +547,15 @@ def select_timesteps(alphas_cumprod, steps: int, spacing: str = "logsnr") -> np.
     if not 1 <= steps <= n_grid:
         raise ValueError(
             f"--steps must be between 1 and the grid's {n_grid} timesteps, got {steps}")
+    if spacing == "uniform":
+        return np.array(sorted(space_timesteps(n_grid, [steps]), reverse=True), dtype=np.int64)
+    if spacing != "logsnr":
+        raise ValueError(f"--sampler_spacing must be 'logsnr' or 'uniform', got {spacing!r}")
     if steps == 1:
         return np.array([n_grid - 1], dtype=np.int64)
-    if spacing == "uniform":
-        ts = np.round(np.linspace(n_grid - 1, 0, steps))
-    elif spacing == "logsnr":
-        lam = 0.5 * (np.log(acp) - np.log1p(-acp))
-        targets = np.linspace(lam[-1], lam[0], steps)
-        ts = np.abs(lam[None, :] - targets[:, None]).argmin(axis=1)
-    else:
-        raise ValueError(f"--sampler_spacing must be 'logsnr' or 'uniform', got {spacing!r}")
-    ts = ts.astype(np.int64)
+    lam = 0.5 * (np.log(acp) - np.log1p(-acp))
+    targets = np.linspace(lam[-1], lam[0], steps)
+    ts = np.abs(lam[None, :] - targets[:, None]).argmin(axis=1).astype(np.int64)
     # Make the indices strictly decreasing: push up from the clean end, then down from the top.
     for k in range(steps - 2, -1, -1):
         ts[k] = max(ts[k], ts[k + 1] + 1)
@@ -379,42 +563,6 @@ def select_timesteps(alphas_cumprod, steps: int, spacing: str = "logsnr") -> np.
     for k in range(1, steps):
         ts[k] = min(ts[k], ts[k - 1] - 1)
     return ts
-
-
-def _full_grid(diffusion) -> bool:
-    tmap = getattr(diffusion, "timestep_map", None)
-    if tmap is None:
-        return True
-    tmap = [int(t) for t in tmap]
-    return tmap == list(range(getattr(diffusion, "original_num_steps", len(tmap))))
-
-
-def respaced(diffusion, steps: int, ddim: bool):
-    """
-    The diffusion the original's loops use for `--steps N`: the full schedule respaced to N steps
-    as the original's README does it (`--timestep_respacing N` for DDPM, `ddimN` for DDIM).
-
-    :param diffusion: a diffusion over the full schedule (no --timestep_respacing).
-    :return: a SpacedDiffusion (or `diffusion` itself when steps == 0).
-    """
-    if steps <= 0:
-        return diffusion
-    if not _full_grid(diffusion):
-        raise ValueError(
-            "--steps respaces the full schedule, but the diffusion was already built with "
-            "--timestep_respacing: pass one of them (or --steps 0 to sample on the respaced grid)"
-        )
-    from .respace import SpacedDiffusion, space_timesteps
-
-    n_grid = diffusion.num_timesteps
-    return SpacedDiffusion(
-        use_timesteps=space_timesteps(n_grid, f"ddim{steps}" if ddim else str(steps)),
-        betas=np.asarray(diffusion.betas, dtype=np.float64),
-        model_mean_type=diffusion.model_mean_type,
-        model_var_type=diffusion.model_var_type,
-        loss_type=diffusion.loss_type,
-        rescale_timesteps=diffusion.rescale_timesteps,
-    )
 
 
 def sample(
@@ -446,6 +594,7 @@ def sample(
     :param noise_fn: `randn_like` for the step noise of the stochastic samplers (DDPM, DDIM with
         eta > 0, dpm++2m-sde); default torch's global generator.
     :param options: fields of SamplerOptions (sampler, steps, sampler_spacing, cfg_scale, eta).
+        `steps` N > 0 samples on N timesteps of the diffusion's grid (`select_timesteps`).
     :return: the [N x C x H x W] samples.
     """
     try:
@@ -453,47 +602,21 @@ def sample(
     except TypeError as err:
         raise TypeError(f"sample(): unknown option ({err}); known: {sorted(sampler_defaults())}")
     name = opts.sampler or ("ddim" if use_ddim else "ddpm")
-    if name not in SAMPLERS:
-        raise ValueError(f"--sampler {name!r} is unknown; choose one of {', '.join(SAMPLERS)}")
+    _step_fn(name, opts.eta)  # fail on a bad --sampler / --eta before any work
     if opts.steps < 0:
         raise ValueError(f"--steps must be >= 0, got {opts.steps}")
-    model = cfg_model(model, opts.cfg_scale)
-    loop_kwargs = dict(
-        noise=noise,
-        clip_denoised=clip_denoised,
-        denoised_fn=denoised_fn,
-        cond_fn=cond_fn,
-        model_kwargs=model_kwargs,
-        device=device,
-        progress=progress,
-        noise_fn=noise_fn,
-    )
-    if name == "ddpm":
-        spaced = respaced(diffusion, opts.steps, ddim=False)
-        return spaced.p_sample_loop(model, shape, **loop_kwargs)
-    if name == "ddim":
-        spaced = respaced(diffusion, opts.steps, ddim=True)
-        return spaced.ddim_sample_loop(model, shape, eta=opts.eta, **loop_kwargs)
-
-    den = Denoiser(
-        diffusion,
-        model,
-        clip_denoised=clip_denoised,
-        denoised_fn=denoised_fn,
-        cond_fn=cond_fn,
-        model_kwargs=model_kwargs,
-        noise_fn=noise_fn,
-    )
-    n_grid = len(den.alphas_cumprod)
     if opts.steps:
-        ts = select_timesteps(den.alphas_cumprod, opts.steps, opts.sampler_spacing)
-    else:
-        ts = np.arange(n_grid - 1, -1, -1)
-    if noise is None:
-        if device is None and isinstance(model, th.nn.Module):
-            device = next(model.parameters()).device
-        noise = th.randn(*shape, device=device)
-    return solve(name, den, noise, [*ts.tolist(), CLEAN], progress=progress)
+        diffusion = diffusion.respace(
+            select_timesteps(diffusion.alphas_cumprod, opts.steps, opts.sampler_spacing)
+        )
+    if noise is None and device is None and not isinstance(model, th.nn.Module):
+        device = "cpu"  # a plain function has no parameters to take the device from
+    return final_sample(sample_loop_progressive(
+        name, diffusion, cfg_model(model, opts.cfg_scale), shape, noise=noise,
+        clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
+        model_kwargs=model_kwargs, device=device, progress=progress, noise_fn=noise_fn,
+        eta=opts.eta,
+    ))
 
 
 def nfe(sampler: str, steps: int) -> int:

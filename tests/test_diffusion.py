@@ -671,3 +671,46 @@ def test_loops_and_steps_are_bit_identical_to_the_original_formulas(learned, gui
     a_next = gd._extract_into_tensor(diffusion.alphas_cumprod_next, t, (2, 1, 1, 1))
     ref = pmv["pred_xstart"] * th.sqrt(a_next) + th.sqrt(1 - a_next) * eps
     assert th.equal(out["sample"], ref) and th.equal(out["pred_xstart"], pmv["pred_xstart"])
+
+
+def test_predict_eps_and_xstart_invert_the_forward_process():
+    diffusion = make_diffusion(steps=100)
+    x0, eps = th.randn(3, 2, 4, 4), th.randn(3, 2, 4, 4)
+    t = th.tensor([0, 50, 99])
+    x_t = diffusion.q_sample(x0, t, noise=eps)
+    assert th.allclose(diffusion.predict_xstart(x_t, t, eps), x0, atol=1e-4)
+    # At t = 99 sqrt(abar) ~ 0.006: eps is well determined there, x_0 poorly, and vice versa.
+    assert th.allclose(diffusion.predict_eps(x_t, t, x0)[1:], eps[1:], atol=1e-4)
+    # The original's private names are the same methods (user code calls them).
+    assert gd.GaussianDiffusion._predict_xstart_from_eps is gd.GaussianDiffusion.predict_xstart
+    assert gd.GaussianDiffusion._predict_eps_from_xstart is gd.GaussianDiffusion.predict_eps
+
+
+def test_progressive_loops_leave_the_callers_grad_mode_alone():
+    diffusion = make_diffusion(steps=100, respacing="3")
+    model = GaussianDataEps(make_diffusion(steps=100).alphas_cumprod, s=0.5)
+    modes = [th.is_grad_enabled() for _ in diffusion.ddim_sample_loop_progressive(
+        model, (1, 1, 2, 2), noise=th.randn(1, 1, 2, 2))]
+    assert modes == [True] * 3
+
+
+def test_layering_diffusion_math_does_not_import_network_or_script_modules():
+    """gaussian_diffusion never imports nn (network blocks); samplers never the flag layer."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(gd.__file__).parent
+
+    def imported(module):
+        tree = ast.parse((root / f"{module}.py").read_text())
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                names.add(node.module or "")
+                names.update(f"{node.module or ''}.{a.name}".lstrip(".") for a in node.names)
+            elif isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+        return {n.split(".")[-1] for n in names} | {n.split(".")[0] for n in names}
+
+    assert not {"nn", "unet", "script_util"} & imported("gaussian_diffusion")
+    assert not {"script_util", "run_util", "unet"} & imported("samplers")

@@ -120,3 +120,37 @@ def test_out_of_range_timesteps_are_rejected():
             model_var_type=gd.ModelVarType.FIXED_LARGE,
             loss_type=gd.LossType.MSE,
         )
+
+
+def test_respace_builds_the_factorys_diffusion():
+    """`diffusion.respace` is the factory's construction: the same schedule, types and map."""
+    from guided_diffusion.script_util import create_gaussian_diffusion
+
+    flags = dict(steps=100, learn_sigma=True, noise_schedule="cosine", rescale_timesteps=True,
+                 rescale_learned_sigmas=True)
+    full = create_gaussian_diffusion(**flags)
+    keep = sorted(space_timesteps(100, "3,7"))
+    mine = full.respace(keep)
+    ref = create_gaussian_diffusion(**flags, timestep_respacing="3,7")
+    assert type(mine) is type(ref) and mine.timestep_map == ref.timestep_map == keep
+    for name in ("betas", "alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped"):
+        assert np.array_equal(getattr(mine, name), getattr(ref, name)), name
+    for name in ("model_mean_type", "model_var_type", "loss_type", "rescale_timesteps",
+                 "original_num_steps"):
+        assert getattr(mine, name) == getattr(ref, name), name
+    assert np.array_equal(mine.base_kwargs["betas"], gd.get_named_beta_schedule("cosine", 100))
+
+
+def test_respacing_a_spaced_diffusion_picks_from_its_grid():
+    """Grid indices of a respaced diffusion map to base timesteps: the model sees those."""
+    outer = spaced(1000, "10")
+    inner = outer.respace([0, 4, 9])
+    assert inner.timestep_map == [outer.timestep_map[i] for i in (0, 4, 9)] == [0, 444, 999]
+    base = gd.GaussianDiffusion(**outer.base_kwargs)
+    assert np.allclose(inner.alphas_cumprod, base.alphas_cumprod[[0, 444, 999]], rtol=1e-12)
+    seen = []
+    inner.p_mean_variance(lambda x, t: seen.append(t.tolist()) or th.zeros_like(x),
+                          th.zeros(2, 1, 2, 2), th.tensor([1, 2]))
+    assert seen == [[444, 999]]
+    with pytest.raises(ValueError, match="10-step grid"):
+        outer.respace([3, 10])

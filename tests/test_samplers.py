@@ -198,11 +198,11 @@ def test_eps_x0_and_learned_variance_models_give_the_same_samples(name):
     assert not th.allclose(outs[0], noise(shape), atol=0.1)
 
 
-def test_original_ddim_loop_is_the_ddim_step_and_first_order():
+def test_uniform_steps_are_the_original_respacing_and_ddim_is_first_order():
     """
-    `sampler="ddim"` runs the diffusion's own loop on the original's "ddimN" respacing; it equals
-    our eta = 0 DDIM step on the same grid, and converges at order 1 to the exact flow followed by
-    the last step's x_0 prediction.
+    `--steps N --sampler_spacing uniform` runs on exactly the grid of `--timestep_respacing N`
+    (the same samples, bit for bit, for DDIM and seeded DDPM), and DDIM converges at order 1 to the
+    exact flow followed by the last step's x_0 prediction.
     """
     diffusion = create_gaussian_diffusion(steps=1000)
     model = GaussianModel(diffusion.alphas_cumprod)
@@ -211,11 +211,10 @@ def test_original_ddim_loop_is_the_ddim_step_and_first_order():
     errors = []
     for n in (25, 50, 100):
         x = sample(diffusion, model, shape, noise=x_T.clone(), clip_denoised=False,
-                   device="cpu", sampler="ddim", steps=n)
-        spaced = samplers.respaced(diffusion, n, ddim=True)
-        den = Denoiser(spaced, model, clip_denoised=False)
-        mine = solve("ddim", den, x_T.clone(), [*range(n - 1, -1, -1), CLEAN])
-        assert th.allclose(x, mine, atol=1e-6)
+                   device="cpu", sampler="ddim", steps=n, sampler_spacing="uniform")
+        spaced = create_gaussian_diffusion(steps=1000, timestep_respacing=str(n))
+        assert th.equal(x, spaced.ddim_sample_loop(model, shape, noise=x_T.clone(),
+                                                   clip_denoised=False))
         t_top = spaced.timestep_map[-1]
         x_end = model.ode(x_T, t_top, 0)
         reference = GaussianModel(diffusion.alphas_cumprod, output="x0")(
@@ -223,6 +222,59 @@ def test_original_ddim_loop_is_the_ddim_step_and_first_order():
         errors.append((x - reference).abs().max().item())
     orders = observed_orders(errors)
     assert all(0.85 <= o <= 1.15 for o in orders), (errors, orders)
+    th.manual_seed(3)
+    x = sample(diffusion, model, shape, noise=x_T.clone(), clip_denoised=False, sampler="ddpm",
+               steps=10, sampler_spacing="uniform")
+    th.manual_seed(3)
+    spaced = create_gaussian_diffusion(steps=1000, timestep_respacing="10")
+    assert th.equal(x, spaced.p_sample_loop(model, shape, noise=x_T.clone(), clip_denoised=False))
+
+
+class CountingModel(GaussianModel):
+    """GaussianModel that records the (original) timesteps of every call."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = []
+
+    def __call__(self, x, t, y=None):
+        self.calls.append(int(t[0]))
+        return super().__call__(x, t, y)
+
+
+@pytest.mark.parametrize("name", samplers.SAMPLERS)
+@pytest.mark.parametrize("spacing", ["logsnr", "uniform"])
+def test_every_sampler_runs_the_one_loop_on_the_steps_timesteps_with_nfe(
+        name, spacing, monkeypatch):
+    """
+    `--steps N` means one thing for every sampler: the loop `solve_progressive` runs on the N grid
+    timesteps `select_timesteps` picks, evaluating the model nfe(sampler, N) times (N, Heun 2N - 1)
+    and at no other timesteps; the Denoiser counts the same number.
+    """
+    loops = []
+    real_loop = samplers.solve_progressive
+
+    def spy(sampler, den, *args, **kwargs):
+        loops.append((sampler, den))
+        return real_loop(sampler, den, *args, **kwargs)
+
+    monkeypatch.setattr(samplers, "solve_progressive", spy)
+    diffusion = create_gaussian_diffusion(steps=1000, learn_sigma=True)
+    model = CountingModel(diffusion.alphas_cumprod, output="eps+var")
+    shape, steps = (2, 1, 2, 2), 7
+    x = sample(diffusion, model, shape, noise=noise(shape), clip_denoised=False, sampler=name,
+               steps=steps, sampler_spacing=spacing)
+    assert x.shape == shape and th.isfinite(x).all()
+    assert [n for n, _ in loops] == [name]
+    assert loops[0][1].nfe == len(model.calls) == samplers.nfe(name, steps)
+    chosen = select_timesteps(diffusion.alphas_cumprod, steps, spacing)
+    assert sorted(set(model.calls), reverse=True) == chosen.tolist()
+    # The original's loops are the same loop.
+    loops.clear()
+    if name in ("ddpm", "ddim"):
+        loop = diffusion.p_sample_loop if name == "ddpm" else diffusion.ddim_sample_loop
+        loop(model, shape, noise=noise(shape), clip_denoised=False)
+        assert [n for n, _ in loops] == [name] and loops[0][1].nfe == 1000
 
 
 @pytest.mark.parametrize("name", ["ddim", *ODE_SOLVERS[1:]])
@@ -261,9 +313,12 @@ def test_sample_validates_its_options():
         sample(diffusion, model, shape, sampler="euler_a", device="cpu")
     with pytest.raises(TypeError, match="unknown option"):
         sample(diffusion, model, shape, sampler="ddim", stepz=3, device="cpu")
-    spaced = create_gaussian_diffusion(steps=100, timestep_respacing="10")
-    with pytest.raises(ValueError, match="--timestep_respacing"):
-        sample(spaced, model, shape, sampler="ddpm", steps=5, device="cpu")
+    with pytest.raises(ValueError, match="--eta"):
+        sample(diffusion, model, shape, sampler="plms", eta=0.5, device="cpu")
+    with pytest.raises(ValueError, match="--sampler_spacing"):
+        sample(diffusion, model, shape, sampler="ddim", steps=3, sampler_spacing="log")
+    with pytest.raises(ValueError, match="previous grid point"):
+        solve("ddpm", Denoiser(diffusion, model), noise(shape), [99, 50, CLEAN])
     assert set(samplers.sampler_defaults()) == {"sampler", "steps", "sampler_spacing",
                                                 "cfg_scale", "eta"}
     assert samplers.nfe("heun", 10) == 19 and samplers.nfe("dpm++2m", 20) == 20
