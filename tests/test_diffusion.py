@@ -129,7 +129,8 @@ def test_posterior_matches_direct_bayes_computation():
     diffusion = make_diffusion(steps=200, schedule="cosine")
     betas, acp = diffusion.betas, diffusion.alphas_cumprod
     t = np.arange(1, 200)
-    # Prior x_{t-1} ~ N(sqrt(abar_{t-1}) x0, 1 - abar_{t-1}); likelihood x_t ~ N(sqrt(a_t) x_{t-1}, b_t)
+    # Prior x_{t-1} ~ N(sqrt(abar_{t-1}) x0, 1 - abar_{t-1});
+    # likelihood x_t ~ N(sqrt(a_t) x_{t-1}, b_t)
     prior_var = 1 - acp[t - 1]
     precision = 1 / prior_var + (1 - betas[t]) / betas[t]
     var = 1 / precision
@@ -176,7 +177,8 @@ def test_p_mean_variance_recovers_x0_from_each_parameterization(mean_type):
     # PREVIOUS_X cannot recover x_0 at t = 0 better than float32 allows: coef1 ~ 1, coef2 = 0.
     assert th.allclose(out["pred_xstart"], x0, atol=2e-4)
     assert th.allclose(out["mean"], post_mean, atol=2e-5)
-    assert th.allclose(out["variance"][:, 0, 0, 0], th.tensor(diffusion.posterior_variance[t]).float())
+    assert th.allclose(out["variance"][:, 0, 0, 0],
+                       th.tensor(diffusion.posterior_variance[t]).float())
 
 
 def test_variance_choices():
@@ -190,11 +192,13 @@ def test_variance_choices():
         if model_out_var is None:
             model = lambda xx, tt: th.zeros_like(xx)  # noqa: E731
         else:
-            model = lambda xx, tt: th.cat([th.zeros_like(xx), th.full_like(xx, model_out_var)], 1)  # noqa: E731
+            def model(xx, tt):
+                return th.cat([th.zeros_like(xx), th.full_like(xx, model_out_var)], 1)
         out = diffusion.p_mean_variance(model, x, t)
         # (At t = 0 FIXED_SMALL's variance is 0 and its log is clipped, so skip t = 0.)
         assert th.allclose(out["log_variance"][1:].exp(), out["variance"][1:], rtol=1e-5)
-        return diffusion, out["variance"][:, 0, 0, 0].double(), out["log_variance"][:, 0, 0, 0].double()
+        return (diffusion, out["variance"][:, 0, 0, 0].double(),
+                out["log_variance"][:, 0, 0, 0].double())
 
     diffusion, small, _ = var_at(gd.ModelVarType.FIXED_SMALL)
     assert th.allclose(small, th.tensor(diffusion.posterior_variance[t]), rtol=1e-6)
@@ -202,7 +206,8 @@ def test_variance_choices():
     _, large, _ = var_at(gd.ModelVarType.FIXED_LARGE)
     want = th.tensor([diffusion.posterior_variance[1], betas[5], betas[99]])
     assert th.allclose(large, want, rtol=1e-6)
-    # LEARNED_RANGE: v = -1 is the clipped posterior variance, v = 1 is beta_t, v = 0 halfway in log.
+    # LEARNED_RANGE: v = -1 is the clipped posterior variance, v = 1 is beta_t, v = 0 halfway
+    # in log.
     _, _, lo = var_at(gd.ModelVarType.LEARNED_RANGE, -1.0)
     _, _, hi = var_at(gd.ModelVarType.LEARNED_RANGE, 1.0)
     _, _, mid = var_at(gd.ModelVarType.LEARNED_RANGE, 0.0)
@@ -253,7 +258,8 @@ def test_condition_mean_and_score_with_constant_gradient():
     # Score guidance: eps - sqrt(1 - abar) g moves x_0 by (1 - abar) / sqrt(abar) g.
     acp = th.tensor(diffusion.alphas_cumprod[t]).float().view(2, 1, 1, 1)
     guided = diffusion.condition_score(cond_fn, out, x, t)
-    assert th.allclose(guided["pred_xstart"], out["pred_xstart"] + (1 - acp) / acp.sqrt() * g, atol=1e-5)
+    assert th.allclose(guided["pred_xstart"], out["pred_xstart"] + (1 - acp) / acp.sqrt() * g,
+                       atol=1e-5)
     want_mean, _, _ = diffusion.q_posterior_mean_variance(guided["pred_xstart"], x, t)
     assert th.allclose(guided["mean"], want_mean)
     assert guided["variance"] is out["variance"] and out["pred_xstart"] is not guided["pred_xstart"]
@@ -265,7 +271,8 @@ def test_condition_mean_and_score_with_constant_gradient():
 
 def test_vb_terms_vanish_for_the_true_posterior():
     """A START_X model that knows x_0, with the posterior variance, has KL = 0 for t > 0."""
-    diffusion = make_diffusion(steps=30, mean_type=gd.ModelMeanType.START_X, var_type=gd.ModelVarType.FIXED_SMALL)
+    diffusion = make_diffusion(steps=30, mean_type=gd.ModelMeanType.START_X,
+                               var_type=gd.ModelVarType.FIXED_SMALL)
     th.manual_seed(3)
     x0 = (th.randint(0, 256, (3, 3, 4, 4)) / 127.5 - 1).float()
     t = th.tensor([0, 1, 29])
@@ -274,7 +281,8 @@ def test_vb_terms_vanish_for_the_true_posterior():
     assert out[1:].abs().max() < 1e-4
     # At t = 0 the term is the decoder NLL: -log2 of the bin probabilities, averaged over pixels.
     p = diffusion.p_mean_variance(lambda x, tt: x0, xt, t, clip_denoised=False)
-    ll = discretized_gaussian_log_likelihood(x0, means=p["mean"], log_scales=0.5 * p["log_variance"])
+    ll = discretized_gaussian_log_likelihood(x0, means=p["mean"],
+                                             log_scales=0.5 * p["log_variance"])
     assert out[0] == pytest.approx(-ll[0].mean().item() / math.log(2), rel=1e-5)
     assert out[0] > 0
     # A worse x_0 guess costs more bits (at t = 29 x_0 hardly matters: coef1 ~ 0).
@@ -313,7 +321,8 @@ def test_training_losses_by_objective():
     assert var_part.grad.abs().max() > 0
 
     # RESCALED_MSE scales vb by T/1000.
-    resc = make_diffusion(steps=T, var_type=gd.ModelVarType.LEARNED_RANGE, loss_type=gd.LossType.RESCALED_MSE)
+    resc = make_diffusion(steps=T, var_type=gd.ModelVarType.LEARNED_RANGE,
+                          loss_type=gd.LossType.RESCALED_MSE)
     vb_resc = resc.training_losses(model, x0, t, noise=noise)["vb"]
     assert th.allclose(vb_resc, terms["vb"] * T / 1000.0)
 
@@ -321,9 +330,11 @@ def test_training_losses_by_objective():
     kl = make_diffusion(steps=T, var_type=gd.ModelVarType.LEARNED_RANGE, loss_type=gd.LossType.KL)
     kl_terms = kl.training_losses(model, x0, t, noise=noise)
     assert set(kl_terms) == {"loss"} and th.allclose(kl_terms["loss"], terms["vb"])
-    rkl = make_diffusion(steps=T, var_type=gd.ModelVarType.LEARNED_RANGE, loss_type=gd.LossType.RESCALED_KL)
+    rkl = make_diffusion(steps=T, var_type=gd.ModelVarType.LEARNED_RANGE,
+                         loss_type=gd.LossType.RESCALED_KL)
     assert th.allclose(rkl.training_losses(model, x0, t, noise=noise)["loss"], terms["vb"] * T)
-    assert gd.LossType.KL.is_vb() and gd.LossType.RESCALED_KL.is_vb() and not gd.LossType.MSE.is_vb()
+    assert gd.LossType.KL.is_vb() and gd.LossType.RESCALED_KL.is_vb()
+    assert not gd.LossType.MSE.is_vb()
 
     # Targets of the other parameterizations.
     xt = mse_diff.q_sample(x0, t, noise=noise)
@@ -381,7 +392,8 @@ def test_ddim_round_trip_through_reverse_sample():
         encoded = x
         for i in range(diffusion.num_timesteps - 1):
             t = th.full((x.shape[0],), i)
-            encoded = diffusion.ddim_reverse_sample(model, encoded, t, clip_denoised=False)["sample"]
+            encoded = diffusion.ddim_reverse_sample(model, encoded, t,
+                                                    clip_denoised=False)["sample"]
         # For Gaussian data each step is linear: the code is x times a known gain (exactly
         # sqrt(Var(x_T) / Var(x_0)) in the ODE limit, a little less per discrete step).  The
         # reverse step is DDIM's step run from level acp[k] "down" to acp[k + 1].
@@ -390,7 +402,8 @@ def test_ddim_round_trip_through_reverse_sample():
         assert th.allclose(encoded, x * enc_gain, rtol=1e-4, atol=1e-5)
         # Decode with the public loop; its second-to-last sample is x at step 0 (before the jump
         # to x_0).  Many steps make the round trip nearly exact.
-        outs = list(diffusion.ddim_sample_loop_progressive(model, x.shape, noise=encoded, clip_denoised=False))
+        outs = list(diffusion.ddim_sample_loop_progressive(model, x.shape, noise=encoded,
+                                                           clip_denoised=False))
         decoded = outs[-2]["sample"]
         rel = ((decoded - x).norm() / x.norm()).item()
         assert rel < tol, (respacing, rel)
@@ -431,7 +444,8 @@ def test_progressive_loop_yields_every_step_and_ends_at_the_loop_result():
     model = GaussianDataEps(make_diffusion(steps=1000).alphas_cumprod, s=0.5)
     noise = th.randn(2, 1, 4, 4)
     th.manual_seed(7)
-    steps = list(diffusion.p_sample_loop_progressive(model, noise.shape, noise=noise, progress=True))
+    steps = list(diffusion.p_sample_loop_progressive(model, noise.shape, noise=noise,
+                                                     progress=True))
     th.manual_seed(7)
     final = diffusion.p_sample_loop(model, noise.shape, noise=noise)
     assert len(steps) == 5 and set(steps[0]) == {"sample", "pred_xstart"}
@@ -459,7 +473,8 @@ def test_guided_samplers_call_cond_fn_with_original_timesteps():
     wrapped.parameters = model.parameters
     noise = th.randn(2, 1, 4, 4)
     a = diffusion.ddim_sample_loop(wrapped, noise.shape, noise=noise, **kw)
-    b = diffusion.ddim_sample_loop(wrapped, noise.shape, noise=noise, model_kwargs=kw["model_kwargs"])
+    b = diffusion.ddim_sample_loop(wrapped, noise.shape, noise=noise,
+                                   model_kwargs=kw["model_kwargs"])
     assert th.allclose(a, b)  # zero gradient changes nothing
     assert seen == [[99, 99], [66, 66], [33, 33], [0, 0]]
     seen.clear()
@@ -487,7 +502,8 @@ def _close(got, want, rtol=1e-4, atol=1e-5):
     assert (err <= atol + rtol * want.abs()).all(), f"max abs err {err.max():.3g}"
 
 
-@pytest.mark.parametrize("name", ["diffusion_cosine_learned.pt", "diffusion_linear_learned_ddim10.pt"])
+@pytest.mark.parametrize("name", ["diffusion_cosine_learned.pt",
+                                  "diffusion_linear_learned_ddim10.pt"])
 def test_matches_original_golden(name, golden_models):
     model, classifier = golden_models
     d = load_golden(name)
@@ -539,7 +555,8 @@ def test_sampling_steps_draw_their_noise_from_noise_fn():
     """DDPM and DDIM(eta>0) steps take their noise from noise_fn: seeded sampling relies on it."""
     from guided_diffusion.script_util import create_gaussian_diffusion
 
-    diffusion = create_gaussian_diffusion(steps=100, noise_schedule="cosine", timestep_respacing="5")
+    diffusion = create_gaussian_diffusion(steps=100, noise_schedule="cosine",
+                                          timestep_respacing="5")
     model = lambda x, t, **kw: 0.1 * x  # noqa: E731
     x_T = th.randn(2, 3, 4, 4, generator=th.Generator().manual_seed(0))
     calls = []

@@ -1,4 +1,4 @@
-"""Timestep respacing: the original's step choices, and a spaced process with unchanged marginals."""
+"""Timestep respacing: the original's step choices, a spaced process with unchanged marginals."""
 
 from __future__ import annotations
 
