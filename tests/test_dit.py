@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from guided_diffusion import fast
 from guided_diffusion.dit import DiT, DiT_models, LabelEmbedder, get_2d_sincos_pos_embed
+from guided_diffusion.fp16_util import MixedPrecisionTrainer
 from guided_diffusion.guidance import cfg_model
 from guided_diffusion.script_util import create_gaussian_diffusion
 
@@ -285,3 +286,25 @@ def test_trains_one_step_and_samples_through_the_diffusion():
             sample = spaced.p_sample_loop(sampler_model, (2, 3, 16, 16), noise=noise,
                                           model_kwargs={"y": th.tensor([0, 2])})
             assert sample.shape == (2, 3, 16, 16) and th.isfinite(sample).all()
+        # DiT's own sampling: forward_with_cfg as the model, [labels; null] and cfg_scale as kwargs.
+        y = th.tensor([0, 2, NUM_CLASSES, NUM_CLASSES])
+        sample = spaced.p_sample_loop(model.forward_with_cfg, (4, 3, 16, 16), clip_denoised=False,
+                                      noise=th.cat([noise, noise]),
+                                      model_kwargs={"y": y, "cfg_scale": 4.0})
+        assert sample.shape == (4, 3, 16, 16) and th.isfinite(sample).all()
+
+
+@pytest.mark.parametrize("precision", ["use_fp16", "use_bf16"])
+def test_mixed_precision_trainer_takes_a_step(precision):
+    model = tiny_dit().train()
+    trainer = MixedPrecisionTrainer(model=model, **{precision: True})
+    opt = th.optim.AdamW(trainer.master_params, lr=1e-3)
+    diffusion = create_gaussian_diffusion(steps=1000, learn_sigma=True)
+    x, t, y = inputs()
+    before = model.blocks[0].attn.qkv.weight.detach().float().clone()
+    with trainer.autocast():
+        loss = diffusion.training_losses(model, x, t, model_kwargs={"y": y})["loss"].mean()
+    trainer.backward(loss)
+    assert th.isfinite(loss) and trainer.optimize(opt)
+    assert not th.equal(model.blocks[0].attn.qkv.weight.float(), before)
+    assert model.pos_embed.dtype == th.float32  # fp16 changes only the blocks' linear layers
