@@ -36,7 +36,8 @@ def modulate(x: th.Tensor, shift: th.Tensor, scale: th.Tensor) -> th.Tensor:
     """adaLN's affine map x * (1 + scale) + shift, per sample (DiT sec. 3.2).
 
     :param x: [N x T x D] normalized tokens.
-    :param shift: [N x D]; :param scale: [N x D] (zero scale = identity, hence the `1 +`).
+    :param shift: [N x D] shifts.
+    :param scale: [N x D] scales, around 1: a zero-initialised regression starts as the identity.
     """
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
@@ -269,6 +270,9 @@ class DiT(nn.Module):
                         output has 2C channels, else C.
     :param use_checkpoint: recompute each block's activations in the backward pass (not DiT's;
                            saves memory at the cost of one extra forward).
+
+    A released checkpoint is a plain float32 state_dict:
+    `DiT_models["DiT-XL/2"](input_size=32).load_state_dict(th.load(path, weights_only=True))`.
     """
 
     def __init__(
@@ -387,6 +391,8 @@ class DiT(nn.Module):
         :param cfg_scale: the guidance scale s (1 = conditional).
         :return: [2M x C_out x H x W].
         """
+        if len(x) % 2:
+            raise ValueError(f"forward_with_cfg needs an even batch [cond; uncond], got {len(x)}")
         half = x[: len(x) // 2]
         out = self.forward(th.cat([half, half], dim=0), t, y)
         eps, rest = out[:, :3], out[:, 3:]

@@ -58,8 +58,10 @@ def test_golden_s2_forward_and_forward_with_cfg_match_dit(use_sdpa):
     with th.no_grad():
         out = model(c["x"], c["t"], y=c["y"])
         cfg_out = model.forward_with_cfg(c["cfg_x"], c["cfg_t"], c["cfg_y"], c["cfg_scale"])
-    assert rel_err(out, c["out"]) <= 1e-4
-    assert rel_err(cfg_out, c["cfg_out"]) <= 1e-4
+    # The contract is 1e-4 (dit_check.py); we hold 1e-5 (measured: 5e-7 / 3e-6 explicit, 0 SDPA)
+    # because near-misses such as exact GELU (1.4e-4) or LayerNorm eps 1e-5 (1.5e-5) land close.
+    assert rel_err(out, c["out"]) <= 1e-5
+    assert rel_err(cfg_out, c["cfg_out"]) <= 1e-5
 
 
 @pytest.mark.parametrize("checkpoint_name", sorted(LAYOUTS))
@@ -258,6 +260,8 @@ def test_bad_inputs_name_the_problem():
         model(x[:, :, :8, :8], t, y=y)
     with pytest.raises(ValueError, match="class-conditional"):
         model(x, t)
+    with pytest.raises(ValueError, match="even batch"):
+        model.forward_with_cfg(x[:3], t[:3], y[:3], 4.0)
     with pytest.raises(ValueError, match="num_heads"):
         DiT(input_size=16, patch_size=4, hidden_size=30, num_heads=4, depth=1)
     with pytest.raises(ValueError, match="patch_size"):
