@@ -206,12 +206,12 @@ def test_forward_with_cfg_guides_three_channels_where_cfg_model_guides_all():
     assert th.allclose(ours[:, 4:], cond[:, 4:], atol=1e-5)
 
 
-def test_sdpa_switch_equals_explicit_attention_forward_and_backward():
+def test_fast_path_sdpa_equals_explicit_attention_forward_and_backward():
     results = []
     for use_sdpa in (False, True):
         model = tiny_dit()
         if use_sdpa:
-            fast.apply_fast_path(model, use_sdpa=True)
+            fast.apply_fast_path(model, use_sdpa=True, channels_last=True)  # the fast preset
             assert fast.set_sdpa(model, True) == len(model.blocks)
         x, t, y = inputs()
         out = model(x, t, y=y)
