@@ -25,7 +25,9 @@ indices of the diffusion's grid (of the respaced grid for a SpacedDiffusion), as
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -39,6 +41,36 @@ from .samplers import STEPS, Denoiser, select_timesteps
 
 DISTANCES = ("pseudo_huber", "l2")
 WEIGHTINGS = ("uniform", "inverse_step")
+SPACINGS = ("logsnr", "uniform")
+
+
+@dataclass(frozen=True)
+class CMOptions:
+    """Consistency-distillation flags; `cm_defaults()` turns them into argparse flags."""
+
+    # N, the number of points of the teacher's grid that CD walks along (Song et al. 2023: 18 on
+    # CIFAR-10, 40 on ImageNet 64 and LSUN).
+    num_scales: int = 40
+    # How the N points are picked from the grid: "logsnr" (uniform in log-SNR) or "uniform" (in t).
+    cm_spacing: str = "logsnr"
+    # The teacher's ODE step, a key of samplers.STEPS ("heun": 2 evaluations, as the paper).
+    cm_solver: str = "heun"
+    # The distance d: "pseudo_huber" (Song & Dhariwal 2023) or "l2" (mean squared error).
+    cm_distance: str = "pseudo_huber"
+    # Pseudo-Huber's c; 0 means 0.00054 sqrt(dim), the paper's choice for the data's dimension.
+    cm_huber_c: float = 0.0
+    # lambda(t_n): "uniform" (1) or "inverse_step" (1 / (sigma~_{n+1} - sigma~_n)).
+    cm_weighting: str = "uniform"
+    # Decay mu of the target network's EMA (Song et al. 2023: 0.95 on ImageNet 64); 0 = student.
+    target_ema: float = 0.95
+    # Classifier-free guidance weight of the teacher (1 = plain); the student learns the guided
+    # ODE. Needs a teacher trained with --class_dropout_prob > 0.
+    teacher_cfg_scale: float = 1.0
+
+
+def cm_defaults() -> dict:
+    """Defaults of the consistency-distillation flags, for `script_util.add_dict_to_argparser`."""
+    return dataclasses.asdict(CMOptions())
 
 
 def _sigma_tilde(alphas_cumprod) -> np.ndarray:
@@ -135,6 +167,9 @@ def cm_timesteps(alphas_cumprod, num_scales: int, spacing: str = "logsnr") -> np
     if num_scales < 2:
         raise ValueError(f"--num_scales must be >= 2 (t_min and at least one noisy point), "
                          f"got {num_scales}")
+    if num_scales > len(alphas_cumprod):
+        raise ValueError(f"--num_scales {num_scales} exceeds the teacher's grid of "
+                         f"{len(alphas_cumprod)} timesteps")
     return select_timesteps(alphas_cumprod, num_scales, spacing)[::-1].copy()
 
 
@@ -224,6 +259,10 @@ class ConsistencyDistillation:
             raise ValueError(f"--cm_distance {distance!r} is unknown; choose one of {DISTANCES}")
         if weighting not in WEIGHTINGS:
             raise ValueError(f"--cm_weighting {weighting!r} is unknown; choose one of {WEIGHTINGS}")
+        if spacing not in SPACINGS:
+            raise ValueError(f"--cm_spacing {spacing!r} is unknown; choose one of {SPACINGS}")
+        if huber_c is not None and not huber_c > 0:
+            raise ValueError(f"--cm_huber_c must be > 0 (or 0 for the default), got {huber_c}")
         self.diffusion = diffusion
         self.timesteps = cm_timesteps(diffusion.alphas_cumprod, num_scales, spacing)
         self.num_timesteps = num_scales - 1  # indices n of the pairs (t_n, t_{n+1})
@@ -237,10 +276,27 @@ class ConsistencyDistillation:
             teacher.eval()  # the teacher is only evaluated: no dropout in its ODE step
             teacher = cfg_model(teacher, cfg_scale)
         elif cfg_scale != 1.0:
-            raise ValueError("--cfg_scale needs a teacher; consistency training has none")
+            raise ValueError("--teacher_cfg_scale needs a teacher; consistency training has none")
         self.teacher = teacher
         self.target = target
         self.target_fn = ConsistencyFunction(diffusion, target, self.t_min)
+
+    @classmethod
+    def from_options(
+        cls, diffusion, teacher: nn.Module | None, target: nn.Module, **flags
+    ) -> "ConsistencyDistillation":
+        """Build from the flags of `CMOptions` (unknown names are an error; target_ema is the
+        caller's, for `update_target`)."""
+        try:
+            opts = CMOptions(**flags)
+        except TypeError as err:
+            raise TypeError(f"consistency flags: {err}; known: {sorted(cm_defaults())}") from None
+        return cls(
+            diffusion, teacher, target,
+            num_scales=opts.num_scales, spacing=opts.cm_spacing, solver=opts.cm_solver,
+            distance=opts.cm_distance, huber_c=opts.cm_huber_c or None,
+            weighting=opts.cm_weighting, cfg_scale=opts.teacher_cfg_scale,
+        )
 
     def _pair(self, x_start: th.Tensor, n: th.Tensor, noise: th.Tensor, model_kwargs: dict):
         """x_{n+1} and x^_n, the sample and its neighbour one step nearer the clean end."""

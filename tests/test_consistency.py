@@ -19,6 +19,7 @@ import torch.nn as nn
 from guided_diffusion.consistency import (
     ConsistencyDistillation,
     ConsistencyFunction,
+    cm_defaults,
     cm_timesteps,
     consistency_sample,
     pseudo_huber,
@@ -26,7 +27,7 @@ from guided_diffusion.consistency import (
     update_target,
 )
 from guided_diffusion.samplers import STEPS, Denoiser, solve
-from guided_diffusion.script_util import create_gaussian_diffusion
+from guided_diffusion.script_util import create_gaussian_diffusion, create_model
 
 MU, S = 0.3, 0.5
 
@@ -305,3 +306,89 @@ def test_update_target_is_the_ema_and_bad_input_is_named():
     cd = ConsistencyDistillation(diffusion, None, target, num_scales=4)
     with pytest.raises(ValueError, match="pair indices"):
         cd.training_losses(student, th.zeros(2, 2), th.tensor([0, 3]))
+    with pytest.raises(ValueError, match="--num_scales 41"):
+        ConsistencyDistillation(diffusion, None, target, num_scales=41)
+    with pytest.raises(ValueError, match="--cm_spacing"):
+        ConsistencyDistillation.from_options(diffusion, None, target, cm_spacing="karras")
+    with pytest.raises(TypeError, match="known"):
+        ConsistencyDistillation.from_options(diffusion, None, target, num_scale=4)
+    assert cm_defaults()["num_scales"] == 40 and cm_defaults()["target_ema"] == 0.95
+    cd = ConsistencyDistillation.from_options(diffusion, None, target, num_scales=4)
+    assert cd.num_timesteps == 3 and cd.huber_c is None
+
+
+class RecordingNet(nn.Module):
+    """An x_0 network that records the random number it draws (as dropout would) per call."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(th.ones(()))
+        self.draws = []
+
+    def forward(self, x, t, y=None):
+        r = th.rand(())
+        self.draws.append(r.item())
+        return self.scale * x * r
+
+
+def test_target_draws_the_students_dropout_randomness():
+    diffusion = create_gaussian_diffusion(steps=40, predict_xstart=True)
+    student, target = RecordingNet(), RecordingNet()
+    cd = ConsistencyDistillation(diffusion, None, target, num_scales=5)
+    x0 = th.randn(4, 2, 1, 1, generator=gen(9))
+    for _ in range(3):
+        cd.training_losses(student.train(), x0, th.tensor([0, 1, 2, 3]))
+    assert student.draws == target.draws and len(set(student.draws)) == 3
+    assert target.training
+
+
+def test_distilling_a_tiny_cfg_unet_end_to_end():
+    """A class-conditional learned-sigma U-Net distilled at guidance weight 3 for two steps."""
+    th.manual_seed(0)
+    diffusion = create_gaussian_diffusion(steps=40, learn_sigma=True)
+    teacher = create_model(16, 32, 1, channel_mult="1,2", learn_sigma=True, class_cond=True,
+                           attention_resolutions="8", num_classes=3, class_dropout_prob=0.1,
+                           dropout=0.1)
+    student = copy.deepcopy(teacher).train()
+    # A guided student must always see its label: no label dropout (its null row stays unused).
+    student.class_dropout_prob = 0.0
+    target = copy.deepcopy(student)
+    teacher_before = copy.deepcopy(teacher.state_dict())
+    cd = ConsistencyDistillation(diffusion, teacher, target, num_scales=6, solver="heun",
+                                 cfg_scale=3.0, weighting="inverse_step")
+    opt = th.optim.Adam(student.parameters(), lr=1e-3)
+    x0 = th.rand(4, 3, 16, 16) * 2 - 1
+    kwargs = {"y": th.tensor([0, 1, 2, 0])}
+    for _ in range(2):
+        losses = cd.training_losses(student, x0, th.tensor([0, 2, 4, 2]), model_kwargs=kwargs)
+        assert losses["loss"].shape == (4,) and th.isfinite(losses["loss"]).all()
+        opt.zero_grad()
+        losses["loss"].mean().backward()
+        opt.step()
+        update_target(target, student, mu=0.95)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert all(th.equal(v, teacher.state_dict()[k]) for k, v in teacher_before.items())
+    assert not th.equal(target.out[-1].weight, teacher.out[-1].weight)
+    fn = ConsistencyFunction(diffusion, student.eval())
+    x = consistency_sample(fn, (4, 3, 16, 16), sample_timesteps(diffusion.alphas_cumprod, 2),
+                           model_kwargs=kwargs)
+    assert x.shape == (4, 3, 16, 16) and x.abs().max() <= 1 and fn.nfe == 2
+
+
+def test_classifier_guidance_shifts_the_denoiser_by_the_scaled_gradient():
+    """
+    Score-form guidance (eps' = eps - sigma g) moves D by sigma^2 / alpha g, so f moves by
+    (1 - c_skip) sigma^2 / alpha g with c_skip = sigma~_min / sigma~; nothing at t_min.
+    """
+    diffusion = create_gaussian_diffusion(steps=50)
+    acp = diffusion.alphas_cumprod
+    fn = ConsistencyFunction(diffusion, GaussianTeacher(acp))
+    x = th.randn(2, 3, 4, 4, generator=gen(10))
+    g = th.randn(2, 3, 4, 4, generator=gen(11))
+    with th.no_grad():
+        for t in (0, 10, 30):
+            a = acp[t]
+            c_skip = math.sqrt((1 - acp[0]) / acp[0]) / math.sqrt((1 - a) / a)
+            shift = (1 - c_skip) * (1 - a) / math.sqrt(a) * g
+            guided = fn(x, t, cond_fn=lambda x_, t_, **kw: g)
+            assert th.allclose(guided - fn(x, t), shift, atol=1e-5), t
