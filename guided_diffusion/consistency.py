@@ -253,8 +253,11 @@ class ConsistencyDistillation:
         weighting: str = "uniform",
         cfg_scale: float = 1.0,
     ):
-        if solver not in STEPS:
-            raise ValueError(f"--cm_solver {solver!r} is unknown; choose one of {sorted(STEPS)}")
+        # The SDE step adds fresh noise: CD needs the ODE's deterministic neighbour.
+        ode_steps = sorted(k for k in STEPS if not k.endswith("-sde"))
+        if solver not in ode_steps:
+            raise ValueError(f"--cm_solver {solver!r} is not an ODE step; choose one of "
+                             f"{ode_steps}")
         if distance not in DISTANCES:
             raise ValueError(f"--cm_distance {distance!r} is unknown; choose one of {DISTANCES}")
         if weighting not in WEIGHTINGS:
@@ -307,9 +310,8 @@ class ConsistencyDistillation:
             return x_next, self.diffusion.q_sample(x_start, t_n, noise=noise)
         x_hat = th.empty_like(x_next)
         batch = x_start.shape[0]
-        # The steps take one int timestep per call, so the batch goes through them one
-        # distinct n at a time (at most N - 1 groups, usually fewer forward passes of the teacher
-        # than the loss has samples).
+        # The steps take one int timestep per call, so the batch goes through them one distinct
+        # n at a time: at most N - 1 teacher passes (per solver evaluation) of sub-batches.
         for k in th.unique(n).tolist():
             idx = (n == k).nonzero(as_tuple=True)[0]
             kwargs = {key: v[idx] if th.is_tensor(v) and v.shape[:1] == (batch,) else v

@@ -303,6 +303,8 @@ def test_update_target_is_the_ema_and_bad_input_is_named():
     diffusion = create_gaussian_diffusion(steps=40)
     with pytest.raises(ValueError, match="--cm_solver"):
         ConsistencyDistillation(diffusion, None, target, num_scales=4, solver="euler")
+    with pytest.raises(ValueError, match="not an ODE step"):
+        ConsistencyDistillation(diffusion, None, target, num_scales=4, solver="dpm++2m-sde")
     cd = ConsistencyDistillation(diffusion, None, target, num_scales=4)
     with pytest.raises(ValueError, match="pair indices"):
         cd.training_losses(student, th.zeros(2, 2), th.tensor([0, 3]))
