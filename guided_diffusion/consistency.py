@@ -17,6 +17,13 @@ be distilled as it is. The pieces, each a small function or class:
 - `consistency_sample(fn, shape, timesteps, ...)` and `sample_timesteps(...)`: K-step sampling,
   exactly K network evaluations (Song et al. 2023, Algorithm 1).
 
+Training with the one loop (the later integration step): a `CMTrainLoop(TrainLoop)` passes
+`ConsistencyDistillation.from_options(diffusion, teacher, target, **flags)` as the loop's diffusion
+and `UniformSampler(cd)` as its schedule sampler; the student is the loop's model (a copy of the
+teacher, label dropout off for a guided teacher); after each optimiser step it calls
+`update_target(target, master_params, target_ema)` beside the usual `--ema_rate` EMAs; its
+checkpoints add the target's state_dict (`target{step:06d}.pt`) to model, EMA and optimizer files.
+
 Notation. The VP schedule of the grid: alpha_t^2 = alphas_cumprod[t], sigma_t^2 = 1 - alpha_t^2.
 In EDM's variables (Karras et al. 2022) x~ = x / alpha and sigma~ = sigma / alpha, the ODE is
 dx~/dsigma~ = eps(x, t), and D(x_t, t) is the network's x_0 prediction. Timesteps are integer
