@@ -144,7 +144,8 @@ def read_state_dict(path_or_state_dict: PathOrStateDict) -> dict[str, th.Tensor]
     obj = load_file(path)
     if not isinstance(obj, Mapping):
         raise CheckpointError(
-            f"checkpoint {path!r} holds a {type(obj).__name__}, not a state_dict (a dict of tensors)"
+            f"checkpoint {path!r} holds a {type(obj).__name__}, "
+            "not a state_dict (a dict of tensors)"
         )
     return _unwrap(obj, repr(path))
 
@@ -159,7 +160,8 @@ def _unwrap(obj: Mapping, source: str) -> dict[str, th.Tensor]:
     if bad:
         raise CheckpointError(
             f"{source} is not a state_dict: entry {bad[0]!r} holds a {type(obj[bad[0]]).__name__}, "
-            f"not a tensor (and there is no {' or '.join(map(repr, _WRAPPER_KEYS))} entry holding one)"
+            f"not a tensor (and there is no {' or '.join(map(repr, _WRAPPER_KEYS))} entry "
+            "holding one)"
         )
     return dict(obj)
 
@@ -368,13 +370,16 @@ def _likely_flags(want, got, missing, unexpected, conflicts) -> list[str]:
                      f"--{prefix}use_scale_shift_norm {ssn_ckpt}?")
 
     # Up/downsampling by ResBlocks (--resblock_updown) vs. a conv (`op` / `conv`).
-    resample_conv = re.compile(r"(input_blocks\.\d+\.0\.op|output_blocks\.\d+\.[1-9]\.conv)\.weight")
+    resample_conv = re.compile(
+        r"(input_blocks\.\d+\.0\.op|output_blocks\.\d+\.[1-9]\.conv)\.weight"
+    )
     ckpt_convs = any(resample_conv.match(k) for k in got)
     model_convs = any(resample_conv.match(k) for k in want)
     if ckpt_convs != model_convs and (missing or unexpected):
         flag = "False" if ckpt_convs else "True"
         prefix = "" if is_unet["unet"] else "classifier_"
-        hints.append(f"the checkpoint {'resamples with convolutions' if ckpt_convs else 'resamples inside ResBlocks'}: "
+        how = "resamples with convolutions" if ckpt_convs else "resamples inside ResBlocks"
+        hints.append(f"the checkpoint {how}: "
                      f"was it trained with --{prefix}resblock_updown {flag}?")
 
     # Attention blocks at other resolutions (only meaningful when the block indices line up).
@@ -382,7 +387,8 @@ def _likely_flags(want, got, missing, unexpected, conflicts) -> list[str]:
     qkv_extra = [k for k in unexpected if k.endswith(".qkv.weight")]
     qkv_missing = [k for k in missing if k.endswith(".qkv.weight")]
     if (qkv_extra or qkv_missing) and same_depth:
-        flag = "--attention_resolutions" if is_unet["unet"] else "--classifier_attention_resolutions"
+        flag = ("--attention_resolutions" if is_unet["unet"]
+                else "--classifier_attention_resolutions")
         where = []
         if qkv_extra:
             where.append(f"only the checkpoint has attention in {qkv_extra[0].rsplit('.', 3)[0]!r}")

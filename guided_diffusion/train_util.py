@@ -62,7 +62,7 @@ class TrainLoop:
     Train `model` on the diffusion loss with the original's hyperparameters.
 
     :param model: the network (on `dist_util.dev()`).
-    :param diffusion: a GaussianDiffusion providing `training_losses(model, x_start, t, model_kwargs)`.
+    :param diffusion: a GaussianDiffusion (`training_losses(model, x_start, t, model_kwargs)`).
     :param data: an iterator of (images [N x C x H x W], kwargs dict) batches, e.g. `load_data`.
     :param batch_size: images per rank per step (the global batch is batch_size * world size).
     :param microbatch: split each batch into pieces of this size for memory (-1 / 0: no split);
@@ -198,7 +198,7 @@ class TrainLoop:
             return self._copy_master_params()
         logger.log(f"loading EMA from checkpoint: {ema_checkpoint}...")
         state_dict = read_state_dict(ema_checkpoint)
-        check_state_dict_fits(self.model, state_dict, source=f"EMA checkpoint {ema_checkpoint!r}")
+        check_state_dict_fits(self.model, state_dict, source=f"{ema_checkpoint!r} (EMA)")
         return [
             p.to(dist_util.dev()) for p in self.mp_trainer.state_dict_to_master_params(state_dict)
         ]
@@ -265,7 +265,9 @@ class TrainLoop:
         n = batch.shape[0]
         for i in range(0, n, self.microbatch):
             micro = batch[i : i + self.microbatch].to(dist_util.dev())
-            micro_cond = {k: v[i : i + self.microbatch].to(dist_util.dev()) for k, v in cond.items()}
+            micro_cond = {
+                k: v[i : i + self.microbatch].to(dist_util.dev()) for k, v in cond.items()
+            }
             last_batch = (i + self.microbatch) >= n
             # DDP all-reduces gradients in backward; skip that for all but the last microbatch.
             sync = last_batch or not self.use_ddp

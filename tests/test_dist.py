@@ -1,5 +1,6 @@
 """dist_util: two-rank training under torchrun and under mpiexec ends with identical parameters on
-every rank; a plain process is a group of one; checkpoint loading refuses pickles and names files."""
+every rank; a plain process is a group of one; checkpoint loading refuses pickles and names
+files."""
 
 import os
 import pathlib
