@@ -5,8 +5,9 @@ Checkpoints keep the original's names and formats, in the log directory (`logger
 * `model{step:06d}.pt`: the float32 state_dict of the trained weights (the original's format, also
   what its released checkpoints are);
 * `ema_{rate}_{step:06d}.pt`: the same for each EMA rate;
-* `opt{step:06d}.pt`: the optimizer's state_dict plus a "resume" entry (step, loss scale,
-  precision), all plain tensors and Python values, so `torch.load(weights_only=True)` reads it.
+* `opt{step:06d}.pt`: the optimizer's state_dict plus a "resume" entry, `TrainLoop.resume_state()`
+  (step, loss scale, precision, train flags), all plain tensors and Python values, so
+  `torch.load(weights_only=True)` reads it.
 
 `step` counts the training steps done: `model000006.pt` holds the weights after 6 steps, and
 resuming from it continues with the 7th (the original named the file after the index of the last
