@@ -1,32 +1,52 @@
-"""Load model checkpoints safely, and say which flag is wrong when one does not fit.
+"""Checkpoints in one place: read, broadcast, check, load, find and write them.
+
+* **Read** (`load_file`, `read_state_dict`): with `torch.load(weights_only=True)`, so a checkpoint
+  can never run code, from any path blobfile reads (local, gs://, az://). In a process group rank 0
+  reads the file and broadcasts its bytes: one read per job, not one per rank.
+* **Check and load** (`check_state_dict_fits`, `load_model_checkpoint`): a state_dict only fits the
+  model built from the flags it was trained with; when it does not, `CheckpointMismatchError` lists
+  what differs and names the flag(s) that most likely explain it, e.g. `'label_emb.weight' ... was
+  the checkpoint trained with --class_cond True?`. Sampling and resuming both go through it.
+* **Find** (`find_resume_checkpoint`, `find_ema_checkpoint`, `parse_resume_step_from_filename`):
+  the original's names `model{step:06d}.pt`, `ema_{rate}_{step:06d}.pt`, `opt{step:06d}.pt`.
+* **Write** (`atomic_write`, `save_atomic`, `save_run_flags`): a file is complete or absent.
 
 Released checkpoints (`256x256_diffusion.pt`, ...) are plain float32 state_dicts; ours are too, or
-a dict holding one under "model" / "state_dict". Files are read with `weights_only=True`, so a
-checkpoint can never run code: files that need arbitrary unpickling are refused.
-
-A state_dict only fits the model built from the flags it was trained with. When it does not,
-`CheckpointMismatchError` lists what differs and names the flag(s) that most likely explain it,
-e.g. `'label_emb.weight' ... was the checkpoint trained with --class_cond True?`.
+a dict holding one under "model" / "state_dict". An `opt*.pt` file is the optimizer's state_dict
+plus one `RESUME_KEY` entry holding every other field a resume needs (see `TrainLoop.resume_state`).
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import re
+import tempfile
 from collections.abc import Mapping
-from typing import Union
+from typing import IO, Any, Callable, Union
 
 import blobfile as bf
 import torch as th
+import torch.distributed as dist
 import torch.nn as nn
+
+from . import dist_util, logger
 
 StateDict = Mapping[str, th.Tensor]
 PathOrStateDict = Union[str, os.PathLike, StateDict]
 
 _WRAPPER_KEYS = ("model", "state_dict")  # where our own training checkpoints may nest the weights
 _SHOWN = 5  # names listed per category in error messages
+# The opt*.pt entry that holds the resume fields beside the optimizer's own state_dict.
+RESUME_KEY = "resume"
+# --resume_checkpoint value: the newest model*.pt in the log directory (or a fresh start).
+AUTO_RESUME = "auto"
+_MODEL_CKPT_RE = re.compile(r"^model(\d+)\.pt$")
+# Checkpoints are broadcast in pieces: NCCL and gloo both handle large messages, but a bounded
+# piece keeps the extra device memory on every rank small.
+_BROADCAST_CHUNK_BYTES = 1 << 28
 
 
 class CheckpointError(ValueError):
@@ -37,20 +57,27 @@ class CheckpointMismatchError(ValueError):
     """A state_dict's names or shapes do not fit the model built from the given flags."""
 
 
-def read_state_dict(path_or_state_dict: PathOrStateDict) -> dict[str, th.Tensor]:
-    """Read a state_dict from a file (local path or any URL blobfile reads, e.g. gs://) or a dict.
+# ------------------------------------------------------------------------------------------------
+# Read
 
-    :param path_or_state_dict: a path, or an already loaded (possibly wrapped) state_dict.
-    :return: a flat {name: tensor} dict on the CPU.
-    :raises CheckpointError: if the file needs unsafe unpickling or holds no state_dict.
+
+def load_file(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     """
-    if isinstance(path_or_state_dict, Mapping):
-        return _unwrap(path_or_state_dict, "the given state_dict")
-    path = str(path_or_state_dict)
-    with bf.BlobFile(path, "rb") as f:
-        data = f.read()
+    Load a checkpoint file (a dict of tensors and plain values) with `weights_only=True`.
+
+    A collective in a process group: every rank must call it; rank 0 reads the file once and
+    broadcasts its bytes, so every rank gets the same object. If rank 0 cannot read the file,
+    every rank raises the same error instead of waiting forever.
+
+    :param path: a local, gs:// or az:// path (anything blobfile reads).
+    :param map_location: passed to `torch.load`.
+    :raises FileNotFoundError: if there is no such file.
+    :raises CheckpointError: if the file needs unsafe unpickling or is not a torch file.
+    """
+    path = str(path)
+    data = _broadcast_bytes(path) if dist_util.is_distributed() else _read_bytes(path)
     try:
-        obj = th.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return th.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         reason = str(e).strip().splitlines()
         raise CheckpointError(
@@ -63,9 +90,62 @@ def read_state_dict(path_or_state_dict: PathOrStateDict) -> dict[str, th.Tensor]
         ) from e
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"cannot read checkpoint {path!r} as a torch file: {e}") from e
+
+
+def _read_bytes(path: str) -> bytes:
+    with bf.BlobFile(path, "rb") as f:
+        return f.read()
+
+
+def _broadcast_bytes(path: str) -> bytes:
+    # Rank 0 reads; the size (or the error) goes out first so no rank waits on bytes that never
+    # come.
+    header: Any
+    data = b""
+    rank = dist.get_rank()
+    if rank == 0:
+        try:
+            data = _read_bytes(path)
+            header = len(data)
+        except Exception as e:  # noqa: BLE001 -- sent to every rank, raised there
+            header = (type(e).__name__, str(e))
+    else:
+        header = None
+    header = dist_util.broadcast_object(header)
+    if isinstance(header, tuple):
+        kind, message = header
+        error = FileNotFoundError if kind == "FileNotFoundError" else OSError
+        raise error(f"rank 0 could not read checkpoint {path!r}: {kind}: {message}")
+    size = header
+    device = dist_util.comm_device()
+    out = bytearray(size) if rank != 0 else None
+    for start in range(0, size, _BROADCAST_CHUNK_BYTES):
+        stop = min(start + _BROADCAST_CHUNK_BYTES, size)
+        if rank == 0:
+            chunk = th.frombuffer(bytearray(data[start:stop]), dtype=th.uint8).to(device)
+        else:
+            chunk = th.empty(stop - start, dtype=th.uint8, device=device)
+        dist.broadcast(chunk, src=0)
+        if out is not None:
+            out[start:stop] = chunk.cpu().numpy().tobytes()
+    return data if rank == 0 else bytes(out)
+
+
+def read_state_dict(path_or_state_dict: PathOrStateDict) -> dict[str, th.Tensor]:
+    """Read a state_dict from a file (collective, see `load_file`) or unwrap a loaded dict.
+
+    :param path_or_state_dict: a path, or an already loaded (possibly wrapped) state_dict.
+    :return: a flat {name: tensor} dict on the CPU.
+    :raises CheckpointError: if the file needs unsafe unpickling or holds no state_dict.
+    """
+    if isinstance(path_or_state_dict, Mapping):
+        return _unwrap(path_or_state_dict, "the given state_dict")
+    path = str(path_or_state_dict)
+    obj = load_file(path)
     if not isinstance(obj, Mapping):
         raise CheckpointError(
-            f"checkpoint {path!r} holds a {type(obj).__name__}, not a state_dict (a dict of tensors)"
+            f"checkpoint {path!r} holds a {type(obj).__name__}, "
+            "not a state_dict (a dict of tensors)"
         )
     return _unwrap(obj, repr(path))
 
@@ -80,32 +160,41 @@ def _unwrap(obj: Mapping, source: str) -> dict[str, th.Tensor]:
     if bad:
         raise CheckpointError(
             f"{source} is not a state_dict: entry {bad[0]!r} holds a {type(obj[bad[0]]).__name__}, "
-            f"not a tensor (and there is no {' or '.join(map(repr, _WRAPPER_KEYS))} entry holding one)"
+            f"not a tensor (and there is no {' or '.join(map(repr, _WRAPPER_KEYS))} entry "
+            "holding one)"
         )
     return dict(obj)
 
 
 def load_model_checkpoint(
-    model: nn.Module, path_or_state_dict: PathOrStateDict, *, strict: bool = True
+    model: nn.Module,
+    path_or_state_dict: PathOrStateDict,
+    *,
+    strict: bool = True,
+    source: str | None = None,
 ) -> None:
     """Load a checkpoint into `model` in place, after checking that it fits.
 
     Parameters keep the model's dtype (a float32 checkpoint loads into a converted fp16 model).
     `num_heads`, `num_head_channels` and `use_new_attention_order` change no tensor shape, so a
     checkpoint loads under wrong values of these flags; they must still match the training flags.
+    A collective when given a path in a process group (see `load_file`).
 
     :param model: the model built from the flags the checkpoint was trained with.
     :param path_or_state_dict: a file path / URL, or a (possibly wrapped) state_dict.
     :param strict: if False, missing and unexpected names are ignored (shapes must still fit).
+    :param source: how error messages name the checkpoint (default: its path), e.g.
+        "--model_path 'x.pt'".
     :raises CheckpointMismatchError: naming the differing tensors and the likely flag.
     :raises CheckpointError: if the file is unsafe or not a state_dict.
     """
     state_dict = read_state_dict(path_or_state_dict)
-    source = (
-        "the given state_dict"
-        if isinstance(path_or_state_dict, Mapping)
-        else repr(str(path_or_state_dict))
-    )
+    if source is None:
+        source = (
+            "the given state_dict"
+            if isinstance(path_or_state_dict, Mapping)
+            else repr(str(path_or_state_dict))
+        )
     check_state_dict_fits(model, state_dict, source=source, strict=strict)
     model.load_state_dict(state_dict, strict=strict)
 
@@ -113,7 +202,10 @@ def load_model_checkpoint(
 def check_state_dict_fits(
     model: nn.Module, state_dict: StateDict, *, source: str = "checkpoint", strict: bool = True
 ) -> None:
-    """Raise `CheckpointMismatchError` if `state_dict` does not fit `model` (see `load_model_checkpoint`)."""
+    """Raise `CheckpointMismatchError` if `state_dict` does not fit `model`.
+
+    See `load_model_checkpoint`; `source` names the checkpoint in the message.
+    """
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state_dict.items()}
     missing = [k for k in want if k not in got]
@@ -278,13 +370,16 @@ def _likely_flags(want, got, missing, unexpected, conflicts) -> list[str]:
                      f"--{prefix}use_scale_shift_norm {ssn_ckpt}?")
 
     # Up/downsampling by ResBlocks (--resblock_updown) vs. a conv (`op` / `conv`).
-    resample_conv = re.compile(r"(input_blocks\.\d+\.0\.op|output_blocks\.\d+\.[1-9]\.conv)\.weight")
+    resample_conv = re.compile(
+        r"(input_blocks\.\d+\.0\.op|output_blocks\.\d+\.[1-9]\.conv)\.weight"
+    )
     ckpt_convs = any(resample_conv.match(k) for k in got)
     model_convs = any(resample_conv.match(k) for k in want)
     if ckpt_convs != model_convs and (missing or unexpected):
         flag = "False" if ckpt_convs else "True"
         prefix = "" if is_unet["unet"] else "classifier_"
-        hints.append(f"the checkpoint {'resamples with convolutions' if ckpt_convs else 'resamples inside ResBlocks'}: "
+        how = "resamples with convolutions" if ckpt_convs else "resamples inside ResBlocks"
+        hints.append(f"the checkpoint {how}: "
                      f"was it trained with --{prefix}resblock_updown {flag}?")
 
     # Attention blocks at other resolutions (only meaningful when the block indices line up).
@@ -292,7 +387,8 @@ def _likely_flags(want, got, missing, unexpected, conflicts) -> list[str]:
     qkv_extra = [k for k in unexpected if k.endswith(".qkv.weight")]
     qkv_missing = [k for k in missing if k.endswith(".qkv.weight")]
     if (qkv_extra or qkv_missing) and same_depth:
-        flag = "--attention_resolutions" if is_unet["unet"] else "--classifier_attention_resolutions"
+        flag = ("--attention_resolutions" if is_unet["unet"]
+                else "--classifier_attention_resolutions")
         where = []
         if qkv_extra:
             where.append(f"only the checkpoint has attention in {qkv_extra[0].rsplit('.', 3)[0]!r}")
@@ -316,3 +412,131 @@ def _likely_flags(want, got, missing, unexpected, conflicts) -> list[str]:
             hints.append(f"'{pe}' covers {got[pe][1] - 1} positions in the checkpoint, "
                          f"{want[pe][1] - 1} in the model: check --image_size")
     return hints
+
+
+# ------------------------------------------------------------------------------------------------
+# Find (the original's public names; train_util re-exports them)
+
+
+def get_blob_logdir() -> str:
+    """Where checkpoints go: the log directory."""
+    directory = logger.get_dir()
+    if directory is None:
+        raise RuntimeError("no log directory: call logger.configure() before training")
+    return directory
+
+
+def parse_resume_step_from_filename(filename: str) -> int:
+    """
+    The step in a checkpoint name "path/to/modelNNNNNN.pt"; 0 for any other name (e.g. a
+    released checkpoint, from which training starts at step 0).
+    """
+    match = _MODEL_CKPT_RE.match(bf.basename(filename))
+    return int(match.group(1)) if match else 0
+
+
+def find_resume_checkpoint(log_dir: str | None = None) -> str | None:
+    """The `model*.pt` with the highest step in `log_dir` (default: the log directory), or None."""
+    log_dir = log_dir or get_blob_logdir()
+    if not bf.isdir(log_dir):
+        return None
+    best = None
+    for name in bf.listdir(log_dir):
+        match = _MODEL_CKPT_RE.match(name)
+        if match and (best is None or int(match.group(1)) > best[0]):
+            best = (int(match.group(1)), name)
+    return bf.join(log_dir, best[1]) if best else None
+
+
+def find_ema_checkpoint(main_checkpoint: str, step: int, rate: float) -> str | None:
+    """The `ema_{rate}_{step:06d}.pt` beside `main_checkpoint`, or None when there is none."""
+    if not main_checkpoint:
+        return None
+    path = bf.join(bf.dirname(main_checkpoint), f"ema_{rate}_{step:06d}.pt")
+    return path if bf.exists(path) else None
+
+
+def resolve_resume_checkpoint(resume_checkpoint: str) -> str:
+    """
+    The checkpoint to resume from: `resume_checkpoint` itself, or for "auto" the newest
+    `model*.pt` in the log directory ("" when there is none: a fresh start). A collective: rank
+    0's answer is broadcast, so every rank resumes the same file.
+    """
+    if resume_checkpoint != AUTO_RESUME:
+        return resume_checkpoint or ""
+    found = None
+    if dist_util.get_rank() == 0:
+        found = find_resume_checkpoint()
+        if found is None:
+            logger.log(f"--resume_checkpoint auto: no model*.pt in {get_blob_logdir()}; "
+                       "starting fresh")
+    return dist_util.broadcast_object(found) or ""
+
+
+def opt_checkpoint_path(main_checkpoint: str, step: int) -> str:
+    """The `opt{step:06d}.pt` beside `main_checkpoint` (it may not exist)."""
+    return bf.join(bf.dirname(main_checkpoint), f"opt{step:06d}.pt")
+
+
+# ------------------------------------------------------------------------------------------------
+# Write
+
+
+def atomic_write(path: str, write: Callable[[IO[bytes]], Any]) -> None:
+    """
+    Call `write(f)` on a binary file so that `path` never holds a partial file: local paths are
+    written to a temporary file in the same folder, then renamed over `path`. Object stores
+    (gs://, az://) publish an object only once its upload completes, so those are written directly.
+    """
+    if "://" in path:
+        with bf.BlobFile(path, "wb") as f:
+            write(f)
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        # mkstemp makes the file private (0600); give it the mode a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_atomic(obj: Any, path: str) -> None:
+    """`torch.save` through `atomic_write`."""
+    atomic_write(path, lambda f: th.save(obj, f))
+
+
+def save_run_flags(flags: dict, log_dir: str | None = None, filename: str = "args.json") -> str:
+    """
+    Write the run's flags as JSON beside its checkpoints (rank 0, atomically), and log the flags
+    that differ from an earlier run's file in the same folder (e.g. when resuming with other
+    settings).
+
+    :return: the file's path.
+    """
+    log_dir = log_dir or get_blob_logdir()
+    path = bf.join(log_dir, filename)
+    if dist_util.get_rank() != 0:
+        return path
+    if bf.exists(path):
+        with bf.BlobFile(path, "r") as f:
+            try:
+                old = json.load(f)
+            except ValueError:
+                old = {}
+        changed = {k: (old.get(k), v) for k, v in flags.items() if k in old and old[k] != v}
+        if changed:
+            logger.log(f"flags changed since the previous run in {log_dir}: {changed}")
+    text = json.dumps(dict(flags), indent=2, sort_keys=True, default=str)
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    return path

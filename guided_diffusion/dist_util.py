@@ -18,12 +18,10 @@ NCCL is used when CUDA is available, gloo otherwise. Every helper below also wor
 
 from __future__ import annotations
 
-import io
 import os
 import socket
 from typing import Any, Iterable
 
-import blobfile as bf
 import torch as th
 import torch.distributed as dist
 
@@ -31,10 +29,6 @@ import torch.distributed as dist
 # MVAPICH, Intel MPI). Their presence means "launched by mpiexec"; we never import mpi4py otherwise.
 _MPI_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE")
 _MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
-
-# Checkpoints are broadcast in pieces: NCCL and gloo both handle large messages, but a bounded
-# piece keeps the extra device memory on every rank small.
-_BROADCAST_CHUNK_BYTES = 1 << 28
 
 
 def _launched_by_torchrun() -> bool:
@@ -149,7 +143,8 @@ def barrier() -> None:
         dist.barrier()
 
 
-def _comm_device() -> th.device:
+def comm_device() -> th.device:
+    """Where tensors must be for a collective: the GPU under NCCL, the CPU under gloo."""
     # NCCL only moves CUDA tensors; gloo moves CPU tensors.
     return dev() if dist.get_backend() == "nccl" else th.device("cpu")
 
@@ -159,7 +154,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not is_distributed():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src, device=_comm_device())
+    dist.broadcast_object_list(box, src=src, device=comm_device())
     return box[0]
 
 
@@ -172,70 +167,26 @@ def all_gather_objects(obj: Any) -> list:
     return out
 
 
-def _read_bytes(path: str) -> bytes:
-    with bf.BlobFile(path, "rb") as f:
-        return f.read()
-
-
 def load_state_dict(path: str, **kwargs) -> Any:
     """
-    Load a checkpoint (a dict of tensors) read once by rank 0 and broadcast to every rank.
+    Load a checkpoint read once by rank 0 and broadcast to every rank (the original's name and
+    signature; `checkpoints.load_file` does the work).
 
-    This is a collective: every rank must call it, and every rank gets the same tensors. If rank 0
-    cannot read the file, every rank raises the same error instead of waiting forever.
-    Only tensors and plain Python containers are accepted (`torch.load(weights_only=True)`):
-    a checkpoint that needs arbitrary unpickling is refused.
+    This is a collective: every rank must call it, and every rank gets the same tensors. Only
+    tensors and plain Python containers are accepted (`torch.load(weights_only=True)`).
 
     :param path: a local, gs:// or az:// path (anything blobfile reads).
-    :param kwargs: passed to `torch.load`, e.g. `map_location="cpu"`.
+    :param kwargs: `map_location=...` is passed to `torch.load`; `weights_only=False` is refused.
     :return: the loaded object, typically a state_dict.
     """
+    from .checkpoints import load_file  # checkpoints imports this module
+
     if kwargs.pop("weights_only", True) is not True:
         raise ValueError(
             f"load_state_dict({path!r}): weights_only=False is refused; checkpoints must be "
             "plain tensor dicts (unpickling arbitrary objects can run code)"
         )
-    if not is_distributed():
-        data = _read_bytes(path)
-    else:
-        data = _broadcast_file(path)
-    try:
-        return th.load(io.BytesIO(data), weights_only=True, **kwargs)
-    except Exception as e:  # noqa: BLE001 -- re-raised with the file name
-        raise RuntimeError(
-            f"cannot load checkpoint {path!r} as a plain tensor dict "
-            f"(torch.load(weights_only=True)): {e}"
-        ) from e
-
-
-def _broadcast_file(path: str) -> bytes:
-    # Rank 0 reads; the size (or the error) goes out first so no rank waits on bytes that never come.
-    header: Any
-    data = b""
-    if dist.get_rank() == 0:
-        try:
-            data = _read_bytes(path)
-            header = len(data)
-        except Exception as e:  # noqa: BLE001 -- sent to every rank, raised there
-            header = f"{type(e).__name__}: {e}"
-    else:
-        header = None
-    header = broadcast_object(header)
-    if isinstance(header, str):
-        raise OSError(f"rank 0 could not read checkpoint {path!r}: {header}")
-    size = header
-    device = _comm_device()
-    out = bytearray(size) if dist.get_rank() != 0 else None
-    for start in range(0, size, _BROADCAST_CHUNK_BYTES):
-        stop = min(start + _BROADCAST_CHUNK_BYTES, size)
-        if dist.get_rank() == 0:
-            chunk = th.frombuffer(bytearray(data[start:stop]), dtype=th.uint8).to(device)
-        else:
-            chunk = th.empty(stop - start, dtype=th.uint8, device=device)
-        dist.broadcast(chunk, src=0)
-        if out is not None:
-            out[start:stop] = chunk.cpu().numpy().tobytes()
-    return data if dist.get_rank() == 0 else bytes(out)
+    return load_file(path, **kwargs)
 
 
 def sync_params(params: Iterable[th.Tensor]) -> None:

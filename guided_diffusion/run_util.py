@@ -210,14 +210,13 @@ def load_checkpoint(model: th.nn.Module, path: str, flag: str) -> None:
     Load `path` (named by `--flag`) into `model`: read once by rank 0 and broadcast, then checked
     against the model (`CheckpointMismatchError` names the differing tensors and the likely flag).
     """
+    from .checkpoints import load_model_checkpoint  # the one checkpoint module reads, checks, loads
+
     require_path(path, flag)
     try:
-        obj = dist_util.load_state_dict(path, map_location="cpu")
-    except (RuntimeError, OSError) as e:  # unreadable or unsafe (pickled objects) file
+        load_model_checkpoint(model, path, source=f"--{flag} {path!r}")
+    except (CheckpointError, OSError) as e:  # unreadable or unsafe (pickled objects) file
         raise ScriptError(f"--{flag}: {e}") from e
-    state_dict = read_state_dict(obj)  # unwraps {"model": ...} style files
-    check_state_dict_fits(model, state_dict, source=f"--{flag} {path!r}")
-    model.load_state_dict(state_dict)
 
 
 def load_model_and_diffusion(args, kind: str = "unet"):

@@ -5,39 +5,57 @@ Checkpoints keep the original's names and formats, in the log directory (`logger
 * `model{step:06d}.pt`: the float32 state_dict of the trained weights (the original's format, also
   what its released checkpoints are);
 * `ema_{rate}_{step:06d}.pt`: the same for each EMA rate;
-* `opt{step:06d}.pt`: the optimizer's state_dict plus a "resume" entry (step, loss scale,
-  precision), all plain tensors and Python values, so `torch.load(weights_only=True)` reads it.
+* `opt{step:06d}.pt`: the optimizer's state_dict plus a "resume" entry, `TrainLoop.resume_state()`
+  (step, loss scale, precision, train flags), all plain tensors and Python values, so
+  `torch.load(weights_only=True)` reads it.
 
 `step` counts the training steps done: `model000006.pt` holds the weights after 6 steps, and
 resuming from it continues with the 7th (the original named the file after the index of the last
 step and then repeated that step on resume). Files are written atomically, `model*.pt` last, so
 the newest `model*.pt` always has its companions; `resume_checkpoint="auto"` resumes from it.
+Reading, checking, finding and writing them is `checkpoints`' job; its public names that the
+original kept here (`find_resume_checkpoint`, `parse_resume_step_from_filename`, ...) still import
+from this module.
+
+One loop serves every training mode: a mode is a subclass that overrides `microbatch_loss` (and,
+if it has more to restore, `resume_state` / `load_resume_state`), as `ClassifierTrainLoop` does.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import json
 import os
-import re
-import tempfile
-from typing import Callable, Iterator
+from typing import Iterator
 
 import blobfile as bf
 import numpy as np
 import torch as th
+import torch.nn.functional as F
 from torch.nn.parallel.distributed import DistributedDataParallel as DDP
 from torch.optim import AdamW
 
 from . import dist_util, logger
-from .fp16_util import MixedPrecisionTrainer
+from .checkpoints import (  # noqa: F401 -- the original's public names, re-exported
+    AUTO_RESUME,
+    RESUME_KEY,
+    atomic_write,
+    check_state_dict_fits,
+    find_ema_checkpoint,
+    find_resume_checkpoint,
+    get_blob_logdir,
+    load_file,
+    load_model_checkpoint,
+    opt_checkpoint_path,
+    parse_resume_step_from_filename,
+    read_state_dict,
+    resolve_resume_checkpoint,
+    save_atomic,
+    save_run_flags,
+)
+from .fp16_util import INITIAL_LOG_LOSS_SCALE, MixedPrecisionTrainer
 from .nn import update_ema
 from .resample import LossAwareSampler, UniformSampler
-
-# Resume the newest model*.pt in the log directory (or start fresh when there is none).
-AUTO_RESUME = "auto"
-_MODEL_CKPT_RE = re.compile(r"^model(\d+)\.pt$")
 
 
 class TrainLoop:
@@ -45,13 +63,13 @@ class TrainLoop:
     Train `model` on the diffusion loss with the original's hyperparameters.
 
     :param model: the network (on `dist_util.dev()`).
-    :param diffusion: a GaussianDiffusion providing `training_losses(model, x_start, t, model_kwargs)`.
+    :param diffusion: a GaussianDiffusion (`training_losses(model, x_start, t, model_kwargs)`).
     :param data: an iterator of (images [N x C x H x W], kwargs dict) batches, e.g. `load_data`.
     :param batch_size: images per rank per step (the global batch is batch_size * world size).
     :param microbatch: split each batch into pieces of this size for memory (-1 / 0: no split);
         gradients are accumulated so the result equals one pass over the whole batch.
     :param lr: AdamW learning rate.
-    :param ema_rate: one EMA decay or a comma-separated list ("0.9999,0.99").
+    :param ema_rate: one EMA decay or a comma-separated list ("0.9999,0.99"); "" keeps no EMA.
     :param log_interval: write the logged values every this many steps.
     :param save_interval: write checkpoints every this many steps (and at the end).
     :param resume_checkpoint: "" (fresh start), a `model*.pt` path (its `opt` and `ema_` files are
@@ -63,6 +81,9 @@ class TrainLoop:
     :param lr_anneal_steps: if > 0, decay the lr linearly to 0 and stop after this many steps.
     :param use_bf16: bf16 autocast for the forward pass (exclusive with use_fp16).
     """
+
+    # log2 of the first fp16 loss scale (subclasses may start elsewhere).
+    initial_lg_loss_scale = INITIAL_LOG_LOSS_SCALE
 
     def __init__(
         self,
@@ -99,13 +120,15 @@ class TrainLoop:
         self.schedule_sampler = schedule_sampler or UniformSampler(diffusion)
         self.weight_decay = weight_decay
         self.lr_anneal_steps = lr_anneal_steps
+        # Stop after this many steps in all (None: train until stopped). Subclasses may decouple
+        # it from annealing (ClassifierTrainLoop: --iterations).
+        self.total_steps: int | None = lr_anneal_steps or None
 
         self.step = 0  # steps done in this run
         self.resume_step = 0  # steps done before it (from the checkpoint's name)
         self.global_batch = self.batch_size * dist_util.get_world_size()
 
-        # The checkpoint to resume: every rank must agree, so rank 0's choice is broadcast.
-        self.resume_path = dist_util.broadcast_object(self._resolve_resume_checkpoint())
+        self.resume_path = resolve_resume_checkpoint(resume_checkpoint)
         if self.resume_path:
             self.resume_step = parse_resume_step_from_filename(self.resume_path)
         self._load_and_sync_parameters()
@@ -114,6 +137,7 @@ class TrainLoop:
             model=self.model,
             use_fp16=self.use_fp16,
             fp16_scale_growth=fp16_scale_growth,
+            initial_lg_loss_scale=self.initial_lg_loss_scale,
             use_bf16=use_bf16,
         )
         self.opt = AdamW(self.mp_trainer.master_params, lr=self.lr, weight_decay=self.weight_decay)
@@ -123,33 +147,27 @@ class TrainLoop:
         else:
             self.ema_params = [self._copy_master_params() for _ in self.ema_rate]
 
-        if dist_util.is_distributed():
-            self.use_ddp = True
-            on_cuda = dist_util.dev().type == "cuda"
-            self.ddp_model = DDP(
-                self.model,
-                device_ids=[dist_util.dev()] if on_cuda else None,
-                output_device=dist_util.dev() if on_cuda else None,
-                bucket_cap_mb=128,
-                find_unused_parameters=False,
-                **_no_buffer_broadcast_kwargs(),
-            )
-        else:
-            self.use_ddp = False
-            self.ddp_model = self.model
+        self.ddp_model = wrap_ddp(self.model)
+        self.use_ddp = self.ddp_model is not self.model
 
     # ------------------------------------------------------------------ resume
 
-    def _resolve_resume_checkpoint(self) -> str:
-        if self.resume_checkpoint != AUTO_RESUME:
-            return self.resume_checkpoint or ""
-        if dist_util.get_rank() != 0:
-            return ""  # replaced by rank 0's answer
-        found = find_resume_checkpoint()
-        if found is None:
-            logger.log(f"--resume_checkpoint auto: no model*.pt in {get_blob_logdir()}; starting fresh")
-            return ""
-        return found
+    def resume_state(self) -> dict:
+        """
+        Every field a resume needs beyond the model, EMA and optimizer tensors: saved as the
+        `RESUME_KEY` entry of opt*.pt (plain Python values and tensors only). The one place to add
+        a checkpoint field (RNG states, data position, ...): add it here and read it back in
+        `load_resume_state`; subclasses extend both with `super()`.
+        """
+        return dict(
+            self.mp_trainer.state_dict(),  # lg_loss_scale, use_fp16, use_bf16
+            step=self.step + self.resume_step,
+            train_flags=self.train_flags(),
+        )
+
+    def load_resume_state(self, state: dict) -> None:
+        """Restore what `resume_state` saved (called while the optimizer state is loaded)."""
+        self.mp_trainer.load_state_dict(state)
 
     def _copy_master_params(self) -> list:
         return [p.detach().clone() for p in self.mp_trainer.master_params]
@@ -157,10 +175,12 @@ class TrainLoop:
     def _load_and_sync_parameters(self) -> None:
         if self.resume_path:
             logger.log(f"loading model from checkpoint: {self.resume_path}...")
-            # Every rank loads (a collective read): the original loaded on rank 0 only, which
-            # deadlocked its MPI broadcast.
-            state_dict = dist_util.load_state_dict(self.resume_path, map_location=dist_util.dev())
-            self.model.load_state_dict(state_dict)
+            # Every rank takes part (rank 0 reads and broadcasts): the original loaded on rank 0
+            # only, which deadlocked its MPI broadcast. The fit check turns other model flags
+            # into one message naming the flag instead of load_state_dict's list of every tensor.
+            load_model_checkpoint(
+                self.model, self.resume_path, source=f"--resume_checkpoint {self.resume_path!r}"
+            )
         dist_util.sync_params(self.model.parameters())
         dist_util.sync_params(self.model.buffers())
 
@@ -178,11 +198,14 @@ class TrainLoop:
             )
             return self._copy_master_params()
         logger.log(f"loading EMA from checkpoint: {ema_checkpoint}...")
-        state_dict = dist_util.load_state_dict(ema_checkpoint, map_location=dist_util.dev())
-        return self.mp_trainer.state_dict_to_master_params(state_dict)
+        state_dict = read_state_dict(ema_checkpoint)
+        check_state_dict_fits(self.model, state_dict, source=f"{ema_checkpoint!r} (EMA)")
+        return [
+            p.to(dist_util.dev()) for p in self.mp_trainer.state_dict_to_master_params(state_dict)
+        ]
 
     def _load_optimizer_state(self) -> None:
-        opt_checkpoint = bf.join(bf.dirname(self.resume_path), f"opt{self.resume_step:06d}.pt")
+        opt_checkpoint = opt_checkpoint_path(self.resume_path, self.resume_step)
         exists = bf.exists(opt_checkpoint) if dist_util.get_rank() == 0 else None
         if not dist_util.broadcast_object(exists):  # rank 0's view, as for the EMA files
             logger.log(
@@ -191,8 +214,8 @@ class TrainLoop:
             )
             return
         logger.log(f"loading optimizer state from checkpoint: {opt_checkpoint}")
-        state_dict = dist_util.load_state_dict(opt_checkpoint, map_location=dist_util.dev())
-        resume_state = state_dict.pop("resume", {})
+        state_dict = load_file(opt_checkpoint, map_location=dist_util.dev())
+        resume_state = state_dict.pop(RESUME_KEY, {})
         try:
             self.opt.load_state_dict(state_dict)
         except (ValueError, KeyError) as e:
@@ -201,7 +224,7 @@ class TrainLoop:
                 "written for other model flags, or by the original's fp16 trainer (which "
                 "flattened the parameters)? Move it away to restart the optimizer."
             ) from e
-        self.mp_trainer.load_state_dict(resume_state)
+        self.load_resume_state(resume_state)
         for group in self.opt.param_groups:
             # The flags of this run win over the saved ones (the lr is re-annealed anyway).
             group["lr"] = self.lr
@@ -210,8 +233,8 @@ class TrainLoop:
     # ------------------------------------------------------------------ training
 
     def run_loop(self) -> None:
-        """Train until `lr_anneal_steps` (forever when 0), logging and saving on the way."""
-        while not self.lr_anneal_steps or self.step + self.resume_step < self.lr_anneal_steps:
+        """Train until `total_steps` (forever when None), logging and saving on the way."""
+        while self.total_steps is None or self.step + self.resume_step < self.total_steps:
             batch, cond = next(self.data)
             self.run_step(batch, cond)
             self.step += 1
@@ -238,31 +261,43 @@ class TrainLoop:
         self.log_step()
 
     def forward_backward(self, batch: th.Tensor, cond: dict) -> None:
-        """Accumulate the gradient of the batch's weighted mean loss, one microbatch at a time."""
+        """Accumulate the gradient of the batch's mean loss, one microbatch at a time."""
         self.mp_trainer.zero_grad()
         n = batch.shape[0]
         for i in range(0, n, self.microbatch):
             micro = batch[i : i + self.microbatch].to(dist_util.dev())
-            micro_cond = {k: v[i : i + self.microbatch].to(dist_util.dev()) for k, v in cond.items()}
+            micro_cond = {
+                k: v[i : i + self.microbatch].to(dist_util.dev()) for k, v in cond.items()
+            }
             last_batch = (i + self.microbatch) >= n
-            t, weights = self.schedule_sampler.sample(micro.shape[0], dist_util.dev())
-            compute_losses = functools.partial(
-                self.diffusion.training_losses, self.ddp_model, micro, t, model_kwargs=micro_cond
-            )
             # DDP all-reduces gradients in backward; skip that for all but the last microbatch.
             sync = last_batch or not self.use_ddp
             with (th.enable_grad() if sync else self.ddp_model.no_sync()):
-                with self.mp_trainer.autocast():
-                    losses = compute_losses()
-                if isinstance(self.schedule_sampler, LossAwareSampler):
-                    self.schedule_sampler.update_with_local_losses(t, losses["loss"].detach())
+                loss = self.microbatch_loss(micro, micro_cond)
                 # Weight each microbatch by its share of the batch: the accumulated gradient is
                 # that of the batch mean (the original summed microbatch means instead).
-                loss = (losses["loss"].float() * weights).mean() * (micro.shape[0] / n)
-                log_loss_dict(
-                    self.diffusion, t, {k: v.detach().float() * weights for k, v in losses.items()}
-                )
-                self.mp_trainer.backward(loss)
+                self.mp_trainer.backward(loss * (micro.shape[0] / n))
+
+    def microbatch_loss(self, micro: th.Tensor, micro_cond: dict) -> th.Tensor:
+        """
+        The scalar loss of one microbatch, logging its parts (the one method a new training mode
+        overrides). Here: the diffusion loss at timesteps from the schedule sampler.
+
+        :param micro: the [n x C x H x W] images, on the device.
+        :param micro_cond: the model's keyword arguments (e.g. 'y': [n] labels), on the device.
+        """
+        t, weights = self.schedule_sampler.sample(micro.shape[0], dist_util.dev())
+        compute_losses = functools.partial(
+            self.diffusion.training_losses, self.ddp_model, micro, t, model_kwargs=micro_cond
+        )
+        with self.mp_trainer.autocast():
+            losses = compute_losses()
+        if isinstance(self.schedule_sampler, LossAwareSampler):
+            self.schedule_sampler.update_with_local_losses(t, losses["loss"].detach())
+        log_loss_dict(
+            self.diffusion, t, {k: v.detach().float() * weights for k, v in losses.items()}
+        )
+        return (losses["loss"].float() * weights).mean()
 
     def _update_ema(self) -> None:
         with th.no_grad():
@@ -291,13 +326,16 @@ class TrainLoop:
         step = self.step + self.resume_step
         # Every rank builds the state dicts (cheap); only rank 0 writes.
         for rate, params in zip(self.ema_rate, self.ema_params):
-            self._save_file(f"ema_{rate}_{step:06d}.pt", self.mp_trainer.master_params_to_state_dict(params))
+            self._save_file(
+                f"ema_{rate}_{step:06d}.pt", self.mp_trainer.master_params_to_state_dict(params)
+            )
         opt_state = self.opt.state_dict()
-        opt_state["resume"] = dict(self.mp_trainer.state_dict(), step=step, train_flags=self.train_flags())
+        opt_state[RESUME_KEY] = self.resume_state()
         self._save_file(f"opt{step:06d}.pt", opt_state)
         # The model file last: it marks the checkpoint as complete for auto-resume.
         self._save_file(
-            f"model{step:06d}.pt", self.mp_trainer.master_params_to_state_dict(self.mp_trainer.master_params)
+            f"model{step:06d}.pt",
+            self.mp_trainer.master_params_to_state_dict(self.mp_trainer.master_params),
         )
         dist_util.barrier()
 
@@ -319,6 +357,127 @@ class TrainLoop:
         save_atomic(obj, path)
 
 
+class ClassifierTrainLoop(TrainLoop):
+    """
+    Train a noisy-image classifier p(y | x_t, t) for classifier guidance (Dhariwal & Nichol 2021,
+    sec. 4) on the one loop: cross-entropy at x_t = q_sample(x_0, t) for uniform t (x_0 itself
+    when `noised` is False), logging `train_loss`, `train_acc@1`, `train_acc@5` and their per-
+    quartile means, and the same with `val_` on a validation batch every `eval_interval` steps.
+    Files are `model{step:06d}.pt` and `opt{step:06d}.pt`: no EMA unless `ema_rate` asks for one.
+
+    :param data: an iterator of (images [N x C x H x W], {'y': [N] labels}) batches.
+    :param iterations: stop after this many steps in all (resumed steps included).
+    :param anneal_lr: decay the lr linearly to 0 over `iterations`.
+    :param noised: train on noisy images x_t (the guidance classifier) rather than on x_0.
+    :param val_data: like `data`, for validation (None: no validation).
+    :param eval_interval: validate after step 1, 1 + eval_interval, ... (0-based step % it == 0).
+    Other parameters are TrainLoop's.
+    """
+
+    # The original's classifier_train.py starts its fp16 loss scale at 2**16, not 2**20.
+    initial_lg_loss_scale = 16.0
+
+    def __init__(
+        self,
+        *,
+        model: th.nn.Module,
+        diffusion,
+        data: Iterator,
+        batch_size: int,
+        microbatch: int,
+        lr: float,
+        iterations: int,
+        anneal_lr: bool = False,
+        noised: bool = True,
+        val_data: Iterator | None = None,
+        eval_interval: int = 5,
+        log_interval: int = 10,
+        save_interval: int = 10000,
+        resume_checkpoint: str = "",
+        ema_rate: float | str = "",
+        use_fp16: bool = False,
+        fp16_scale_growth: float = 1e-3,
+        schedule_sampler=None,
+        weight_decay: float = 0.0,
+        use_bf16: bool = False,
+    ):
+        self.iterations = iterations
+        self.anneal_lr = anneal_lr
+        self.noised = noised
+        self.val_data = val_data
+        self.eval_interval = eval_interval
+        super().__init__(
+            model=model, diffusion=diffusion, data=data, batch_size=batch_size,
+            microbatch=microbatch, lr=lr, ema_rate=ema_rate, log_interval=log_interval,
+            save_interval=save_interval, resume_checkpoint=resume_checkpoint, use_fp16=use_fp16,
+            fp16_scale_growth=fp16_scale_growth, schedule_sampler=schedule_sampler,
+            weight_decay=weight_decay, lr_anneal_steps=iterations if anneal_lr else 0,
+            use_bf16=use_bf16,
+        )
+        self.total_steps = iterations
+
+    def microbatch_loss(self, micro: th.Tensor, micro_cond: dict) -> th.Tensor:
+        return self._classifier_loss(micro, micro_cond["y"], prefix="train")
+
+    def _classifier_loss(self, x: th.Tensor, labels: th.Tensor, prefix: str) -> th.Tensor:
+        """Mean cross-entropy of [n] `labels` given images `x` (noised here if asked); logs."""
+        if self.noised:
+            # The classifier must work at every t the sampler will ask it about. Uniform t: the
+            # importance weights are ignored, as in the original.
+            t, _ = self.schedule_sampler.sample(x.shape[0], dist_util.dev())
+            x = self.diffusion.q_sample(x, t)
+        else:
+            t = th.zeros(x.shape[0], dtype=th.long, device=dist_util.dev())
+        with self.mp_trainer.autocast():
+            logits = self.ddp_model(x, timesteps=t)
+        loss = F.cross_entropy(logits.float(), labels, reduction="none")
+        losses = {
+            f"{prefix}_loss": loss.detach(),
+            f"{prefix}_acc@1": compute_top_k(logits, labels, k=1),
+            f"{prefix}_acc@5": compute_top_k(logits, labels, k=5),
+        }
+        log_loss_dict(self.diffusion, t, losses)
+        return loss.mean()
+
+    def run_step(self, batch: th.Tensor, cond: dict) -> None:
+        super().run_step(batch, cond)
+        if self.val_data is not None and (self.step + self.resume_step) % self.eval_interval == 0:
+            self.evaluate(*next(self.val_data))
+
+    def evaluate(self, batch: th.Tensor, cond: dict) -> None:
+        """Log the `val_` losses and accuracies of one batch (no gradients, eval mode)."""
+        self.model.eval()
+        try:
+            with th.no_grad():
+                for i in range(0, batch.shape[0], self.microbatch):
+                    micro = batch[i : i + self.microbatch].to(dist_util.dev())
+                    labels = cond["y"][i : i + self.microbatch].to(dist_util.dev())
+                    self._classifier_loss(micro, labels, prefix="val")
+        finally:
+            self.model.train()
+
+    def train_flags(self) -> dict:
+        return dict(
+            super().train_flags(), iterations=self.iterations, anneal_lr=self.anneal_lr,
+            noised=self.noised, eval_interval=self.eval_interval,
+        )
+
+
+def wrap_ddp(model: th.nn.Module) -> th.nn.Module:
+    """`model` in DistributedDataParallel when several ranks train, else `model` itself."""
+    if not dist_util.is_distributed():
+        return model
+    on_cuda = dist_util.dev().type == "cuda"
+    return DDP(
+        model,
+        device_ids=[dist_util.dev()] if on_cuda else None,
+        output_device=dist_util.dev() if on_cuda else None,
+        bucket_cap_mb=128,
+        find_unused_parameters=False,
+        **_no_buffer_broadcast_kwargs(),
+    )
+
+
 def _no_buffer_broadcast_kwargs() -> dict:
     # The original passes broadcast_buffers=False (buffers are synced once at start, not at every
     # forward); newer torch spells it forward_sync_buffers=False and warns about the old name.
@@ -328,85 +487,19 @@ def _no_buffer_broadcast_kwargs() -> dict:
 
 
 def parse_ema_rates(ema_rate: float | str) -> list:
-    """0.9999 or "0.9999,0.99" -> [0.9999, 0.99]."""
+    """0.9999 or "0.9999,0.99" -> [0.9999, 0.99]; "" -> [] (no EMA)."""
     if isinstance(ema_rate, (int, float)):
         return [float(ema_rate)]
     try:
-        return [float(x) for x in str(ema_rate).split(",")]
+        return [float(x) for x in str(ema_rate).split(",") if x.strip()]
     except ValueError:
         raise ValueError(f"--ema_rate must be comma-separated floats, got {ema_rate!r}") from None
 
 
-def atomic_write(path: str, write: Callable) -> None:
-    """
-    Call `write(f)` on a binary file so that `path` never holds a partial file: local paths are
-    written to a temporary file in the same folder, then renamed over `path`. Object stores
-    (gs://, az://) publish an object only once its upload completes, so those are written directly.
-    """
-    if "://" in path:
-        with bf.BlobFile(path, "wb") as f:
-            write(f)
-        return
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp makes the file private (0600); give it the mode a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def save_atomic(obj, path: str) -> None:
-    """`torch.save` through `atomic_write`."""
-    atomic_write(path, lambda f: th.save(obj, f))
-
-
-def parse_resume_step_from_filename(filename: str) -> int:
-    """
-    The step in a checkpoint name "path/to/modelNNNNNN.pt"; 0 for any other name (e.g. a
-    released checkpoint, from which training starts at step 0).
-    """
-    match = _MODEL_CKPT_RE.match(bf.basename(filename))
-    return int(match.group(1)) if match else 0
-
-
-def get_blob_logdir() -> str:
-    """Where checkpoints go: the log directory."""
-    directory = logger.get_dir()
-    if directory is None:
-        raise RuntimeError("no log directory: call logger.configure() before training")
-    return directory
-
-
-def find_resume_checkpoint(log_dir: str | None = None) -> str | None:
-    """The `model*.pt` with the highest step in `log_dir` (default: the log directory), or None."""
-    log_dir = log_dir or get_blob_logdir()
-    if not bf.isdir(log_dir):
-        return None
-    best = None
-    for name in bf.listdir(log_dir):
-        match = _MODEL_CKPT_RE.match(name)
-        if match and (best is None or int(match.group(1)) > best[0]):
-            best = (int(match.group(1)), name)
-    return bf.join(log_dir, best[1]) if best else None
-
-
-def find_ema_checkpoint(main_checkpoint: str, step: int, rate: float) -> str | None:
-    """The `ema_{rate}_{step:06d}.pt` beside `main_checkpoint`, or None when there is none."""
-    if not main_checkpoint:
-        return None
-    path = bf.join(bf.dirname(main_checkpoint), f"ema_{rate}_{step:06d}.pt")
-    return path if bf.exists(path) else None
+def compute_top_k(logits: th.Tensor, labels: th.Tensor, k: int) -> th.Tensor:
+    """:return: an [N] float tensor, 1 where the label is among the top min(k, classes) logits."""
+    _, top_ks = th.topk(logits, min(k, logits.shape[-1]), dim=-1)
+    return (top_ks == labels[:, None]).any(dim=-1).float()
 
 
 def log_loss_dict(diffusion, ts: th.Tensor, losses: dict) -> None:
@@ -424,36 +517,3 @@ def log_loss_dict(diffusion, ts: th.Tensor, losses: dict) -> None:
         for q in np.unique(quartile):
             sub = values[quartile == q]
             logger.logkv_mean(f"{key}_q{q}", sub.mean(), count=sub.size)
-
-
-def save_run_flags(flags: dict, log_dir: str | None = None, filename: str = "args.json") -> str:
-    """
-    Write the run's flags as JSON beside its checkpoints (rank 0), and log the flags that differ
-    from an earlier run's file in the same folder (e.g. when resuming with other settings).
-
-    :return: the file's path.
-    """
-    log_dir = log_dir or get_blob_logdir()
-    path = bf.join(log_dir, filename)
-    if dist_util.get_rank() != 0:
-        return path
-    flags = {k: v for k, v in flags.items()}
-    if bf.exists(path):
-        with bf.BlobFile(path, "r") as f:
-            try:
-                old = json.load(f)
-            except ValueError:
-                old = {}
-        changed = {k: (old.get(k), v) for k, v in flags.items() if k in old and old[k] != v}
-        if changed:
-            logger.log(f"flags changed since the previous run in {log_dir}: {changed}")
-    text = json.dumps(flags, indent=2, sort_keys=True, default=str)
-    if "://" in path:
-        with bf.BlobFile(path, "w") as f:
-            f.write(text)
-    else:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    return path

@@ -9,8 +9,13 @@ import torch.nn as nn
 
 from guided_diffusion import logger
 from guided_diffusion.fp16_util import MixedPrecisionTrainer, convert_module_to_f16
-from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
-from guided_diffusion.train_util import TrainLoop
+from guided_diffusion.script_util import (
+    classifier_and_diffusion_defaults,
+    create_classifier_and_diffusion,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+)
+from guided_diffusion.train_util import ClassifierTrainLoop, TrainLoop
 
 
 @pytest.fixture(autouse=True)
@@ -24,7 +29,8 @@ def _quiet_logger(tmp_path):
 
 
 class TwoGroups(nn.Module):
-    """A conv (converted to fp16) and a linear (stays fp32), like the U-Net's blocks and embeddings."""
+    """A conv (converted to fp16) and a linear (stays fp32), like the U-Net's blocks and
+    embeddings."""
 
     def __init__(self):
         super().__init__()
@@ -150,3 +156,33 @@ def test_bf16_runs_the_forward_in_bfloat16_with_float32_weights(tmp_path):
     # (The zero-initialized output layer is all that moves in a first step.)
     assert not all(th.equal(p, b) for p, b in zip(loop.model.parameters(), before))
     assert os.path.exists(tmp_path / "model000001.pt")
+
+
+def test_classifier_fp16_starts_at_the_originals_loss_scale_and_resumes_it(tmp_path):
+    flags = classifier_and_diffusion_defaults()
+    flags.update(image_size=16, classifier_width=32, classifier_depth=1,
+                 classifier_channel_mult="1,2", classifier_attention_resolutions="8",
+                 classifier_use_fp16=True)
+
+    def loop(iterations, resume=""):
+        th.manual_seed(0)
+        model, diffusion = create_classifier_and_diffusion(**flags)
+        g = th.Generator().manual_seed(0)
+        batches = iter(lambda: (th.randn(2, 3, 16, 16, generator=g), {"y": th.tensor([1, 2])}),
+                       None)
+        return ClassifierTrainLoop(
+            model=model, diffusion=diffusion, data=batches, batch_size=2, microbatch=-1,
+            lr=1e-3, iterations=iterations, resume_checkpoint=resume, use_fp16=True,
+            fp16_scale_growth=0.5, save_interval=100,
+        )
+
+    first = loop(1)
+    # classifier_train.py's loss scale starts at 2**16 (the diffusion loop's at 2**20).
+    assert first.mp_trainer.lg_loss_scale == 16.0
+    assert first.model.input_blocks[0][0].weight.dtype == th.float16
+    first.run_loop()
+    assert first.mp_trainer.lg_loss_scale == 16.5  # one good step grew it
+    sd = th.load(tmp_path / "model000001.pt", weights_only=True)
+    assert all(v.dtype == th.float32 for v in sd.values() if v.is_floating_point())
+    resumed = loop(2, resume="auto")
+    assert resumed.resume_step == 1 and resumed.mp_trainer.lg_loss_scale == 16.5

@@ -3,16 +3,28 @@
 import csv
 import json
 import os
+import importlib.util
+import pathlib
+import sys
 
 import numpy as np
 import pytest
 import torch as th
+from PIL import Image
 
-from guided_diffusion import logger
+from guided_diffusion import checkpoints, logger, run_util
+from guided_diffusion.checkpoints import CheckpointMismatchError
 from guided_diffusion.resample import LossSecondMomentResampler
-from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
+from guided_diffusion.script_util import (
+    classifier_and_diffusion_defaults,
+    create_classifier_and_diffusion,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+)
 from guided_diffusion.train_util import (
+    ClassifierTrainLoop,
     TrainLoop,
+    compute_top_k,
     find_resume_checkpoint,
     parse_ema_rates,
     parse_resume_step_from_filename,
@@ -20,6 +32,7 @@ from guided_diffusion.train_util import (
     save_run_flags,
 )
 
+SCRIPTS = pathlib.Path(__file__).resolve().parents[1] / "scripts"
 TINY = dict(
     image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2",
     attention_resolutions="8", num_heads=1, diffusion_steps=50,
@@ -251,3 +264,210 @@ def test_save_run_flags_writes_json_and_reports_changes(tmp_path):
     assert json.load(open(path)) == {"lr": 2e-4, "batch_size": 2}
     assert "flags changed" in (tmp_path / "log.txt").read_text()
     assert np.isclose(json.load(open(tmp_path / "args.json"))["lr"], 2e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# Resume goes through the fit check; the run-flags file is written atomically
+
+
+def test_resume_with_other_model_flags_names_the_flag_not_every_tensor(tmp_path):
+    make_loop(tmp_path, steps=1).run_loop()  # trained with --class_cond False
+    logger.configure(dir=str(tmp_path), format_strs=[])
+    model, diffusion = tiny_model_and_diffusion(class_cond=True, num_classes=3)
+    with pytest.raises(CheckpointMismatchError) as err:
+        TrainLoop(
+            model=model, diffusion=diffusion, data=batches(), batch_size=2, microbatch=-1,
+            lr=1e-3, ema_rate="0.9999", log_interval=1, save_interval=1,
+            resume_checkpoint="auto",
+        )
+    message = str(err.value)
+    assert "--resume_checkpoint" in message and "model000001.pt" in message
+    assert "'label_emb.weight'" in message and "--class_cond False?" in message
+    assert len(message.splitlines()) < 8  # not load_state_dict's list of every tensor
+
+
+def test_resume_checks_the_ema_file_too(tmp_path):
+    make_loop(tmp_path, steps=1).run_loop()
+    # An EMA file from other flags beside a fitting model file (e.g. copied in by hand).
+    other, _ = tiny_model_and_diffusion(learn_sigma=True)
+    th.save(other.state_dict(), tmp_path / "ema_0.9999_000001.pt")
+    expected = r"(?s)ema_0.9999_000001.pt.*--learn_sigma True\?"
+    with pytest.raises(CheckpointMismatchError, match=expected):
+        make_loop(tmp_path, steps=2, resume="auto")
+
+
+def test_save_run_flags_is_atomic(tmp_path, monkeypatch):
+    logger.configure(dir=str(tmp_path), format_strs=[])
+    path = save_run_flags({"lr": 1e-4})
+
+    def disk_full(fd):
+        raise OSError("disk full")
+
+    # The new text is written, then the flush to disk fails: the old file must survive whole.
+    monkeypatch.setattr(checkpoints.os, "fsync", disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        save_run_flags({"lr": 2e-4, "batch_size": 8})
+    assert json.load(open(path)) == {"lr": 1e-4}
+    assert os.listdir(tmp_path) == ["args.json"]  # no temporary left behind
+
+
+# ------------------------------------------------------------------------------------------------
+# The classifier on the one loop
+
+TINY_CLASSIFIER = dict(
+    image_size=16, classifier_width=32, classifier_depth=1, classifier_channel_mult="1,2",
+    classifier_attention_resolutions="8", diffusion_steps=100,
+)
+
+
+def tiny_classifier(seed=0, **overrides):
+    flags = classifier_and_diffusion_defaults()
+    flags.update(TINY_CLASSIFIER, **overrides)
+    th.manual_seed(seed)
+    return create_classifier_and_diffusion(**flags)
+
+
+def labelled_batches(n_batches, batch_size=4, seed=0):
+    g = th.Generator().manual_seed(seed)
+    return [
+        (th.randn(batch_size, 3, 16, 16, generator=g),
+         {"y": th.randint(0, 1000, (batch_size,), generator=g)})
+        for _ in range(n_batches)
+    ]
+
+
+def make_classifier_loop(log_dir, data, iterations, resume="", **kw):
+    logger.configure(dir=str(log_dir), format_strs=["csv"])
+    model, diffusion = tiny_classifier()
+    args = dict(
+        model=model, diffusion=diffusion, data=iter(data), batch_size=4, microbatch=2, lr=1e-3,
+        iterations=iterations, anneal_lr=True, noised=False, log_interval=1, save_interval=100,
+        resume_checkpoint=resume,
+    )
+    args.update(kw)
+    return ClassifierTrainLoop(**args)
+
+
+def test_classifier_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, monkeypatch):
+    # noised=False: no random timesteps or noise, so the steps after a resume see exactly what an
+    # uninterrupted run sees (the data iterator continues where it stopped, by construction here:
+    # load_data's shuffled order is not part of a checkpoint yet).
+    data = labelled_batches(4)
+    whole = make_classifier_loop(tmp_path / "whole", data, iterations=4)
+    whole.run_loop()
+
+    monkeypatch.setenv("DIFFUSION_TRAINING_TEST", "1")  # stop after the first save, at step 2
+    first = make_classifier_loop(tmp_path / "split", data, iterations=4, save_interval=2)
+    first.run_loop()
+    monkeypatch.delenv("DIFFUSION_TRAINING_TEST")
+    assert sorted(os.listdir(tmp_path / "split")) == ["model000002.pt", "opt000002.pt",
+                                                      "progress.csv"]  # no EMA for a classifier
+    second = make_classifier_loop(tmp_path / "split", data[2:], iterations=4, resume="auto")
+    assert second.resume_step == 2
+    second.run_loop()
+
+    for (name, p), q in zip(whole.model.named_parameters(), second.model.parameters()):
+        assert th.equal(p, q), name
+    final = load(tmp_path / "split" / "opt000004.pt")
+    assert final["resume"]["step"] == 4 and final["resume"]["train_flags"]["iterations"] == 4
+    assert th.equal(final["state"][0]["exp_avg"], whole.opt.state_dict()["state"][0]["exp_avg"])
+    # The lr annealed over all 4 iterations across the resume: step k uses lr * (1 - k / 4).
+    with open(tmp_path / "split" / "progress.csv") as f:
+        lrs = [float(r["lr"]) for r in csv.DictReader(f) if r.get("lr")]
+    assert lrs == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
+
+
+def test_classifier_logs_accuracy_per_quartile_and_validates_on_schedule(tmp_path):
+    seen = []
+
+    class Recorder(th.nn.Module):
+        """Logits that put class `label` first for the first half of the batch only."""
+
+        def __init__(self):
+            super().__init__()
+            self.w = th.nn.Parameter(th.zeros(()))
+
+        def forward(self, x, timesteps):
+            seen.append(timesteps.clone())
+            logits = th.zeros(x.shape[0], 10) + self.w
+            logits[: x.shape[0] // 2, 3] = 1.0  # right on the first half when the label is 3
+            return logits
+
+    _, diffusion = tiny_classifier()
+    y = th.full((4,), 3)
+    data = iter([(th.zeros(4, 3, 16, 16), {"y": y})] * 3)
+    val = iter([(th.zeros(4, 3, 16, 16), {"y": y})] * 3)
+    logger.configure(dir=str(tmp_path), format_strs=["csv"])
+    loop = ClassifierTrainLoop(
+        model=Recorder(), diffusion=diffusion, data=data, batch_size=4, microbatch=-1, lr=1e-3,
+        iterations=3, noised=True, val_data=val, eval_interval=2, log_interval=1,
+        save_interval=100, schedule_sampler=_FixedSampler(),
+    )
+    loop.run_loop()
+    # Noised: training sees the sampler's timesteps (0..3 cycled, 100 steps: all in quartile 0).
+    assert [t.tolist() for t in seen[:2]] == [[0, 1, 2, 3], [0, 1, 2, 3]]
+    with open(tmp_path / "progress.csv") as f:
+        rows = list(csv.DictReader(f))
+    # Half the batch is classified right; 10 classes, all tied at top-5 except the winner: the
+    # label 3 is in the top 5 of every row (ties break towards the lowest index in topk).
+    assert [float(r["train_acc@1"]) for r in rows] == [0.5, 0.5, 0.5]
+    assert [float(r["train_acc@1_q0"]) for r in rows] == [0.5, 0.5, 0.5]
+    assert float(rows[0]["train_loss"]) > 0
+    # Validation after step 1 and step 3 (0-based step % eval_interval == 0), as the original.
+    assert [bool(r["val_acc@1"]) for r in rows] == [True, False, True]
+    assert len(seen) == 3 + 2
+
+
+def test_top_k_counts_the_label_among_the_k_largest_logits():
+    logits = th.tensor([[0.1, 0.5, 0.4], [0.9, 0.02, 0.08]])
+    labels = th.tensor([2, 1])
+    assert compute_top_k(logits, labels, k=1).tolist() == [0.0, 0.0]
+    assert compute_top_k(logits, labels, k=2).tolist() == [1.0, 0.0]
+    assert compute_top_k(logits, labels, k=5).tolist() == [1.0, 1.0]  # k > classes: all of them
+
+
+def run_classifier_train(monkeypatch, *flags: str) -> None:
+    """scripts/classifier_train.py as a user runs it, in this process (no interpreter start-up)."""
+    path = SCRIPTS / "classifier_train.py"
+    spec = importlib.util.spec_from_file_location("classifier_train", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(sys, "argv", ["classifier_train.py", *flags])
+    for var in ("OPENAI_LOGDIR", "GD_TRACEBACK", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    run_util.run_main(script.main)
+
+
+def test_classifier_train_script_auto_resumes_to_the_uninterrupted_weights(
+    tmp_path, monkeypatch, capsys
+):
+    # One image, batch 1, no crop/flip/noise: every batch is the same, so the data order (which a
+    # checkpoint does not store yet) cannot tell the runs apart; model, Adam moments, step count
+    # and the loss scale must.
+    Image.fromarray(np.full((16, 16, 3), 200, dtype=np.uint8)).save(tmp_path / "c3_000.png")
+    flags = ["--image_size", "16", "--classifier_width", "32", "--classifier_depth", "1",
+             "--classifier_channel_mult", "1,2", "--classifier_attention_resolutions", "8",
+             "--num_classes", "10", "--diffusion_steps", "100", "--data_dir", str(tmp_path),
+             "--batch_size", "1", "--noised", "False", "--random_crop", "False",
+             "--random_flip", "False", "--seed", "0", "--save_interval", "2"]
+    for out, runs in [("whole", ["4"]), ("split", ["2", "4"])]:
+        for iterations in runs:
+            run_classifier_train(monkeypatch, *flags, "--iterations", iterations,
+                                 "--output_dir", str(tmp_path / out), "--resume_checkpoint", "auto")
+    assert "loading model from checkpoint" in (tmp_path / "split" / "log.txt").read_text()
+    whole, split = (load(tmp_path / out / "model000004.pt") for out in ("whole", "split"))
+    start = load(tmp_path / "split" / "model000002.pt")
+    assert any(not th.equal(whole[k], start[k]) for k in whole)  # steps 3-4 did train
+    for k in whole:
+        assert th.equal(whole[k], split[k]), k
+
+    # Resuming under other model flags: one line naming the flag, no traceback.
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        run_classifier_train(monkeypatch, *flags, "--classifier_use_scale_shift_norm", "False",
+                             "--iterations", "5", "--output_dir", str(tmp_path / "split"),
+                             "--resume_checkpoint", "auto")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 1 and len(lines) == 1 and lines[0].startswith("error:"), lines
+    assert "--resume_checkpoint" in lines[0] and "model000004.pt" in lines[0]
+    assert "--classifier_use_scale_shift_norm True?" in lines[0]
