@@ -25,6 +25,7 @@ bus bandwidth; with fewer, that check is skipped with a line saying why.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -55,9 +56,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "checks the script itself, measures nothing of interest")
     parser.add_argument("--device", default="", help="default: cuda when available, else cpu")
     parser.add_argument("--layouts", default="",
-                        help=f"comma-separated benchmark.py configs (default {','.join(FULL_LAYOUTS)}"
-                             f"; --smoke: {','.join(SMOKE_LAYOUTS)})")
-    parser.add_argument("--runs", type=int, default=0, help="timed runs per phase (default 5; smoke 1)")
+                        help="comma-separated benchmark.py configs (default "
+                             f"{','.join(FULL_LAYOUTS)}; --smoke: {','.join(SMOKE_LAYOUTS)})")
+    parser.add_argument("--runs", type=int, default=0,
+                        help="timed runs per phase (default 5; smoke 1)")
+    parser.add_argument("--train_batch", type=int, default=0,
+                        help="training batch (default: benchmark.py's, 32 at 64 px, 8 at 256 px)")
+    parser.add_argument("--sample_batch", type=int, default=0,
+                        help="sampling batch (default: benchmark.py's, 64 at 64 px, 16 at 256 px)")
     parser.add_argument("--allreduce", default="auto", choices=["auto", "nccl", "gloo", "off"],
                         help="auto: NCCL between GPUs 0 and 1 when two are present, else skip")
     parser.add_argument("--allreduce_mib", type=int, default=0,
@@ -204,13 +210,44 @@ def allreduce_check(mode: str, mib: int, iters: int) -> dict:
 # The check
 
 
-def check_layout(name: str, device: str, variants: str, runs: int) -> dict:
+class StepPeakMemory(benchmark.PeakMemory):
+    """
+    benchmark.PeakMemory, but on CUDA the step's own peak: `max_memory_allocated` minus what was
+    allocated when the step began, as benchmark.py already measures on CPU (RSS growth).
+
+    benchmark.run keeps every variant's weights and optimizer state on the GPU at once, so the
+    plain allocator peak would charge each variant with the others' resident memory.
+    """
+
+    @contextlib.contextmanager
+    def measure(self):
+        if self.device.type != "cuda":
+            with super().measure():
+                yield
+            return
+        th.cuda.synchronize(self.device)
+        base = th.cuda.memory_allocated(self.device)
+        th.cuda.reset_peak_memory_stats(self.device)
+        yield
+        th.cuda.synchronize(self.device)
+        step_peak = th.cuda.max_memory_allocated(self.device) - base
+        self.peak_bytes = max(self.peak_bytes, step_peak)
+
+
+def check_layout(name: str, device: str, variants: str, runs: int, train_batch: int = 0,
+                 sample_batch: int = 0) -> dict:
     """Run benchmark.py's measurement for one layout and turn it into this report's rows."""
     bench_args = benchmark.create_argparser().parse_args([
         "--config", name, "--device", device, "--variants", variants, "--runs", str(runs),
         "--warmup", "1",  # warm-up (kernel selection, allocator growth) is never timed
+        "--train_batch", str(train_batch), "--sample_batch", str(sample_batch),
     ])
-    report = benchmark.run(bench_args)
+    # benchmark.Variant looks PeakMemory up at call time: swap in the per-step measure.
+    saved, benchmark.PeakMemory = benchmark.PeakMemory, StepPeakMemory
+    try:
+        report = benchmark.run(bench_args)
+    finally:
+        benchmark.PeakMemory = saved
     rows = []
     for r in report["results"]:
         rows.append({
@@ -250,8 +287,8 @@ def format_table(result: dict) -> str:
         for r in lay["rows"]:
             lines.append(
                 f"| {lay['layout']} (batch {lay['sample_batch']}/{lay['train_batch']}) "
-                f"| {r['precision']} | {r['sample_images_per_s']:.1f} | {r['sample_tflops']:.1f} "
-                f"| {r['sample_peak_mib']:.0f} | {r['train_step_s']:.3f} | {r['train_tflops']:.1f} "
+                f"| {r['precision']} | {r['sample_images_per_s']:.1f} | {r['sample_tflops']:.2f} "
+                f"| {r['sample_peak_mib']:.0f} | {r['train_step_s']:.3f} | {r['train_tflops']:.2f} "
                 f"| {r['train_peak_mib']:.0f} | {r['rel_err_vs_fp32']:.1e} |"
             )
     ar = result["allreduce"]
@@ -265,7 +302,9 @@ def format_table(result: dict) -> str:
                      f"{ar['median_s'] * 1e3:.2f} ms, bus bandwidth {ar['busbw_gb_s']:.1f} GB/s, "
                      f"result {'correct' if ar['ok'] else 'WRONG'}")
     lines.append("batch a/b: sampling batch / training batch. img/s per step: divide by the "
-                 "number of sampling steps for finished images/s.")
+                 "number of sampling steps for finished images/s. peak MiB: the step's own peak "
+                 "above the memory allocated before it (activations, gradients, temporaries; on "
+                 "CPU the RSS growth); weights and optimizer state come on top.")
     return "\n".join(lines)
 
 
@@ -285,9 +324,11 @@ def main(argv=None) -> dict:
         "torch": th.__version__,
         "cuda": th.version.cuda,
         "smoke": args.smoke,
-        "tf32": {"matmul": th.backends.cuda.matmul.allow_tf32, "cudnn": th.backends.cudnn.allow_tf32},
+        "tf32": {"matmul": th.backends.cuda.matmul.allow_tf32,
+                 "cudnn": th.backends.cudnn.allow_tf32},
         "runs": runs,
-        "layouts": [check_layout(name, device, variants, runs) for name in layouts],
+        "layouts": [check_layout(name, device, variants, runs, args.train_batch, args.sample_batch)
+                    for name in layouts],
     }
     result["allreduce"] = allreduce_check(args.allreduce, args.allreduce_mib or (1 if args.smoke
                                                                                   else 256),
