@@ -195,10 +195,14 @@ def allreduce_check(mode: str, mib: int, iters: int) -> dict:
         for p in procs:
             p.start()
         for p in procs:
-            p.join()
+            p.join(timeout=300)  # a hung communicator must not hang the whole check
+            if p.is_alive():
+                p.kill()
+                p.join()
     failed = [p.exitcode for p in procs if p.exitcode != 0]
     if failed or results.empty():
-        return {"backend": mode, "ok": False, "error": f"worker exit codes {failed}"}
+        return {"backend": mode, "ok": False,
+                "error": f"worker exit codes {failed} (negative: killed, e.g. after 300 s)"}
     res = results.get()
     med = sorted(res["times_s"])[len(res["times_s"]) // 2]
     nbytes = numel * 4
@@ -330,6 +334,8 @@ def main(argv=None) -> dict:
         "layouts": [check_layout(name, device, variants, runs, args.train_batch, args.sample_batch)
                     for name in layouts],
     }
+    if th.cuda.is_available():
+        th.cuda.empty_cache()  # hand the benchmarks' cached blocks back before the workers start
     result["allreduce"] = allreduce_check(args.allreduce, args.allreduce_mib or (1 if args.smoke
                                                                                   else 256),
                                           iters=3 if args.smoke else 10)
