@@ -241,7 +241,7 @@ def list_images(image_dir: str) -> list[str]:
 def load_image(path: str, image_size: int | None = None) -> np.ndarray:
     """
     :param image_size: if given, resize and center-crop to [image_size x image_size] the way
-                       the training data is prepared (guided_diffusion.image_datasets).
+                       the training data is prepared (guided_diffusion.image_util).
     :return: an [H x W x 3] uint8 RGB array.
     """
     from PIL import Image
@@ -254,7 +254,7 @@ def load_image(path: str, image_size: int | None = None) -> np.ndarray:
         raise ValueError(f"{path}: not a readable image ({e})") from e
     if image_size is None:
         return np.asarray(img, dtype=np.uint8)
-    from guided_diffusion.image_datasets import center_crop_arr
+    from guided_diffusion.image_util import center_crop_arr
 
     return np.asarray(center_crop_arr(img, image_size), dtype=np.uint8)
 
