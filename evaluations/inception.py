@@ -31,6 +31,9 @@ WEIGHTS_SHA256_PREFIX = "6726825d"  # torch-hub style: the file name carries its
 WEIGHTS_ENV_VAR = "GD_INCEPTION_PATH"
 INPUT_SIZE = 299
 PREPROCESSING_MODES = ("pytorch_fid", "tf")
+# 'tf': the original's reference statistics (mu, sigma, mu_s, sigma_s) were made by the TF graph,
+# so sample features must be made the same way to be compared with them.
+DEFAULT_PREPROCESSING = "tf"
 NUM_SPATIAL_CHANNELS = 7  # the original's sFID keeps mixed_6/conv[..., :7]: 17 * 17 * 7 = 2023
 
 
@@ -213,7 +216,7 @@ class FIDInceptionV3(nn.Module):
              "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c")
     SPATIAL_BLOCK = "Mixed_6d"
 
-    def __init__(self, preprocessing: str = "pytorch_fid"):
+    def __init__(self, preprocessing: str = DEFAULT_PREPROCESSING):
         """:param preprocessing: 'pytorch_fid' or 'tf', how images become input; see preprocess()."""
         super().__init__()
         if preprocessing not in PREPROCESSING_MODES:
@@ -241,12 +244,15 @@ class FIDInceptionV3(nn.Module):
         """
         Map NHWC pixels in [0, 255] to the network's NCHW input in [-1, 1] at 299x299.
 
-        'pytorch_fid' (default): as pytorch-fid's port, scale to [0, 1], bilinear resize with
-        align_corners=False (half-pixel centres), then 2x - 1.
-        'tf': as the TF graph the original evaluator runs: TF1 ResizeBilinear, which samples at
-        x * in/out without the half-pixel shift, on [0, 255], then (x - 128) / 128. Features of
-        images that need resizing differ slightly between the two (pytorch-fid documents this);
-        the original's reference statistics were made the 'tf' way.
+        'tf' (default): as the TF graph the original evaluator runs: TF1 ResizeBilinear
+        (align_corners=False, half_pixel_centers=False), which samples at x * in/out without the
+        half-pixel shift, on [0, 255], then (x - 128) / 128. Checked against TensorFlow's
+        legacy resize: max difference 2.4e-7. The original's reference statistics were made
+        this way, so only these sample features are comparable with them.
+        'pytorch_fid': as pytorch-fid's port, scale to [0, 1], bilinear resize with
+        align_corners=False (half-pixel centres), then 2x - 1. Its inputs differ from 'tf' at
+        every size: by the resize wherever images are not 299x299, and by the scaling
+        ((x - 127.5) / 127.5 vs (x - 128) / 128) even at 299x299.
 
         :param images: an [N x H x W x 3] tensor (uint8 or float) of pixel values in [0, 255].
         :return: an [N x 3 x 299 x 299] float32 tensor.
@@ -379,12 +385,14 @@ def resolve_weights_path(path: str | None = None, download: bool = True) -> str:
 
 
 def load_fid_inception(path: str | None = None, device: str | th.device = "cpu",
-                       download: bool = True, preprocessing: str = "pytorch_fid") -> FIDInceptionV3:
+                       download: bool = True,
+                       preprocessing: str = DEFAULT_PREPROCESSING) -> FIDInceptionV3:
     """
     Build FIDInceptionV3 with the pytorch-fid weights, in eval mode on `device`.
 
     :param path: the weights file; None looks at ${GD_INCEPTION_PATH} and the cache, see
                  resolve_weights_path().
+    :param preprocessing: 'tf' or 'pytorch_fid', see FIDInceptionV3.preprocess().
     """
     path = resolve_weights_path(path, download=download)
     try:

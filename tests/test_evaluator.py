@@ -153,9 +153,11 @@ def test_inception_features_shapes_spatial_layout_and_bias_free_logits(random_in
     assert feats["spatial"][0, 1].item() == conv[0, 1, 0, 0].item()  # channel varies fastest
     # The original's Inception Score multiplies pool_3 by the fc weights without the bias.
     assert th.allclose(feats["logits"], feats["pool"] @ random_inception.fc.weight.t())
-    # Input: [0, 255] -> bilinear 299x299 -> [-1, 1]; a constant image stays constant.
+    # Input: [0, 255] -> bilinear 299x299 -> (x - 128) / 128 (default 'tf', as the TF graph);
+    # a constant image stays constant.
+    assert random_inception.preprocessing == "tf"
     x = random_inception.preprocess(th.full((1, 16, 16, 3), 255, dtype=th.uint8))
-    assert x.shape == (1, 3, 299, 299) and th.allclose(x, th.ones_like(x))
+    assert x.shape == (1, 3, 299, 299) and th.allclose(x, th.full_like(x, 127 / 128), atol=1e-6)
 
 
 def test_tf_preprocessing_is_tf1_resize_bilinear_then_x_over_128_minus_1():
@@ -218,20 +220,30 @@ def test_streaming_reader_never_holds_the_whole_array(tmp_path):
         assert np.array_equal(np.concatenate(list(reader.batches(3))), images[:10])
 
 
-def test_writer_streams_rows_and_removes_incomplete_files(tmp_path):
+def test_writer_streams_rows_and_a_failed_rewrite_keeps_the_good_file(tmp_path):
     images = np.arange(5 * 2 * 2 * 3, dtype=np.uint8).reshape(5, 2, 2, 3)
     path = str(tmp_path / "w.npz")
-    with npz_io.NpzArrayWriter(path, images.shape) as writer:
+
+    def fill(writer):
         writer.write_batch(images[:2])
         writer.write_batch(images[2:])
         writer.add_array("mu", np.ones(3))
+
+    npz_io.write_npz_atomically(path, images.shape, fill)
     with np.load(path, allow_pickle=False) as z:
         assert np.array_equal(z["arr_0"], images) and np.array_equal(z["mu"], np.ones(3))
+    good = open(path, "rb").read()
+
+    def short(writer):  # two rows of five, then the statistics: an incomplete batch
+        writer.write_batch(images[:2])
+        assert open(path, "rb").read() == good  # mid-write, the final name still holds the old file
+        writer.add_array("mu", np.ones(3))
+
     with pytest.raises(ValueError, match="wrote 2 of 5"):
-        with npz_io.NpzArrayWriter(path, images.shape) as writer:
-            writer.write_batch(images[:2])
-            writer.add_array("mu", np.ones(3))
-    assert not os.path.exists(path)
+        npz_io.write_npz_atomically(path, images.shape, short)
+    assert open(path, "rb").read() == good and os.listdir(tmp_path) == ["w.npz"]  # no temp left
+    with pytest.raises(TypeError, match="write_npz_atomically"):
+        npz_io.NpzArrayWriter(path, images.shape)
 
 
 def _bad_batches(tmp_path):
@@ -291,10 +303,12 @@ def test_cli_end_to_end_on_tiny_batches(tmp_path, weights_file):
         capture_output=True, text=True, cwd=str(tmp_path),
     )
     assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.strip().splitlines()
+    header, *lines = proc.stdout.strip().splitlines()
+    assert header == "Computing evaluations (Inception preprocessing: tf)..."  # the default
     assert [line.split(":")[0] for line in lines] == ["Inception Score", "FID", "sFID", "Precision", "Recall"]
     with open(out) as f:
         metrics = json.load(f)
+    assert metrics["preprocessing"] == "tf" and metrics["sample_batch"] == ref
     assert 0.0 <= metrics["fid"] < 1e-3 and 0.0 <= metrics["sfid"] < 1e-3  # a batch against itself
     assert metrics["precision"] == 1.0 and metrics["recall"] == 1.0
     assert metrics["inception_score"] >= 1.0
@@ -329,7 +343,11 @@ def test_reference_batch_tools_round_trip_and_precomputed_statistics(tmp_path, r
         assert np.allclose(z["mu"], acts[0].mean(0), atol=1e-6)
         arrays = {k: z[k] for k in z.files}
     ref_stats, ref_stats_spatial = evaluator.read_statistics(ref, acts)
-    sample_stats, sample_stats_spatial = evaluator.read_statistics(sample, acts)
+    assert np.allclose(ref_stats.sigma, np.cov(acts[0], rowvar=False), rtol=1e-6, atol=1e-9)
+    # The sample's statistics streamed in the same batches of 3 are the same bits, so FID skips
+    # the 2048 x 2048 sqrtm (slow on a CPU) and is exactly 0.
+    summary = evaluator.summarize(sample)
+    sample_stats, sample_stats_spatial = summary.pool_stats, summary.spatial_stats
     assert sample_stats.frechet_distance(ref_stats) < 1e-6
     assert sample_stats_spatial.frechet_distance(ref_stats_spatial) < 1e-6
     # The precomputed statistics are what counts (as in the original): shift mu by 0.5 in every
