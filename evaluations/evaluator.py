@@ -30,7 +30,8 @@ import torch as th
 from scipy import linalg
 from tqdm.auto import tqdm
 
-if __package__ in (None, ""):  # run as `python evaluations/evaluator.py`: make the package importable
+if __package__ in (None, ""):  # run as `python evaluations/evaluator.py`: make the package
+    # importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from evaluations.inception import (  # noqa: E402
@@ -44,7 +45,7 @@ from evaluations.npz_io import open_image_batch, read_precomputed_statistics, ru
 
 # One place for the command-line defaults (and the Evaluator's).
 EVALUATOR_DEFAULTS = dict(
-    inception_path="",  # weights file; empty: ${GD_INCEPTION_PATH}, then the cache (downloaded once)
+    inception_path="",  # weights; empty: ${GD_INCEPTION_PATH}, then the cache (downloaded once)
     batch_size=64,  # images per Inception forward pass, as the original
     device="",  # empty: cuda when available, else cpu
     output="",  # also write the metrics to this JSON file
@@ -80,8 +81,8 @@ class FIDStatistics:
         mu1, sigma1 = np.atleast_1d(self.mu), np.atleast_2d(self.sigma)
         mu2, sigma2 = np.atleast_1d(other.mu), np.atleast_2d(other.sigma)
         if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-            raise ValueError(f"FID of statistics with different shapes: mu {mu1.shape} vs {mu2.shape}, "
-                             f"sigma {sigma1.shape} vs {sigma2.shape}")
+            raise ValueError(f"FID of statistics with different shapes: mu {mu1.shape} vs "
+                             f"{mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
         diff = mu1 - mu2
         if np.array_equal(sigma1, sigma2):
             # sqrtm(S S) = S for a covariance S, so the trace term is exactly 0: skip the O(D^3)
@@ -94,7 +95,8 @@ class FIDStatistics:
             covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
         if np.iscomplexobj(covmean):
             if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-                raise ValueError(f"FID: sqrtm has an imaginary component of {np.max(np.abs(covmean.imag))}")
+                raise ValueError(f"FID: sqrtm has an imaginary component of "
+                                 f"{np.max(np.abs(covmean.imag))}")
             covmean = covmean.real
         fid = diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)
         return float(max(fid, 0.0))
@@ -150,7 +152,8 @@ def compute_statistics(activations: np.ndarray) -> FIDStatistics:
              in float64.
     """
     if activations.ndim != 2 or len(activations) < 2:
-        raise ValueError(f"statistics need an [N x D] array with N >= 2, got shape {activations.shape}")
+        raise ValueError(f"statistics need an [N x D] array with N >= 2, got shape "
+                         f"{activations.shape}")
     running = RunningStatistics()
     running.add(activations)
     return running.statistics()
@@ -275,8 +278,8 @@ class ManifoldEstimator:
         """
         k_max = max(self.nhood_sizes)
         if len(features) <= k_max:
-            raise ValueError(f"precision/recall with k={k_max} need more than {k_max} feature vectors, "
-                             f"got {len(features)}")
+            raise ValueError(f"precision/recall with k={k_max} need more than {k_max} feature "
+                             f"vectors, got {len(features)}")
         f = self._tensor(features)
         nearest = th.empty(len(f), k_max + 1, device=self.device)
         for r0 in range(0, len(f), self.row_batch_size):
@@ -310,7 +313,8 @@ class ManifoldEstimator:
         for rs, cs, d in self._blocks(e, f):
             for j in range(self.num_nhoods):
                 inside[rs, j] |= (d <= r[cs, j][None]).any(dim=1)
-            realism[rs] = th.maximum(realism[rs], (r[cs, 0][None] / (d + self.eps)).max(dim=1).values)
+            ratio = (r[cs, 0][None] / (d + self.eps)).max(dim=1).values
+            realism[rs] = th.maximum(realism[rs], ratio)
             dmin, imin = d.min(dim=1)
             closer = dmin < nearest_d[rs]
             nearest[rs] = th.where(closer, imin + cs.start, nearest[rs])
@@ -333,7 +337,8 @@ class ManifoldEstimator:
             for j in range(self.num_nhoods):
                 ref_inside[rs, j] |= (d <= r2[cs, j][None]).any(dim=1)
                 sample_inside[cs, j] |= (d <= r1[rs, j][:, None]).any(dim=0)
-        return (sample_inside.double().mean(0).cpu().numpy(), ref_inside.double().mean(0).cpu().numpy())
+        return (sample_inside.double().mean(0).cpu().numpy(),
+                ref_inside.double().mean(0).cpu().numpy())
 
 
 def _squared_distances(norm_u: th.Tensor, dots: th.Tensor, norm_v: th.Tensor) -> th.Tensor:
@@ -353,7 +358,8 @@ def precision_recall(ref_features: np.ndarray, sample_features: np.ndarray,
     estimator = ManifoldEstimator(device=device)
     ref_radii = estimator.manifold_radii(ref_features)
     sample_radii = estimator.manifold_radii(sample_features)
-    precision, recall = estimator.evaluate_pr(ref_features, ref_radii, sample_features, sample_radii)
+    precision, recall = estimator.evaluate_pr(ref_features, ref_radii,
+                                              sample_features, sample_radii)
     return float(precision[0]), float(recall[0])
 
 
@@ -491,21 +497,27 @@ class Evaluator:
         """
         stats = read_precomputed_statistics(path)
         if stats is not None:
-            return FIDStatistics(stats["mu"], stats["sigma"]), FIDStatistics(stats["mu_s"], stats["sigma_s"])
+            return (FIDStatistics(stats["mu"], stats["sigma"]),
+                    FIDStatistics(stats["mu_s"], stats["sigma_s"]))
         return compute_statistics(activations[0]), compute_statistics(activations[1])
 
     def compute_probs(self, pool: np.ndarray) -> np.ndarray:
-        """:return: [N x 1008] softmax of the logits of [N x 2048] pool features (bias-free, as the original)."""
+        """
+        :return: [N x 1008] softmax of the logits of [N x 2048] pool features (bias-free, as the
+                 original).
+        """
         w = self.model.fc.weight.detach().to(self.device, th.float32)
         with th.inference_mode(), _full_float32():
             logits = [(th.as_tensor(p, device=self.device) @ w.t()).cpu().numpy()
                       for p in np.array_split(pool, max(1, len(pool) // 4096))]
         return _softmax(np.concatenate(logits))
 
-    def compute_inception_score(self, pool: np.ndarray, split_size: int = INCEPTION_SPLIT_SIZE) -> float:
+    def compute_inception_score(self, pool: np.ndarray,
+                                split_size: int = INCEPTION_SPLIT_SIZE) -> float:
         return inception_score(self.compute_probs(pool), split_size=split_size)
 
-    def compute_prec_recall(self, ref_pool: np.ndarray, sample_pool: np.ndarray) -> tuple[float, float]:
+    def compute_prec_recall(self, ref_pool: np.ndarray,
+                            sample_pool: np.ndarray) -> tuple[float, float]:
         return precision_recall(ref_pool, sample_pool, device=self.device)
 
     def evaluate(self, ref_batch: str, sample_batch: str) -> dict[str, float]:
@@ -565,7 +577,8 @@ def create_argparser() -> argparse.ArgumentParser:
     parser.add_argument("sample_batch", help="sample .npz (arr_0 images) or shard folder "
                                              "(manifest.json + samples_START-STOP.npz)")
     helps = dict(
-        inception_path=f"pt_inception-2015-12-05-6726825d.pth (default: ${WEIGHTS_ENV_VAR}, then the cache)",
+        inception_path=f"pt_inception-2015-12-05-6726825d.pth (default: ${WEIGHTS_ENV_VAR}, "
+                       f"then the cache)",
         batch_size="images per Inception forward pass",
         device="cuda, cuda:1, cpu... (default: cuda when available)",
         output="also write the metrics to this JSON file",
@@ -574,15 +587,18 @@ def create_argparser() -> argparse.ArgumentParser:
     )
     for name, default in EVALUATOR_DEFAULTS.items():
         choices = PREPROCESSING_MODES if name == "preprocessing" else None
-        parser.add_argument(f"--{name}", type=type(default), default=default, choices=choices, help=helps[name])
+        parser.add_argument(f"--{name}", type=type(default), default=default, choices=choices,
+                            help=helps[name])
     return parser
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = create_argparser().parse_args(argv)
     device = th.device(args.device) if args.device else _default_device()
-    model = load_fid_inception(args.inception_path or None, device=device, preprocessing=args.preprocessing)
-    metrics = Evaluator(model, batch_size=args.batch_size, device=device).evaluate(args.ref_batch, args.sample_batch)
+    model = load_fid_inception(args.inception_path or None, device=device,
+                               preprocessing=args.preprocessing)
+    evaluator = Evaluator(model, batch_size=args.batch_size, device=device)
+    metrics = evaluator.evaluate(args.ref_batch, args.sample_batch)
     # The header says how the features were made: numbers from different preprocessings differ.
     print(f"Computing evaluations (Inception preprocessing: {args.preprocessing})...")
     for key, label in METRIC_LABELS.items():

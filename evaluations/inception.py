@@ -45,7 +45,8 @@ class BasicConv2d(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=False)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride,
+                              padding=padding, bias=False)
         self.bn = nn.BatchNorm2d(out_channels, eps=0.001)
 
     def forward(self, x: th.Tensor) -> th.Tensor:
@@ -157,7 +158,8 @@ class InceptionD(_Mixed):
 
     def branches(self, x):
         b7 = x
-        for conv in (self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4):
+        for conv in (self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3,
+                     self.branch7x7x3_4):
             b7 = conv(b7)
         return [
             self.branch3x3_2(self.branch3x3_1(x)),
@@ -217,10 +219,11 @@ class FIDInceptionV3(nn.Module):
     SPATIAL_BLOCK = "Mixed_6d"
 
     def __init__(self, preprocessing: str = DEFAULT_PREPROCESSING):
-        """:param preprocessing: 'pytorch_fid' or 'tf', how images become input; see preprocess()."""
+        """:param preprocessing: 'tf' or 'pytorch_fid', how images become input; see preprocess()"""
         super().__init__()
         if preprocessing not in PREPROCESSING_MODES:
-            raise ValueError(f"preprocessing={preprocessing!r}; expected one of {PREPROCESSING_MODES}")
+            raise ValueError(f"preprocessing={preprocessing!r}; expected one of "
+                             f"{PREPROCESSING_MODES}")
         self.preprocessing = preprocessing
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
         self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)
@@ -269,7 +272,8 @@ class FIDInceptionV3(nn.Module):
             return (x - 128) / 128
         x = x / 255.0
         if resize:
-            x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
+            x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear",
+                              align_corners=False)
         return 2 * x - 1
 
     def features(self, images: th.Tensor) -> dict[str, th.Tensor]:
@@ -343,8 +347,8 @@ def _download(url: str, dest: str) -> None:
                 digest.update(chunk)
                 out.write(chunk)
         if not digest.hexdigest().startswith(WEIGHTS_SHA256_PREFIX):
-            raise OSError(f"downloaded {url} but its sha256 {digest.hexdigest()[:8]}... does not start "
-                          f"with {WEIGHTS_SHA256_PREFIX}")
+            raise OSError(f"downloaded {url} but its sha256 {digest.hexdigest()[:8]}... does not "
+                          f"start with {WEIGHTS_SHA256_PREFIX}")
         shutil.move(tmp, dest)
     finally:
         if os.path.exists(tmp):
@@ -360,12 +364,14 @@ def resolve_weights_path(path: str | None = None, download: bool = True) -> str:
     """
     if path:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"--inception_path {path!r} does not exist; download {WEIGHTS_URL}")
+            raise FileNotFoundError(f"--inception_path {path!r} does not exist; download "
+                                    f"{WEIGHTS_URL}")
         return path
     env = os.environ.get(WEIGHTS_ENV_VAR)
     if env:
         if not os.path.isfile(env):
-            raise FileNotFoundError(f"${WEIGHTS_ENV_VAR}={env!r} does not exist; download {WEIGHTS_URL}")
+            raise FileNotFoundError(f"${WEIGHTS_ENV_VAR}={env!r} does not exist; download "
+                                    f"{WEIGHTS_URL}")
         return env
     cached = default_weights_path()
     if os.path.isfile(cached):
@@ -379,8 +385,8 @@ def resolve_weights_path(path: str | None = None, download: bool = True) -> str:
     else:
         reason = "downloading is disabled"
     raise FileNotFoundError(
-        f"FID Inception weights not found and {reason}. Download {WEIGHTS_URL} and either put it at "
-        f"{cached}, pass --inception_path FILE, or set {WEIGHTS_ENV_VAR}=FILE."
+        f"FID Inception weights not found and {reason}. Download {WEIGHTS_URL} and either put "
+        f"it at {cached}, pass --inception_path FILE, or set {WEIGHTS_ENV_VAR}=FILE."
     )
 
 

@@ -303,10 +303,11 @@ def read_precomputed_statistics(path: str) -> dict[str, np.ndarray] | None:
     for mu_key, sigma_key in (("mu", "sigma"), ("mu_s", "sigma_s")):
         mu, sigma = stats[mu_key], stats[sigma_key]
         if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-            raise ValueError(f"{path}: '{mu_key}' {mu.shape} and '{sigma_key}' {sigma.shape} are not "
-                             f"a [D] mean and [D x D] covariance")
+            raise ValueError(f"{path}: '{mu_key}' {mu.shape} and '{sigma_key}' {sigma.shape} are "
+                             f"not a [D] mean and [D x D] covariance")
         for key in (mu_key, sigma_key):
-            if not np.issubdtype(stats[key].dtype, np.floating) or not np.isfinite(stats[key]).all():
+            value = stats[key]
+            if not np.issubdtype(value.dtype, np.floating) or not np.isfinite(value).all():
                 raise ValueError(f"{path}: '{key}' contains NaN/inf or is not floating point")
     return stats
 
@@ -402,7 +403,7 @@ def write_npz_atomically(path: str, shape: tuple, fill, dtype=np.uint8) -> None:
 
 
 def run_main(main, prog: str) -> None:
-    """Run a command-line main; bad input (ValueError, FileNotFoundError) exits with a one-line error."""
+    """Run a command-line main; bad input (ValueError, FileNotFoundError) exits in one line."""
     try:
         main()
     except (ValueError, FileNotFoundError) as e:
@@ -445,7 +446,8 @@ def load_image(path: str, image_size: int | None = None) -> np.ndarray:
     return np.asarray(center_crop_arr(img, image_size), dtype=np.uint8)
 
 
-def image_batches(paths: list[str], batch_size: int, image_size: int | None = None) -> Iterator[np.ndarray]:
+def image_batches(paths: list[str], batch_size: int,
+                  image_size: int | None = None) -> Iterator[np.ndarray]:
     """
     Yield [n x H x W x 3] uint8 batches of the images at `paths`, all of one size.
 
@@ -459,13 +461,14 @@ def image_batches(paths: list[str], batch_size: int, image_size: int | None = No
             first_shape = first_shape or arr.shape
             if arr.shape != first_shape:
                 raise ValueError(f"{path}: is {arr.shape[1]}x{arr.shape[0]}, the first image "
-                                 f"{first_shape[1]}x{first_shape[0]}; pass --image_size to resize all")
+                                 f"{first_shape[1]}x{first_shape[0]}; pass --image_size to "
+                                 f"resize all")
             batch.append(arr)
         yield np.stack(batch)
 
 
-def images_to_npz(image_dir: str, out_path: str, image_size: int | None = None, batch_size: int = 256,
-                  consume=None) -> int:
+def images_to_npz(image_dir: str, out_path: str, image_size: int | None = None,
+                  batch_size: int = 256, consume=None) -> int:
     """
     Write the images of image_dir as `arr_0` of out_path, streaming (never all in memory).
 

@@ -31,8 +31,10 @@ GOLDEN = os.path.join(ROOT, "tests", "fixtures", "golden")
 def test_golden_metrics_match_original_evaluator():
     z = np.load(os.path.join(GOLDEN, "evaluator_metrics.npz"))
     f32 = lambda k: z[k].astype(np.float32)  # noqa: E731
-    fid = E.compute_statistics(f32("sample_pool")).frechet_distance(E.compute_statistics(f32("ref_pool")))
-    sfid = E.compute_statistics(f32("sample_spatial")).frechet_distance(E.compute_statistics(f32("ref_spatial")))
+    stats = {k: E.compute_statistics(f32(k)) for k in ("sample_pool", "ref_pool", "sample_spatial",
+                                                       "ref_spatial")}
+    fid = stats["sample_pool"].frechet_distance(stats["ref_pool"])
+    sfid = stats["sample_spatial"].frechet_distance(stats["ref_spatial"])
     score = E.inception_score(f32("sample_probs"), split_size=5000)
     assert fid == pytest.approx(float(z["fid"]), rel=1e-4)
     assert sfid == pytest.approx(float(z["sfid"]), rel=1e-4)
@@ -43,7 +45,8 @@ def test_golden_metrics_match_original_evaluator():
     # Blocks of distances must not change the result: 97 x 130 blocks vs one 10k x 10k block.
     small = E.ManifoldEstimator(row_batch_size=97, col_batch_size=130)
     ref, sample = f32("ref_pool"), f32("sample_pool")
-    p_small, r_small = small.evaluate_pr(ref, small.manifold_radii(ref), sample, small.manifold_radii(sample))
+    p_small, r_small = small.evaluate_pr(ref, small.manifold_radii(ref),
+                                         sample, small.manifold_radii(sample))
     assert (float(p_small[0]), float(r_small[0])) == (precision, recall)
 
 
@@ -131,13 +134,16 @@ def test_inception_state_dict_matches_pytorch_fid_weights_layout(random_inceptio
     got = [(k, tuple(v.shape)) for k, v in random_inception.state_dict().items()]
     assert got == want  # 566 entries: pt_inception-2015-12-05-6726825d.pth loads with strict=True
     loaded = I.load_fid_inception(weights_file)
-    assert all(th.equal(a, b) for a, b in zip(loaded.state_dict().values(), random_inception.state_dict().values()))
+    pairs = zip(loaded.state_dict().values(), random_inception.state_dict().values())
+    assert all(th.equal(a, b) for a, b in pairs)
 
 
 def test_inception_features_shapes_spatial_layout_and_bias_free_logits(random_inception):
-    images = th.from_numpy(np.random.default_rng(3).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8))
+    rng = np.random.default_rng(3)
+    images = th.from_numpy(rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8))
     captured = {}
-    hook = random_inception.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: captured.update(out=o))
+    hook = random_inception.Mixed_6d.branch1x1.register_forward_hook(
+        lambda m, i, o: captured.update(out=o))
     try:
         with th.no_grad():
             feats = random_inception.features(images)
@@ -163,10 +169,12 @@ def test_inception_features_shapes_spatial_layout_and_bias_free_logits(random_in
 def test_tf_preprocessing_is_tf1_resize_bilinear_then_x_over_128_minus_1():
     # TF1 ResizeBilinear samples output i at input i * in / out, clamping at the last pixel:
     # 2 -> 4 pixels [0, 10] gives [0, 5, 10, 10] (no half-pixel centres, unlike PyTorch's).
-    assert th.equal(I._tf1_bilinear_matrix(2, 4, "cpu") @ th.tensor([0.0, 10.0]), th.tensor([0.0, 5.0, 10.0, 10.0]))
+    assert th.equal(I._tf1_bilinear_matrix(2, 4, "cpu") @ th.tensor([0.0, 10.0]),
+                    th.tensor([0.0, 5.0, 10.0, 10.0]))
     assert th.allclose(I._tf1_bilinear_matrix(256, 299, "cpu").sum(1), th.ones(299))
     model = I.FIDInceptionV3(preprocessing="tf")
-    images = th.from_numpy(np.random.default_rng(7).integers(0, 256, (1, 299, 299, 3), dtype=np.uint8))
+    rng = np.random.default_rng(7)
+    images = th.from_numpy(rng.integers(0, 256, (1, 299, 299, 3), dtype=np.uint8))
     assert th.equal(model.preprocess(images), (images.permute(0, 3, 1, 2).float() - 128) / 128)
     ramp = th.arange(8.0).repeat(1, 8, 1).unsqueeze(-1).expand(1, 8, 8, 3)  # x = column index
     out = model.preprocess(ramp)[0, 0, 0] * 128 + 128
@@ -210,7 +218,8 @@ def test_streaming_reader_never_holds_the_whole_array(tmp_path):
                 parts.append(batch[:, 0, 0].copy())  # keep a sliver, not the batch
             peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-        assert reader.max_batch_rows == 64 and reader.rows_read == len(images) and reader._memory is None
+        assert reader.max_batch_rows == 64 and reader.rows_read == len(images)
+        assert reader._memory is None
         # A few batches of 64 rows (zip buffers) at most, far from the 6 MB array.
         assert peak < images.nbytes / 4, f"{save.__name__}: peak {peak} bytes while streaming"
         assert np.array_equal(np.concatenate(parts), images[:, 0, 0])
@@ -305,7 +314,8 @@ def test_cli_end_to_end_on_tiny_batches(tmp_path, weights_file):
     assert proc.returncode == 0, proc.stderr
     header, *lines = proc.stdout.strip().splitlines()
     assert header == "Computing evaluations (Inception preprocessing: tf)..."  # the default
-    assert [line.split(":")[0] for line in lines] == ["Inception Score", "FID", "sFID", "Precision", "Recall"]
+    labels = [line.split(":")[0] for line in lines]
+    assert labels == ["Inception Score", "FID", "sFID", "Precision", "Recall"]
     with open(out) as f:
         metrics = json.load(f)
     assert metrics["preprocessing"] == "tf" and metrics["sample_batch"] == ref
@@ -316,9 +326,11 @@ def test_cli_end_to_end_on_tiny_batches(tmp_path, weights_file):
     # Bad input through the CLI: a clear one-line error, not a traceback.
     bad = str(tmp_path / "bad.npz")
     np.savez(bad, images=np.zeros((4, 8, 8, 3), dtype=np.uint8))
-    proc = subprocess.run([sys.executable, "-m", "evaluations.evaluator", bad, ref, "--inception_path",
-                           weights_file, "--device", "cpu"], capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode != 0 and f"{bad}: no array 'arr_0'" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "evaluations.evaluator", bad, ref,
+                           "--inception_path", weights_file, "--device", "cpu"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode != 0 and f"{bad}: no array 'arr_0'" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_reference_batch_tools_round_trip_and_precomputed_statistics(tmp_path, random_inception):

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import tracemalloc
+import warnings
 
 import numpy as np
 import pytest
@@ -81,14 +82,13 @@ def test_default_preprocessing_is_tf_and_pytorch_fid_warns_against_precomputed_s
     assert REFERENCE_DEFAULTS["preprocessing"] == "tf"
     assert I.FIDInceptionV3().preprocessing == "tf"
     ref = str(tmp_path / "ref.npz")  # a reference batch with precomputed statistics
-    pool = np.zeros(8)
-    np.savez(ref, arr_0=_images(0, 6), mu=pool, sigma=np.eye(8), mu_s=np.zeros(5), sigma_s=np.eye(5))
+    np.savez(ref, arr_0=_images(0, 6), mu=np.zeros(8), sigma=np.eye(8), mu_s=np.zeros(5),
+             sigma_s=np.eye(5))
     sample = str(tmp_path / "sample.npz")
     np.savez(sample, arr_0=_images(1, 6))
+    pytorch_fid = E.Evaluator(StubInception("pytorch_fid"), device="cpu", progress=False)
     with pytest.warns(UserWarning, match="TF graph's preprocessing"):
-        E.Evaluator(StubInception("pytorch_fid"), device="cpu", progress=False).evaluate(ref, sample)
-    import warnings
-
+        pytorch_fid.evaluate(ref, sample)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the default raises no warning
         E.Evaluator(StubInception(), device="cpu", progress=False).evaluate(ref, sample)
@@ -206,26 +206,31 @@ def test_evaluate_gives_the_same_numbers_on_a_shard_folder_and_the_merged_npz(tm
     ref_pool, ref_spatial = evaluator.read_activations(ref)
     fid = E.compute_statistics(pool).frechet_distance(E.compute_statistics(ref_pool))
     assert want["fid"] == pytest.approx(fid, rel=1e-9)
-    assert want["inception_score"] == pytest.approx(evaluator.compute_inception_score(pool), rel=1e-6)
+    score = evaluator.compute_inception_score(pool)
+    assert want["inception_score"] == pytest.approx(score, rel=1e-6)
     assert (want["precision"], want["recall"]) == evaluator.compute_prec_recall(ref_pool, pool)
 
 
 def test_cli_reads_a_shard_folder_and_refuses_an_incomplete_one(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(E, "load_fid_inception", lambda *a, preprocessing, **k: StubInception(preprocessing))
+    monkeypatch.setattr(E, "load_fid_inception",
+                        lambda *a, preprocessing, **k: StubInception(preprocessing))
     ref = str(tmp_path / "ref.npz")
     np.savez(ref, arr_0=_images(7, 12))
     folder = _write_shards(tmp_path / "samples", _images(8, 12), [(0, 6), (6, 12)])
     out = str(tmp_path / "metrics.json")
-    metrics = E.main([ref, folder, "--device", "cpu", "--output", out, "--preprocessing", "pytorch_fid"])
-    assert "Computing evaluations (Inception preprocessing: pytorch_fid)..." in capsys.readouterr().out
+    metrics = E.main([ref, folder, "--device", "cpu", "--output", out,
+                      "--preprocessing", "pytorch_fid"])
+    header = "Computing evaluations (Inception preprocessing: pytorch_fid)..."
+    assert header in capsys.readouterr().out
     with open(out) as f:
         record = json.load(f)
     assert record["preprocessing"] == "pytorch_fid" and record["fid"] == metrics["fid"]
     os.remove(os.path.join(folder, npz_io.shard_name(6, 12)))
     with pytest.raises(SystemExit) as err:
         npz_io.run_main(lambda: E.main([ref, folder, "--device", "cpu"]), "evaluator.py")
-    assert str(err.value.code) == (f"evaluator.py: error: {folder}: incomplete: samples [6, 12) of 12 are "
-                                   f"missing (no samples_00000006-00000012.npz or shards covering it)")
+    assert str(err.value.code) == (
+        f"evaluator.py: error: {folder}: incomplete: samples [6, 12) of 12 are missing "
+        f"(no samples_00000006-00000012.npz or shards covering it)")
 
 
 # ---------------------------------------------------------------- streaming statistics
@@ -345,7 +350,8 @@ def test_killed_writer_leaves_the_good_file_and_only_a_hidden_temporary(tmp_path
 
         npz_io.write_npz_atomically({out!r}, (4, 8, 8, 3), fill)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
+                            text=True)
     try:
         assert proc.stdout.readline().strip() == "half written"
         os.kill(proc.pid, signal.SIGKILL)
