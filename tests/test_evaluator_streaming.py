@@ -143,6 +143,12 @@ def test_shard_folder_reads_like_the_merged_npz(tmp_path):
     with npz_io.ShardFolderReader(folder, "arr_1") as reader:
         assert np.array_equal(np.concatenate(list(reader.batches(6))), labels)
     assert npz_io.read_precomputed_statistics(folder) is None
+    png_dir = str(tmp_path / "pngs")  # npz_to_png reads folders the same way
+    assert npz_io.npz_to_images(folder, png_dir, batch_size=4) == 23
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(Image.open(os.path.join(png_dir, "000017.png"))), images[17])
+    assert not [name for name in os.listdir(png_dir) if name.startswith(".")]
 
 
 def test_incomplete_or_inconsistent_shard_folders_are_refused_in_one_line(tmp_path):
@@ -300,7 +306,26 @@ def test_peak_memory_of_a_shard_folder_is_bounded_by_a_shard_not_the_folder(tmp_
         assert peaks[20000, score] < 20000 * 192 / 8, peaks
 
 
-# ---------------------------------------------------------------- atomic outputs
+# ---------------------------------------------------------------- layering and atomic outputs
+
+def test_reading_batches_imports_no_training_code(tmp_path):
+    from PIL import Image
+
+    from guided_diffusion import image_datasets, image_util
+
+    assert image_datasets.center_crop_arr is image_util.center_crop_arr  # original public name
+    Image.fromarray(_images(14, 1, size=20)[0]).save(tmp_path / "a.png")
+    script = textwrap.dedent(f"""
+        import sys
+        from evaluations import npz_io
+        image = npz_io.load_image({str(tmp_path / "a.png")!r}, image_size=8)
+        assert image.shape == (8, 8, 3), image.shape
+        print(sorted(m for m in sys.modules if m.startswith("guided_diffusion")))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "['guided_diffusion', 'guided_diffusion.image_util']"
+
 
 def test_failed_make_reference_batch_rerun_leaves_the_good_batch_byte_identical(tmp_path):
     from PIL import Image
