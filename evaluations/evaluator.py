@@ -30,8 +30,7 @@ import torch as th
 from scipy import linalg
 from tqdm.auto import tqdm
 
-if __package__ in (None, ""):  # run as `python evaluations/evaluator.py`: make the package
-    # importable
+if __package__ in (None, ""):  # run as `python evaluations/evaluator.py`: import the package
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from evaluations.inception import (  # noqa: E402
@@ -41,7 +40,12 @@ from evaluations.inception import (  # noqa: E402
     FIDInceptionV3,
     load_fid_inception,
 )
-from evaluations.npz_io import open_image_batch, read_precomputed_statistics, run_main  # noqa: E402
+from evaluations.npz_io import (  # noqa: E402
+    open_image_batch,
+    read_precomputed_statistics,
+    run_main,
+    statistics_preprocessing,
+)
 
 # One place for the command-line defaults (and the Evaluator's).
 EVALUATOR_DEFAULTS = dict(
@@ -532,10 +536,11 @@ class Evaluator:
         summaries, stats = {}, {}
         for role, path in (("ref", ref_batch), ("sample", sample_batch)):
             precomputed = read_precomputed_statistics(path)
-            if precomputed is not None and self.preprocessing != "tf":
-                warnings.warn(f"{path}: its precomputed statistics were made with the TF graph's "
-                              f"preprocessing, the sample features with {self.preprocessing!r}; "
-                              f"FID/sFID compare differently resized images (use 'tf')")
+            made_with = precomputed is not None and statistics_preprocessing(path)
+            if made_with and made_with != self.preprocessing:
+                warnings.warn(f"{path}: its precomputed statistics were made with {made_with!r} "
+                              f"preprocessing, these features with {self.preprocessing!r}; "
+                              f"FID/sFID compare differently resized images (use {made_with!r})")
             summaries[role] = summary = self.summarize(
                 path, statistics=precomputed is None, inception_score=role == "sample",
                 min_images=min_images)

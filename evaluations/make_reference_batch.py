@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
+
 from evaluations.evaluator import EVALUATOR_DEFAULTS, Evaluator, RunningStatistics
 from evaluations.inception import PREPROCESSING_MODES, WEIGHTS_ENV_VAR, load_fid_inception
 from evaluations.npz_io import images_to_npz, run_main
@@ -40,7 +42,8 @@ def make_reference_batch(image_dir: str, out_path: str, evaluator: Evaluator,
             spatial.add(feats["spatial"])
         pool_stats, spatial_stats = pool.statistics(), spatial.statistics()
         return dict(mu=pool_stats.mu, sigma=pool_stats.sigma,
-                    mu_s=spatial_stats.mu, sigma_s=spatial_stats.sigma)
+                    mu_s=spatial_stats.mu, sigma_s=spatial_stats.sigma,
+                    preprocessing=np.array(evaluator.preprocessing))  # a str array, no pickle
 
     return images_to_npz(image_dir, out_path, image_size=image_size,
                          batch_size=evaluator.batch_size,

@@ -29,6 +29,9 @@ LABEL_KEY = "arr_1"
 SHARD_MANIFEST = "manifest.json"
 SHARD_PATTERN = re.compile(r"^samples_(\d{8})-(\d{8})\.npz$")
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+# make_reference_batch records how its statistics' features were made; the original's batches
+# carry no such key and were made by the TF graph ('tf').
+PREPROCESSING_KEY = "preprocessing"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
@@ -227,13 +230,14 @@ class ShardFolderReader:
         count = min(n, len(self) - self.rows_read)
         if count <= 0:
             return None
-        parts = []
-        while count > sum(len(p) for p in parts):
+        parts, got = [], 0
+        while got < count:  # a batch may end one shard and begin the next
             if self._current is None or self._current.rows_read == len(self._current):
-                self.close()
+                self.close()  # one shard open at a time
                 self._current = NpzArrayReader(self.shards[self._next_shard][2], self.name)
                 self._next_shard += 1
-            parts.append(self._current.read_batch(count - sum(len(p) for p in parts)))
+            parts.append(self._current.read_batch(count - got))
+            got += len(parts[-1])
         out = parts[0] if len(parts) == 1 else np.concatenate(parts)
         self.rows_read += count
         self.max_batch_rows = max(self.max_batch_rows, count)
@@ -310,6 +314,15 @@ def read_precomputed_statistics(path: str) -> dict[str, np.ndarray] | None:
             if not np.issubdtype(value.dtype, np.floating) or not np.isfinite(value).all():
                 raise ValueError(f"{path}: '{key}' contains NaN/inf or is not floating point")
     return stats
+
+
+def statistics_preprocessing(path: str) -> str:
+    """:return: how the features of a batch's precomputed statistics were made ('tf' unless the
+    file records otherwise under 'preprocessing')."""
+    with np.load(path, allow_pickle=False) as z:
+        if PREPROCESSING_KEY not in z.files:
+            return "tf"
+        return str(z[PREPROCESSING_KEY])
 
 
 class NpzArrayWriter:

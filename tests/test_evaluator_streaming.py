@@ -87,11 +87,24 @@ def test_default_preprocessing_is_tf_and_pytorch_fid_warns_against_precomputed_s
     sample = str(tmp_path / "sample.npz")
     np.savez(sample, arr_0=_images(1, 6))
     pytorch_fid = E.Evaluator(StubInception("pytorch_fid"), device="cpu", progress=False)
-    with pytest.warns(UserWarning, match="TF graph's preprocessing"):
+    with pytest.warns(UserWarning, match="made with 'tf' preprocessing, these .* 'pytorch_fid'"):
         pytorch_fid.evaluate(ref, sample)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the default raises no warning
         E.Evaluator(StubInception(), device="cpu", progress=False).evaluate(ref, sample)
+    # A batch of make_reference_batch records its preprocessing, and the check follows it.
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    for i, image in enumerate(_images(15, 4)):
+        Image.fromarray(image).save(tmp_path / "images" / f"{i}.png")
+    own = str(tmp_path / "own.npz")
+    make_reference_batch(str(tmp_path / "images"), own, pytorch_fid)
+    assert npz_io.statistics_preprocessing(own) == "pytorch_fid"
+    assert npz_io.statistics_preprocessing(ref) == "tf"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pytorch_fid.evaluate(own, sample)
 
 
 def test_tf_and_pytorch_fid_inputs_differ_at_64px_by_resize_and_at_299px_by_scaling_only():
@@ -342,7 +355,7 @@ def test_failed_make_reference_batch_rerun_leaves_the_good_batch_byte_identical(
     assert make_reference_batch(str(image_dir), out, evaluator) == 6
     good = open(out, "rb").read()
     with np.load(out, allow_pickle=False) as z:
-        assert set(z.files) == {"arr_0", "mu", "sigma", "mu_s", "sigma_s"}
+        assert set(z.files) == {"arr_0", "mu", "sigma", "mu_s", "sigma_s", "preprocessing"}
 
     (image_dir / "03.png").write_bytes(b"not a png")  # the rerun fails at its second batch
     seen = []
