@@ -5,7 +5,9 @@ FID, sFID, Inception Score, precision and recall of a sample batch against a ref
 
 The same numbers as the original's TensorFlow evaluator, computed in PyTorch: the same batches
 (`arr_0` = [N x H x W x 3] uint8; reference batches may carry precomputed `mu`, `sigma`, `mu_s`,
-`sigma_s`), the same features (FIDInceptionV3 = the 2015 TF Inception graph) and the same formulas:
+`sigma_s`; either batch may also be a shard folder, see npz_io), the same features
+(FIDInceptionV3 = the 2015 TF Inception graph, fed as the TF graph resizes and scales images) and
+the same formulas:
 - FID (Heusel et al. 2017) on the 2048-d pool features; sFID (Nash et al. 2021) on 2023 spatial
   features of mixed_6/conv;
 - Inception Score (Salimans et al. 2016) over splits of 5000 samples;
@@ -20,26 +22,39 @@ import json
 import os
 import sys
 import warnings
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch as th
 from scipy import linalg
 from tqdm.auto import tqdm
 
-if __package__ in (None, ""):  # run as `python evaluations/evaluator.py`: make the package importable
+if __package__ in (None, ""):  # run as `python evaluations/evaluator.py`: import the package
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from evaluations.inception import PREPROCESSING_MODES, WEIGHTS_ENV_VAR, FIDInceptionV3, load_fid_inception  # noqa: E402
-from evaluations.npz_io import open_image_batch, read_precomputed_statistics, run_main  # noqa: E402
+from evaluations.inception import (  # noqa: E402
+    DEFAULT_PREPROCESSING,
+    PREPROCESSING_MODES,
+    WEIGHTS_ENV_VAR,
+    FIDInceptionV3,
+    load_fid_inception,
+)
+from evaluations.npz_io import (  # noqa: E402
+    open_image_batch,
+    read_precomputed_statistics,
+    run_main,
+    statistics_preprocessing,
+)
 
 # One place for the command-line defaults (and the Evaluator's).
 EVALUATOR_DEFAULTS = dict(
-    inception_path="",  # weights file; empty: ${GD_INCEPTION_PATH}, then the cache (downloaded once)
+    inception_path="",  # weights; empty: ${GD_INCEPTION_PATH}, then the cache (downloaded once)
     batch_size=64,  # images per Inception forward pass, as the original
     device="",  # empty: cuda when available, else cpu
     output="",  # also write the metrics to this JSON file
-    preprocessing="pytorch_fid",  # or 'tf': resize/scale images as the TF graph, see FIDInceptionV3
+    # 'tf': resize/scale as the TF graph that made the reference batches' mu/sigma; see preprocess()
+    preprocessing=DEFAULT_PREPROCESSING,
 )
 INCEPTION_SPLIT_SIZE = 5000
 NHOOD_SIZES = (3,)  # k of the k-NN balls of improved precision/recall
@@ -70,8 +85,8 @@ class FIDStatistics:
         mu1, sigma1 = np.atleast_1d(self.mu), np.atleast_2d(self.sigma)
         mu2, sigma2 = np.atleast_1d(other.mu), np.atleast_2d(other.sigma)
         if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-            raise ValueError(f"FID of statistics with different shapes: mu {mu1.shape} vs {mu2.shape}, "
-                             f"sigma {sigma1.shape} vs {sigma2.shape}")
+            raise ValueError(f"FID of statistics with different shapes: mu {mu1.shape} vs "
+                             f"{mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
         diff = mu1 - mu2
         if np.array_equal(sigma1, sigma2):
             # sqrtm(S S) = S for a covariance S, so the trace term is exactly 0: skip the O(D^3)
@@ -84,20 +99,109 @@ class FIDStatistics:
             covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
         if np.iscomplexobj(covmean):
             if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-                raise ValueError(f"FID: sqrtm has an imaginary component of {np.max(np.abs(covmean.imag))}")
+                raise ValueError(f"FID: sqrtm has an imaginary component of "
+                                 f"{np.max(np.abs(covmean.imag))}")
             covmean = covmean.real
         fid = diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)
         return float(max(fid, 0.0))
 
 
+class RunningStatistics:
+    """
+    Mean and covariance of feature vectors that arrive in batches, without keeping them.
+
+    float64 sums of each batch's centred products, merged by the pairwise update of Chan, Golub
+    and LeVeque (1979): M2 = M2_a + M2_b + delta delta^T n_a n_b / n with delta the difference of
+    the means. Unlike sum(x x^T) - n mu mu^T it does not cancel catastrophically when the
+    features' mean is large against their spread.
+    """
+
+    def __init__(self):
+        self.count = 0
+        self.mean: np.ndarray | None = None  # [D] float64
+        self.m2: np.ndarray | None = None  # [D x D] float64 sum of centred outer products
+
+    def add(self, features: np.ndarray) -> None:
+        """:param features: an [n x D] batch (any float dtype; summed in float64)."""
+        x = np.asarray(features, dtype=np.float64)
+        if x.ndim != 2 or (self.mean is not None and x.shape[1] != len(self.mean)):
+            want = "[n x D]" if self.mean is None else f"[n x {len(self.mean)}]"
+            raise ValueError(f"statistics need {want} feature batches, got shape {x.shape}")
+        if len(x) == 0:
+            return
+        mean = x.mean(axis=0)
+        centred = x - mean
+        m2 = centred.T @ centred
+        if self.count == 0:
+            self.count, self.mean, self.m2 = len(x), mean, m2
+            return
+        total = self.count + len(x)
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (len(x) / total)
+        self.m2 = self.m2 + m2 + np.outer(delta, delta) * (self.count * len(x) / total)
+        self.count = total
+
+    def statistics(self) -> "FIDStatistics":
+        """:return: the mean and unbiased (N - 1) covariance, as np.mean / np.cov give them."""
+        if self.count < 2:
+            raise ValueError(f"statistics need an [N x D] array with N >= 2, got {self.count} "
+                             f"vectors")
+        return FIDStatistics(self.mean.copy(), self.m2 / (self.count - 1))
+
+
 def compute_statistics(activations: np.ndarray) -> FIDStatistics:
     """
     :param activations: an [N x D] array of features, N >= 2.
-    :return: their mean and (unbiased, N - 1) covariance, as the original (np.mean, np.cov).
+    :return: their mean and (unbiased, N - 1) covariance, as the original (np.mean, np.cov),
+             in float64.
     """
     if activations.ndim != 2 or len(activations) < 2:
-        raise ValueError(f"statistics need an [N x D] array with N >= 2, got shape {activations.shape}")
-    return FIDStatistics(np.mean(activations, axis=0), np.cov(activations, rowvar=False))
+        raise ValueError(f"statistics need an [N x D] array with N >= 2, got shape "
+                         f"{activations.shape}")
+    running = RunningStatistics()
+    running.add(activations)
+    return running.statistics()
+
+
+class RunningInceptionScore:
+    """
+    The Inception Score of class probabilities that arrive in batches, split by split: only the
+    current split of split_size rows is held (5000 x 1008 float32 = 20 MB, as the original).
+
+    :param split_size: rows per split; the last split may be shorter, as the original.
+    """
+
+    def __init__(self, split_size: int = INCEPTION_SPLIT_SIZE):
+        self.split_size = split_size
+        self.split_scores: list[float] = []
+        self._part: list[np.ndarray] = []
+        self._part_rows = 0
+
+    def add(self, probs: np.ndarray) -> None:
+        """:param probs: an [n x C] batch of class probabilities."""
+        while len(probs):
+            take = min(self.split_size - self._part_rows, len(probs))
+            self._part.append(probs[:take])
+            self._part_rows += take
+            probs = probs[take:]
+            if self._part_rows == self.split_size:
+                self.split_scores.append(_split_score(np.concatenate(self._part)))
+                self._part, self._part_rows = [], 0
+
+    def score(self) -> float:
+        """:return: the mean over splits of exp(E_x KL(p(y|x) || p(y)))."""
+        scores = list(self.split_scores)
+        if self._part_rows:
+            scores.append(_split_score(np.concatenate(self._part)))
+        if not scores:
+            raise ValueError("the Inception Score needs at least one sample")
+        return float(np.mean(scores))
+
+
+def _split_score(part: np.ndarray) -> float:
+    """exp(E_x KL(p(y|x) || p(y))) of one split, p(y) its mean (Salimans et al. 2016)."""
+    kl = part * (np.log(part) - np.log(np.mean(part, axis=0, keepdims=True)))
+    return np.exp(np.mean(np.sum(kl, axis=1)))
 
 
 def inception_score(probs: np.ndarray, split_size: int = INCEPTION_SPLIT_SIZE) -> float:
@@ -107,12 +211,9 @@ def inception_score(probs: np.ndarray, split_size: int = INCEPTION_SPLIT_SIZE) -
 
     :param probs: an [N x C] array of class probabilities (softmax of FIDInceptionV3 logits).
     """
-    scores = []
-    for start in range(0, len(probs), split_size):
-        part = probs[start:start + split_size]
-        kl = part * (np.log(part) - np.log(np.mean(part, axis=0, keepdims=True)))
-        scores.append(np.exp(np.mean(np.sum(kl, axis=1))))
-    return float(np.mean(scores))
+    running = RunningInceptionScore(split_size)
+    running.add(probs)
+    return running.score()
 
 
 def _default_device() -> th.device:
@@ -181,8 +282,8 @@ class ManifoldEstimator:
         """
         k_max = max(self.nhood_sizes)
         if len(features) <= k_max:
-            raise ValueError(f"precision/recall with k={k_max} need more than {k_max} feature vectors, "
-                             f"got {len(features)}")
+            raise ValueError(f"precision/recall with k={k_max} need more than {k_max} feature "
+                             f"vectors, got {len(features)}")
         f = self._tensor(features)
         nearest = th.empty(len(f), k_max + 1, device=self.device)
         for r0 in range(0, len(f), self.row_batch_size):
@@ -216,7 +317,8 @@ class ManifoldEstimator:
         for rs, cs, d in self._blocks(e, f):
             for j in range(self.num_nhoods):
                 inside[rs, j] |= (d <= r[cs, j][None]).any(dim=1)
-            realism[rs] = th.maximum(realism[rs], (r[cs, 0][None] / (d + self.eps)).max(dim=1).values)
+            ratio = (r[cs, 0][None] / (d + self.eps)).max(dim=1).values
+            realism[rs] = th.maximum(realism[rs], ratio)
             dmin, imin = d.min(dim=1)
             closer = dmin < nearest_d[rs]
             nearest[rs] = th.where(closer, imin + cs.start, nearest[rs])
@@ -239,7 +341,8 @@ class ManifoldEstimator:
             for j in range(self.num_nhoods):
                 ref_inside[rs, j] |= (d <= r2[cs, j][None]).any(dim=1)
                 sample_inside[cs, j] |= (d <= r1[rs, j][:, None]).any(dim=0)
-        return (sample_inside.double().mean(0).cpu().numpy(), ref_inside.double().mean(0).cpu().numpy())
+        return (sample_inside.double().mean(0).cpu().numpy(),
+                ref_inside.double().mean(0).cpu().numpy())
 
 
 def _squared_distances(norm_u: th.Tensor, dots: th.Tensor, norm_v: th.Tensor) -> th.Tensor:
@@ -259,7 +362,8 @@ def precision_recall(ref_features: np.ndarray, sample_features: np.ndarray,
     estimator = ManifoldEstimator(device=device)
     ref_radii = estimator.manifold_radii(ref_features)
     sample_radii = estimator.manifold_radii(sample_features)
-    precision, recall = estimator.evaluate_pr(ref_features, ref_radii, sample_features, sample_radii)
+    precision, recall = estimator.evaluate_pr(ref_features, ref_radii,
+                                              sample_features, sample_radii)
     return float(precision[0]), float(recall[0])
 
 
@@ -274,11 +378,32 @@ def _full_float32():
         th.backends.cuda.matmul.allow_tf32, th.backends.cudnn.allow_tf32 = saved
 
 
+@dataclass
+class BatchSummary:
+    """
+    What the metrics need of one batch, gathered in one streaming pass over its images.
+
+    :param num_images: N.
+    :param pool: the [N x 2048] pool features, when kept: precision/recall compare every sample
+                 with every reference, so they need the whole feature sets (8 KB per image).
+    :param pool_stats: FID statistics of the pool features, when computed.
+    :param spatial_stats: sFID statistics of the spatial features, when computed.
+    :param inception_score: the Inception Score, when computed.
+    """
+
+    num_images: int
+    pool: np.ndarray | None = None
+    pool_stats: FIDStatistics | None = None
+    spatial_stats: FIDStatistics | None = None
+    inception_score: float | None = None
+
+
 class Evaluator:
     """
-    Inception features of .npz batches and the metrics computed from them.
+    Inception features of .npz batches (or shard folders) and the metrics computed from them.
 
-    :param model: a FIDInceptionV3 with its weights (see load_fid_inception()).
+    :param model: a FIDInceptionV3 with its weights (see load_fid_inception()); its
+                  `preprocessing` decides how images are resized and scaled.
     :param batch_size: images per forward pass.
     :param device: where the network runs (default: cuda when available).
     :param progress: show tqdm bars.
@@ -291,6 +416,25 @@ class Evaluator:
         self.batch_size = batch_size
         self.progress = progress
 
+    @property
+    def preprocessing(self) -> str:
+        """'tf' or 'pytorch_fid': how the model resizes and scales images."""
+        return self.model.preprocessing
+
+    def iter_features(self, batches: Iterable[np.ndarray], total: int | None = None,
+                      desc: str = "") -> Iterator[dict[str, np.ndarray]]:
+        """
+        :param batches: [n x H x W x 3] uint8 image batches.
+        :return: per batch, a dict of float32 arrays 'pool' [n x 2048], 'spatial' [n x 2023] and
+                 'logits' [n x 1008] (see FIDInceptionV3.features()).
+        """
+        with th.inference_mode(), _full_float32(), tqdm(total=total, desc=desc, unit="img",
+                                                        disable=not self.progress) as bar:
+            for batch in batches:
+                feats = self.model.features(th.from_numpy(np.asarray(batch)).to(self.device))
+                yield {k: v.cpu().numpy() for k, v in feats.items()}
+                bar.update(len(batch))
+
     def compute_activations(self, batches: Iterable[np.ndarray], total: int | None = None,
                             desc: str = "") -> tuple[np.ndarray, np.ndarray]:
         """
@@ -298,24 +442,56 @@ class Evaluator:
         :return: (pool [N x 2048], spatial [N x 2023]) float32 features.
         """
         pool, spatial = [], []
-        with th.inference_mode(), _full_float32(), tqdm(total=total, desc=desc, unit="img",
-                                                        disable=not self.progress) as bar:
-            for batch in batches:
-                feats = self.model.features(th.from_numpy(np.asarray(batch)).to(self.device))
-                pool.append(feats["pool"].cpu().numpy())
-                spatial.append(feats["spatial"].cpu().numpy())
-                bar.update(len(batch))
+        for feats in self.iter_features(batches, total=total, desc=desc):
+            pool.append(feats["pool"])
+            spatial.append(feats["spatial"])
         return np.concatenate(pool), np.concatenate(spatial)
 
     def read_activations(self, path: str, min_images: int = 2) -> tuple[np.ndarray, np.ndarray]:
-        """Features of `arr_0` of an .npz batch, streamed batch_size images at a time."""
+        """Features of `arr_0` of an .npz batch or shard folder, batch_size images at a time."""
         with open_image_batch(path, min_images=min_images) as reader:
             acts = self.compute_activations(reader.batches(self.batch_size), total=len(reader),
                                             desc=os.path.basename(path))
         for name, a in zip(("pool", "spatial"), acts):
-            if not np.isfinite(a).all():
-                raise ValueError(f"{path}: Inception {name} features contain NaN/inf (bad weights file?)")
+            _check_finite(path, name, a)
         return acts
+
+    def summarize(self, path: str, statistics: bool = True, inception_score: bool = False,
+                  keep_pool: bool = True, min_images: int = 2,
+                  split_size: int = INCEPTION_SPLIT_SIZE) -> BatchSummary:
+        """
+        One streaming pass over a batch's images: only batch_size images, the running sums and
+        (for the Inception Score) one split of probabilities are held, plus the pool features
+        when keep_pool.
+
+        :param path: an .npz batch or a shard folder.
+        :param statistics: compute the FID and sFID statistics.
+        :param inception_score: compute the Inception Score over splits of split_size.
+        :param keep_pool: keep the [N x 2048] pool features (for precision/recall).
+        :param min_images: the fewest images accepted.
+        """
+        pool, pool_stats, spatial_stats = [], RunningStatistics(), RunningStatistics()
+        score = RunningInceptionScore(split_size)
+        with open_image_batch(path, min_images=min_images) as reader:
+            for feats in self.iter_features(reader.batches(self.batch_size), total=len(reader),
+                                            desc=os.path.basename(path)):
+                for name in ("pool", "spatial"):
+                    _check_finite(path, name, feats[name])
+                if keep_pool:
+                    pool.append(feats["pool"])
+                if statistics:
+                    pool_stats.add(feats["pool"])
+                    spatial_stats.add(feats["spatial"])
+                if inception_score:
+                    score.add(_softmax(feats["logits"]))
+            num_images = len(reader)
+        return BatchSummary(
+            num_images=num_images,
+            pool=np.concatenate(pool) if keep_pool else None,
+            pool_stats=pool_stats.statistics() if statistics else None,
+            spatial_stats=spatial_stats.statistics() if statistics else None,
+            inception_score=score.score() if inception_score else None,
+        )
 
     def read_statistics(self, path: str, activations: tuple[np.ndarray, np.ndarray]
                         ) -> tuple[FIDStatistics, FIDStatistics]:
@@ -325,38 +501,73 @@ class Evaluator:
         """
         stats = read_precomputed_statistics(path)
         if stats is not None:
-            return FIDStatistics(stats["mu"], stats["sigma"]), FIDStatistics(stats["mu_s"], stats["sigma_s"])
+            return (FIDStatistics(stats["mu"], stats["sigma"]),
+                    FIDStatistics(stats["mu_s"], stats["sigma_s"]))
         return compute_statistics(activations[0]), compute_statistics(activations[1])
 
     def compute_probs(self, pool: np.ndarray) -> np.ndarray:
-        """:return: [N x 1008] softmax of the logits of [N x 2048] pool features (bias-free, as the original)."""
+        """
+        :return: [N x 1008] softmax of the logits of [N x 2048] pool features (bias-free, as the
+                 original).
+        """
         w = self.model.fc.weight.detach().to(self.device, th.float32)
         with th.inference_mode(), _full_float32():
-            out = [th.softmax(th.as_tensor(p, device=self.device) @ w.t(), dim=1).cpu().numpy()
-                   for p in np.array_split(pool, max(1, len(pool) // 4096))]
-        return np.concatenate(out)
+            logits = [(th.as_tensor(p, device=self.device) @ w.t()).cpu().numpy()
+                      for p in np.array_split(pool, max(1, len(pool) // 4096))]
+        return _softmax(np.concatenate(logits))
 
-    def compute_inception_score(self, pool: np.ndarray, split_size: int = INCEPTION_SPLIT_SIZE) -> float:
+    def compute_inception_score(self, pool: np.ndarray,
+                                split_size: int = INCEPTION_SPLIT_SIZE) -> float:
         return inception_score(self.compute_probs(pool), split_size=split_size)
 
-    def compute_prec_recall(self, ref_pool: np.ndarray, sample_pool: np.ndarray) -> tuple[float, float]:
+    def compute_prec_recall(self, ref_pool: np.ndarray,
+                            sample_pool: np.ndarray) -> tuple[float, float]:
         return precision_recall(ref_pool, sample_pool, device=self.device)
 
     def evaluate(self, ref_batch: str, sample_batch: str) -> dict[str, float]:
-        """:return: the original's five metrics of sample_batch against ref_batch."""
+        """
+        The original's five metrics of sample_batch against ref_batch (.npz files or shard
+        folders), one streaming pass over each. A batch's precomputed mu/sigma/mu_s/sigma_s are
+        used when present (as the original); its statistics are computed only when absent.
+
+        :return: a dict with 'inception_score', 'fid', 'sfid', 'precision', 'recall'.
+        """
         min_images = max(NHOOD_SIZES) + 1  # k-NN radii need k other points
-        ref_acts = self.read_activations(ref_batch, min_images=min_images)
-        ref_stats, ref_stats_spatial = self.read_statistics(ref_batch, ref_acts)
-        sample_acts = self.read_activations(sample_batch, min_images=min_images)
-        sample_stats, sample_stats_spatial = self.read_statistics(sample_batch, sample_acts)
-        precision, recall = self.compute_prec_recall(ref_acts[0], sample_acts[0])
+        summaries, stats = {}, {}
+        for role, path in (("ref", ref_batch), ("sample", sample_batch)):
+            precomputed = read_precomputed_statistics(path)
+            made_with = precomputed is not None and statistics_preprocessing(path)
+            if made_with and made_with != self.preprocessing:
+                warnings.warn(f"{path}: its precomputed statistics were made with {made_with!r} "
+                              f"preprocessing, these features with {self.preprocessing!r}; "
+                              f"FID/sFID compare differently resized images (use {made_with!r})")
+            summaries[role] = summary = self.summarize(
+                path, statistics=precomputed is None, inception_score=role == "sample",
+                min_images=min_images)
+            if precomputed is None:
+                stats[role] = summary.pool_stats, summary.spatial_stats
+            else:
+                stats[role] = (FIDStatistics(precomputed["mu"], precomputed["sigma"]),
+                               FIDStatistics(precomputed["mu_s"], precomputed["sigma_s"]))
+        ref, sample = summaries["ref"], summaries["sample"]
+        precision, recall = self.compute_prec_recall(ref.pool, sample.pool)
         return {
-            "inception_score": self.compute_inception_score(sample_acts[0]),
-            "fid": sample_stats.frechet_distance(ref_stats),
-            "sfid": sample_stats_spatial.frechet_distance(ref_stats_spatial),
+            "inception_score": sample.inception_score,
+            "fid": stats["sample"][0].frechet_distance(stats["ref"][0]),
+            "sfid": stats["sample"][1].frechet_distance(stats["ref"][1]),
             "precision": precision,
             "recall": recall,
         }
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    """Row softmax in float32 (through torch, as the features are made)."""
+    return th.softmax(th.from_numpy(np.ascontiguousarray(logits, dtype=np.float32)), dim=1).numpy()
+
+
+def _check_finite(path: str, name: str, features: np.ndarray) -> None:
+    if not np.isfinite(features).all():
+        raise ValueError(f"{path}: Inception {name} features contain NaN/inf (bad weights file?)")
 
 
 METRIC_LABELS = dict(inception_score="Inception Score", fid="FID", sfid="sFID",
@@ -366,33 +577,43 @@ METRIC_LABELS = dict(inception_score="Inception Score", fid="FID", sfid="sFID",
 def create_argparser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("ref_batch", help="reference .npz (arr_0 images, optional mu/sigma/mu_s/sigma_s)")
-    parser.add_argument("sample_batch", help="sample .npz (arr_0 images), e.g. from image_sample.py")
+    parser.add_argument("ref_batch", help="reference .npz (arr_0 images, optional mu/sigma/mu_s/"
+                                          "sigma_s) or shard folder")
+    parser.add_argument("sample_batch", help="sample .npz (arr_0 images) or shard folder "
+                                             "(manifest.json + samples_START-STOP.npz)")
     helps = dict(
-        inception_path=f"pt_inception-2015-12-05-6726825d.pth (default: ${WEIGHTS_ENV_VAR}, then the cache)",
+        inception_path=f"pt_inception-2015-12-05-6726825d.pth (default: ${WEIGHTS_ENV_VAR}, "
+                       f"then the cache)",
         batch_size="images per Inception forward pass",
         device="cuda, cuda:1, cpu... (default: cuda when available)",
         output="also write the metrics to this JSON file",
-        preprocessing="how images are resized to 299 and scaled: 'pytorch_fid' (as pytorch-fid) or "
-                      "'tf' (as the original's TF graph)",
+        preprocessing="how images are resized to 299 and scaled: 'tf' (as the original's TF graph, "
+                      "which made the reference statistics) or 'pytorch_fid' (as pytorch-fid)",
     )
     for name, default in EVALUATOR_DEFAULTS.items():
         choices = PREPROCESSING_MODES if name == "preprocessing" else None
-        parser.add_argument(f"--{name}", type=type(default), default=default, choices=choices, help=helps[name])
+        parser.add_argument(f"--{name}", type=type(default), default=default, choices=choices,
+                            help=helps[name])
     return parser
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = create_argparser().parse_args(argv)
     device = th.device(args.device) if args.device else _default_device()
-    model = load_fid_inception(args.inception_path or None, device=device, preprocessing=args.preprocessing)
-    metrics = Evaluator(model, batch_size=args.batch_size, device=device).evaluate(args.ref_batch, args.sample_batch)
+    model = load_fid_inception(args.inception_path or None, device=device,
+                               preprocessing=args.preprocessing)
+    evaluator = Evaluator(model, batch_size=args.batch_size, device=device)
+    metrics = evaluator.evaluate(args.ref_batch, args.sample_batch)
+    # The header says how the features were made: numbers from different preprocessings differ.
+    print(f"Computing evaluations (Inception preprocessing: {args.preprocessing})...")
     for key, label in METRIC_LABELS.items():
         print(f"{label}: {metrics[key]}")
     if args.output:
-        record = dict(metrics, ref_batch=args.ref_batch, sample_batch=args.sample_batch)
-        with open(args.output, "w") as f:
-            json.dump(record, f, indent=2)
+        from guided_diffusion.train_util import atomic_write
+
+        record = dict(metrics, preprocessing=args.preprocessing, ref_batch=args.ref_batch,
+                      sample_batch=args.sample_batch)
+        atomic_write(args.output, lambda f: f.write(json.dumps(record, indent=2).encode()))
     return metrics
 
 

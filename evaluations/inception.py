@@ -31,6 +31,9 @@ WEIGHTS_SHA256_PREFIX = "6726825d"  # torch-hub style: the file name carries its
 WEIGHTS_ENV_VAR = "GD_INCEPTION_PATH"
 INPUT_SIZE = 299
 PREPROCESSING_MODES = ("pytorch_fid", "tf")
+# 'tf': the original's reference statistics (mu, sigma, mu_s, sigma_s) were made by the TF graph,
+# so sample features must be made the same way to be compared with them.
+DEFAULT_PREPROCESSING = "tf"
 NUM_SPATIAL_CHANNELS = 7  # the original's sFID keeps mixed_6/conv[..., :7]: 17 * 17 * 7 = 2023
 
 
@@ -42,7 +45,8 @@ class BasicConv2d(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=False)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride,
+                              padding=padding, bias=False)
         self.bn = nn.BatchNorm2d(out_channels, eps=0.001)
 
     def forward(self, x: th.Tensor) -> th.Tensor:
@@ -154,7 +158,8 @@ class InceptionD(_Mixed):
 
     def branches(self, x):
         b7 = x
-        for conv in (self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4):
+        for conv in (self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3,
+                     self.branch7x7x3_4):
             b7 = conv(b7)
         return [
             self.branch3x3_2(self.branch3x3_1(x)),
@@ -213,11 +218,12 @@ class FIDInceptionV3(nn.Module):
              "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c")
     SPATIAL_BLOCK = "Mixed_6d"
 
-    def __init__(self, preprocessing: str = "pytorch_fid"):
-        """:param preprocessing: 'pytorch_fid' or 'tf', how images become input; see preprocess()."""
+    def __init__(self, preprocessing: str = DEFAULT_PREPROCESSING):
+        """:param preprocessing: 'tf' or 'pytorch_fid', how images become input; see preprocess()"""
         super().__init__()
         if preprocessing not in PREPROCESSING_MODES:
-            raise ValueError(f"preprocessing={preprocessing!r}; expected one of {PREPROCESSING_MODES}")
+            raise ValueError(f"preprocessing={preprocessing!r}; expected one of "
+                             f"{PREPROCESSING_MODES}")
         self.preprocessing = preprocessing
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
         self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)
@@ -241,12 +247,15 @@ class FIDInceptionV3(nn.Module):
         """
         Map NHWC pixels in [0, 255] to the network's NCHW input in [-1, 1] at 299x299.
 
-        'pytorch_fid' (default): as pytorch-fid's port, scale to [0, 1], bilinear resize with
-        align_corners=False (half-pixel centres), then 2x - 1.
-        'tf': as the TF graph the original evaluator runs: TF1 ResizeBilinear, which samples at
-        x * in/out without the half-pixel shift, on [0, 255], then (x - 128) / 128. Features of
-        images that need resizing differ slightly between the two (pytorch-fid documents this);
-        the original's reference statistics were made the 'tf' way.
+        'tf' (default): as the TF graph the original evaluator runs: TF1 ResizeBilinear
+        (align_corners=False, half_pixel_centers=False), which samples at x * in/out without the
+        half-pixel shift, on [0, 255], then (x - 128) / 128. Checked against TensorFlow's
+        legacy resize: max difference 2.4e-7. The original's reference statistics were made
+        this way, so only these sample features are comparable with them.
+        'pytorch_fid': as pytorch-fid's port, scale to [0, 1], bilinear resize with
+        align_corners=False (half-pixel centres), then 2x - 1. Its inputs differ from 'tf' at
+        every size: by the resize wherever images are not 299x299, and by the scaling
+        ((x - 127.5) / 127.5 vs (x - 128) / 128) even at 299x299.
 
         :param images: an [N x H x W x 3] tensor (uint8 or float) of pixel values in [0, 255].
         :return: an [N x 3 x 299 x 299] float32 tensor.
@@ -263,7 +272,8 @@ class FIDInceptionV3(nn.Module):
             return (x - 128) / 128
         x = x / 255.0
         if resize:
-            x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
+            x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear",
+                              align_corners=False)
         return 2 * x - 1
 
     def features(self, images: th.Tensor) -> dict[str, th.Tensor]:
@@ -337,8 +347,8 @@ def _download(url: str, dest: str) -> None:
                 digest.update(chunk)
                 out.write(chunk)
         if not digest.hexdigest().startswith(WEIGHTS_SHA256_PREFIX):
-            raise OSError(f"downloaded {url} but its sha256 {digest.hexdigest()[:8]}... does not start "
-                          f"with {WEIGHTS_SHA256_PREFIX}")
+            raise OSError(f"downloaded {url} but its sha256 {digest.hexdigest()[:8]}... does not "
+                          f"start with {WEIGHTS_SHA256_PREFIX}")
         shutil.move(tmp, dest)
     finally:
         if os.path.exists(tmp):
@@ -354,12 +364,14 @@ def resolve_weights_path(path: str | None = None, download: bool = True) -> str:
     """
     if path:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"--inception_path {path!r} does not exist; download {WEIGHTS_URL}")
+            raise FileNotFoundError(f"--inception_path {path!r} does not exist; download "
+                                    f"{WEIGHTS_URL}")
         return path
     env = os.environ.get(WEIGHTS_ENV_VAR)
     if env:
         if not os.path.isfile(env):
-            raise FileNotFoundError(f"${WEIGHTS_ENV_VAR}={env!r} does not exist; download {WEIGHTS_URL}")
+            raise FileNotFoundError(f"${WEIGHTS_ENV_VAR}={env!r} does not exist; download "
+                                    f"{WEIGHTS_URL}")
         return env
     cached = default_weights_path()
     if os.path.isfile(cached):
@@ -373,18 +385,20 @@ def resolve_weights_path(path: str | None = None, download: bool = True) -> str:
     else:
         reason = "downloading is disabled"
     raise FileNotFoundError(
-        f"FID Inception weights not found and {reason}. Download {WEIGHTS_URL} and either put it at "
-        f"{cached}, pass --inception_path FILE, or set {WEIGHTS_ENV_VAR}=FILE."
+        f"FID Inception weights not found and {reason}. Download {WEIGHTS_URL} and either put "
+        f"it at {cached}, pass --inception_path FILE, or set {WEIGHTS_ENV_VAR}=FILE."
     )
 
 
 def load_fid_inception(path: str | None = None, device: str | th.device = "cpu",
-                       download: bool = True, preprocessing: str = "pytorch_fid") -> FIDInceptionV3:
+                       download: bool = True,
+                       preprocessing: str = DEFAULT_PREPROCESSING) -> FIDInceptionV3:
     """
     Build FIDInceptionV3 with the pytorch-fid weights, in eval mode on `device`.
 
     :param path: the weights file; None looks at ${GD_INCEPTION_PATH} and the cache, see
                  resolve_weights_path().
+    :param preprocessing: 'tf' or 'pytorch_fid', see FIDInceptionV3.preprocess().
     """
     path = resolve_weights_path(path, download=download)
     try:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 
-from evaluations.evaluator import EVALUATOR_DEFAULTS, Evaluator, compute_statistics
+import numpy as np
+
+from evaluations.evaluator import EVALUATOR_DEFAULTS, Evaluator, RunningStatistics
 from evaluations.inception import PREPROCESSING_MODES, WEIGHTS_ENV_VAR, load_fid_inception
 from evaluations.npz_io import images_to_npz, run_main
 
@@ -25,31 +27,44 @@ DEFAULTS = dict(
 )
 
 
-def make_reference_batch(image_dir: str, out_path: str, evaluator: Evaluator, image_size: int | None = None) -> int:
+def make_reference_batch(image_dir: str, out_path: str, evaluator: Evaluator,
+                         image_size: int | None = None) -> int:
     """
+    Write the images of image_dir and their statistics to out_path, through a temporary file:
+    a failed or killed run leaves a good batch already at out_path untouched.
+
     :return: the number of images written to out_path with their statistics.
     """
     def with_statistics(batches):
-        pool, spatial = evaluator.compute_activations(batches, desc="reference images")
-        pool_stats, spatial_stats = compute_statistics(pool), compute_statistics(spatial)
-        return dict(mu=pool_stats.mu, sigma=pool_stats.sigma, mu_s=spatial_stats.mu, sigma_s=spatial_stats.sigma)
+        pool, spatial = RunningStatistics(), RunningStatistics()  # features are not kept
+        for feats in evaluator.iter_features(batches, desc="reference images"):
+            pool.add(feats["pool"])
+            spatial.add(feats["spatial"])
+        pool_stats, spatial_stats = pool.statistics(), spatial.statistics()
+        return dict(mu=pool_stats.mu, sigma=pool_stats.sigma,
+                    mu_s=spatial_stats.mu, sigma_s=spatial_stats.sigma,
+                    preprocessing=np.array(evaluator.preprocessing))  # a str array, no pickle
 
-    return images_to_npz(image_dir, out_path, image_size=image_size, batch_size=evaluator.batch_size,
+    return images_to_npz(image_dir, out_path, image_size=image_size,
+                         batch_size=evaluator.batch_size,
                          consume=with_statistics)
 
 
 def create_argparser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    parser.add_argument("image_dir", help="folder of .png/.jpg images (searched recursively, sorted by path)")
+    parser.add_argument("image_dir",
+                        help="folder of .png/.jpg images (searched recursively, sorted by path)")
     parser.add_argument("out", help="the .npz to write")
     helps = dict(image_size="resize and center-crop to this size as training data is (0: keep)",
                  inception_path=f"Inception weights (default: ${WEIGHTS_ENV_VAR}, then the cache)",
                  batch_size="images per Inception forward pass",
                  device="default: cuda when available",
-                 preprocessing="'pytorch_fid' or 'tf' resizing/scaling; use the one you will evaluate with")
+                 preprocessing="'tf' (as the original's statistics) or 'pytorch_fid' "
+                               "resizing/scaling; use the one you will evaluate with")
     for name, default in DEFAULTS.items():
         choices = PREPROCESSING_MODES if name == "preprocessing" else None
-        parser.add_argument(f"--{name}", type=type(default), default=default, choices=choices, help=helps[name])
+        parser.add_argument(f"--{name}", type=type(default), default=default, choices=choices,
+                            help=helps[name])
     return parser
 
 
@@ -58,7 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     model = load_fid_inception(args.inception_path or None, preprocessing=args.preprocessing)
     evaluator = Evaluator(model, batch_size=args.batch_size,
                           device=args.device or None)
-    n = make_reference_batch(args.image_dir, args.out, evaluator, image_size=args.image_size or None)
+    n = make_reference_batch(args.image_dir, args.out, evaluator,
+                             image_size=args.image_size or None)
     print(f"wrote {n} images and their statistics to {args.out}")
 
 

@@ -1,5 +1,5 @@
 """
-Unpack `arr_0` of an .npz batch (e.g. image_sample.py's output) into numbered PNG files.
+Unpack `arr_0` of an .npz batch or shard folder (image_sample.py's output) into numbered PNGs.
 
     python -m evaluations.npz_to_png BATCH.npz OUT_DIR
 """
@@ -13,7 +13,8 @@ from evaluations.npz_io import npz_to_images, run_main
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
-    parser.add_argument("npz", help="an .npz whose arr_0 is [N x H x W x 3] uint8")
+    parser.add_argument("npz", help="an .npz whose arr_0 is [N x H x W x 3] uint8, or a shard "
+                                    "folder")
     parser.add_argument("out_dir", help="folder for 000000.png, 000001.png, ...")
     args = parser.parse_args(argv)
     n = npz_to_images(args.npz, args.out_dir)

@@ -13,7 +13,8 @@ from evaluations.npz_io import images_to_npz, run_main
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
-    parser.add_argument("image_dir", help="folder of .png/.jpg images (searched recursively, sorted by path)")
+    parser.add_argument("image_dir",
+                        help="folder of .png/.jpg images (searched recursively, sorted by path)")
     parser.add_argument("out", help="the .npz to write")
     parser.add_argument("--image_size", type=int, default=0,
                         help="resize and center-crop to this size as training data is (0: keep)")

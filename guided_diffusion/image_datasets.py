@@ -9,7 +9,6 @@ shard (`paths[rank::world_size]`). Pixels are scaled to [-1, 1] and returned as 
 
 from __future__ import annotations
 
-import math
 import random
 from typing import Iterator
 
@@ -19,6 +18,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from . import dist_util
+# The resize-and-crop helpers live in image_util (numpy + PIL only) so that evaluations/ can use
+# them without importing training code; these names are the original's public API here.
+from .image_util import center_crop_arr, random_crop_arr  # noqa: F401
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")
 LABEL_SOURCES = ("filename", "folder")
@@ -174,42 +176,3 @@ def read_image(path: str) -> Image.Image:
     except Exception as e:  # noqa: BLE001 -- PIL raises several types; name the file in one
         raise OSError(f"cannot read image {path!r}: {type(e).__name__}: {e}") from e
     return pil_image.convert("RGB")
-
-
-def _downsample_by_box(pil_image: Image.Image, target_short_side: int) -> Image.Image:
-    # Halve with a box filter while the image is at least twice the target: cheap, and it
-    # anti-aliases before the final bicubic resize (which alone would alias on large reductions).
-    while min(*pil_image.size) >= 2 * target_short_side:
-        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
-    return pil_image
-
-
-def _resize_short_side(pil_image: Image.Image, short_side: int) -> np.ndarray:
-    pil_image = _downsample_by_box(pil_image, short_side)
-    scale = short_side / min(*pil_image.size)
-    new_size = tuple(round(x * scale) for x in pil_image.size)
-    return np.array(pil_image.resize(new_size, resample=Image.BICUBIC))
-
-
-def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
-    """Resize the shorter side to `image_size` and cut the central square: [H x W x 3] uint8."""
-    arr = _resize_short_side(pil_image, image_size)
-    crop_y = (arr.shape[0] - image_size) // 2
-    crop_x = (arr.shape[1] - image_size) // 2
-    return arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size]
-
-
-def random_crop_arr(
-    pil_image: Image.Image, image_size: int, min_crop_frac: float = 0.8, max_crop_frac: float = 1.0
-) -> np.ndarray:
-    """
-    Resize the shorter side to a random length so that the crop covers `min_crop_frac` to
-    `max_crop_frac` of it, then cut a square at a random position: [H x W x 3] uint8.
-    """
-    min_smaller_dim_size = math.ceil(image_size / max_crop_frac)
-    max_smaller_dim_size = math.ceil(image_size / min_crop_frac)
-    smaller_dim_size = random.randrange(min_smaller_dim_size, max_smaller_dim_size + 1)
-    arr = _resize_short_side(pil_image, smaller_dim_size)
-    crop_y = random.randrange(arr.shape[0] - image_size + 1)
-    crop_x = random.randrange(arr.shape[1] - image_size + 1)
-    return arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size]

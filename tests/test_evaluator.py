@@ -31,8 +31,10 @@ GOLDEN = os.path.join(ROOT, "tests", "fixtures", "golden")
 def test_golden_metrics_match_original_evaluator():
     z = np.load(os.path.join(GOLDEN, "evaluator_metrics.npz"))
     f32 = lambda k: z[k].astype(np.float32)  # noqa: E731
-    fid = E.compute_statistics(f32("sample_pool")).frechet_distance(E.compute_statistics(f32("ref_pool")))
-    sfid = E.compute_statistics(f32("sample_spatial")).frechet_distance(E.compute_statistics(f32("ref_spatial")))
+    stats = {k: E.compute_statistics(f32(k)) for k in ("sample_pool", "ref_pool", "sample_spatial",
+                                                       "ref_spatial")}
+    fid = stats["sample_pool"].frechet_distance(stats["ref_pool"])
+    sfid = stats["sample_spatial"].frechet_distance(stats["ref_spatial"])
     score = E.inception_score(f32("sample_probs"), split_size=5000)
     assert fid == pytest.approx(float(z["fid"]), rel=1e-4)
     assert sfid == pytest.approx(float(z["sfid"]), rel=1e-4)
@@ -43,7 +45,8 @@ def test_golden_metrics_match_original_evaluator():
     # Blocks of distances must not change the result: 97 x 130 blocks vs one 10k x 10k block.
     small = E.ManifoldEstimator(row_batch_size=97, col_batch_size=130)
     ref, sample = f32("ref_pool"), f32("sample_pool")
-    p_small, r_small = small.evaluate_pr(ref, small.manifold_radii(ref), sample, small.manifold_radii(sample))
+    p_small, r_small = small.evaluate_pr(ref, small.manifold_radii(ref),
+                                         sample, small.manifold_radii(sample))
     assert (float(p_small[0]), float(r_small[0])) == (precision, recall)
 
 
@@ -131,13 +134,16 @@ def test_inception_state_dict_matches_pytorch_fid_weights_layout(random_inceptio
     got = [(k, tuple(v.shape)) for k, v in random_inception.state_dict().items()]
     assert got == want  # 566 entries: pt_inception-2015-12-05-6726825d.pth loads with strict=True
     loaded = I.load_fid_inception(weights_file)
-    assert all(th.equal(a, b) for a, b in zip(loaded.state_dict().values(), random_inception.state_dict().values()))
+    pairs = zip(loaded.state_dict().values(), random_inception.state_dict().values())
+    assert all(th.equal(a, b) for a, b in pairs)
 
 
 def test_inception_features_shapes_spatial_layout_and_bias_free_logits(random_inception):
-    images = th.from_numpy(np.random.default_rng(3).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8))
+    rng = np.random.default_rng(3)
+    images = th.from_numpy(rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8))
     captured = {}
-    hook = random_inception.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: captured.update(out=o))
+    hook = random_inception.Mixed_6d.branch1x1.register_forward_hook(
+        lambda m, i, o: captured.update(out=o))
     try:
         with th.no_grad():
             feats = random_inception.features(images)
@@ -153,18 +159,22 @@ def test_inception_features_shapes_spatial_layout_and_bias_free_logits(random_in
     assert feats["spatial"][0, 1].item() == conv[0, 1, 0, 0].item()  # channel varies fastest
     # The original's Inception Score multiplies pool_3 by the fc weights without the bias.
     assert th.allclose(feats["logits"], feats["pool"] @ random_inception.fc.weight.t())
-    # Input: [0, 255] -> bilinear 299x299 -> [-1, 1]; a constant image stays constant.
+    # Input: [0, 255] -> bilinear 299x299 -> (x - 128) / 128 (default 'tf', as the TF graph);
+    # a constant image stays constant.
+    assert random_inception.preprocessing == "tf"
     x = random_inception.preprocess(th.full((1, 16, 16, 3), 255, dtype=th.uint8))
-    assert x.shape == (1, 3, 299, 299) and th.allclose(x, th.ones_like(x))
+    assert x.shape == (1, 3, 299, 299) and th.allclose(x, th.full_like(x, 127 / 128), atol=1e-6)
 
 
 def test_tf_preprocessing_is_tf1_resize_bilinear_then_x_over_128_minus_1():
     # TF1 ResizeBilinear samples output i at input i * in / out, clamping at the last pixel:
     # 2 -> 4 pixels [0, 10] gives [0, 5, 10, 10] (no half-pixel centres, unlike PyTorch's).
-    assert th.equal(I._tf1_bilinear_matrix(2, 4, "cpu") @ th.tensor([0.0, 10.0]), th.tensor([0.0, 5.0, 10.0, 10.0]))
+    assert th.equal(I._tf1_bilinear_matrix(2, 4, "cpu") @ th.tensor([0.0, 10.0]),
+                    th.tensor([0.0, 5.0, 10.0, 10.0]))
     assert th.allclose(I._tf1_bilinear_matrix(256, 299, "cpu").sum(1), th.ones(299))
     model = I.FIDInceptionV3(preprocessing="tf")
-    images = th.from_numpy(np.random.default_rng(7).integers(0, 256, (1, 299, 299, 3), dtype=np.uint8))
+    rng = np.random.default_rng(7)
+    images = th.from_numpy(rng.integers(0, 256, (1, 299, 299, 3), dtype=np.uint8))
     assert th.equal(model.preprocess(images), (images.permute(0, 3, 1, 2).float() - 128) / 128)
     ramp = th.arange(8.0).repeat(1, 8, 1).unsqueeze(-1).expand(1, 8, 8, 3)  # x = column index
     out = model.preprocess(ramp)[0, 0, 0] * 128 + 128
@@ -208,7 +218,8 @@ def test_streaming_reader_never_holds_the_whole_array(tmp_path):
                 parts.append(batch[:, 0, 0].copy())  # keep a sliver, not the batch
             peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-        assert reader.max_batch_rows == 64 and reader.rows_read == len(images) and reader._memory is None
+        assert reader.max_batch_rows == 64 and reader.rows_read == len(images)
+        assert reader._memory is None
         # A few batches of 64 rows (zip buffers) at most, far from the 6 MB array.
         assert peak < images.nbytes / 4, f"{save.__name__}: peak {peak} bytes while streaming"
         assert np.array_equal(np.concatenate(parts), images[:, 0, 0])
@@ -218,20 +229,30 @@ def test_streaming_reader_never_holds_the_whole_array(tmp_path):
         assert np.array_equal(np.concatenate(list(reader.batches(3))), images[:10])
 
 
-def test_writer_streams_rows_and_removes_incomplete_files(tmp_path):
+def test_writer_streams_rows_and_a_failed_rewrite_keeps_the_good_file(tmp_path):
     images = np.arange(5 * 2 * 2 * 3, dtype=np.uint8).reshape(5, 2, 2, 3)
     path = str(tmp_path / "w.npz")
-    with npz_io.NpzArrayWriter(path, images.shape) as writer:
+
+    def fill(writer):
         writer.write_batch(images[:2])
         writer.write_batch(images[2:])
         writer.add_array("mu", np.ones(3))
+
+    npz_io.write_npz_atomically(path, images.shape, fill)
     with np.load(path, allow_pickle=False) as z:
         assert np.array_equal(z["arr_0"], images) and np.array_equal(z["mu"], np.ones(3))
+    good = open(path, "rb").read()
+
+    def short(writer):  # two rows of five, then the statistics: an incomplete batch
+        writer.write_batch(images[:2])
+        assert open(path, "rb").read() == good  # mid-write, the final name still holds the old file
+        writer.add_array("mu", np.ones(3))
+
     with pytest.raises(ValueError, match="wrote 2 of 5"):
-        with npz_io.NpzArrayWriter(path, images.shape) as writer:
-            writer.write_batch(images[:2])
-            writer.add_array("mu", np.ones(3))
-    assert not os.path.exists(path)
+        npz_io.write_npz_atomically(path, images.shape, short)
+    assert open(path, "rb").read() == good and os.listdir(tmp_path) == ["w.npz"]  # no temp left
+    with pytest.raises(TypeError, match="write_npz_atomically"):
+        npz_io.NpzArrayWriter(path, images.shape)
 
 
 def _bad_batches(tmp_path):
@@ -291,10 +312,13 @@ def test_cli_end_to_end_on_tiny_batches(tmp_path, weights_file):
         capture_output=True, text=True, cwd=str(tmp_path),
     )
     assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.strip().splitlines()
-    assert [line.split(":")[0] for line in lines] == ["Inception Score", "FID", "sFID", "Precision", "Recall"]
+    header, *lines = proc.stdout.strip().splitlines()
+    assert header == "Computing evaluations (Inception preprocessing: tf)..."  # the default
+    labels = [line.split(":")[0] for line in lines]
+    assert labels == ["Inception Score", "FID", "sFID", "Precision", "Recall"]
     with open(out) as f:
         metrics = json.load(f)
+    assert metrics["preprocessing"] == "tf" and metrics["sample_batch"] == ref
     assert 0.0 <= metrics["fid"] < 1e-3 and 0.0 <= metrics["sfid"] < 1e-3  # a batch against itself
     assert metrics["precision"] == 1.0 and metrics["recall"] == 1.0
     assert metrics["inception_score"] >= 1.0
@@ -302,9 +326,11 @@ def test_cli_end_to_end_on_tiny_batches(tmp_path, weights_file):
     # Bad input through the CLI: a clear one-line error, not a traceback.
     bad = str(tmp_path / "bad.npz")
     np.savez(bad, images=np.zeros((4, 8, 8, 3), dtype=np.uint8))
-    proc = subprocess.run([sys.executable, "-m", "evaluations.evaluator", bad, ref, "--inception_path",
-                           weights_file, "--device", "cpu"], capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode != 0 and f"{bad}: no array 'arr_0'" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "evaluations.evaluator", bad, ref,
+                           "--inception_path", weights_file, "--device", "cpu"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode != 0 and f"{bad}: no array 'arr_0'" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_reference_batch_tools_round_trip_and_precomputed_statistics(tmp_path, random_inception):
@@ -329,7 +355,11 @@ def test_reference_batch_tools_round_trip_and_precomputed_statistics(tmp_path, r
         assert np.allclose(z["mu"], acts[0].mean(0), atol=1e-6)
         arrays = {k: z[k] for k in z.files}
     ref_stats, ref_stats_spatial = evaluator.read_statistics(ref, acts)
-    sample_stats, sample_stats_spatial = evaluator.read_statistics(sample, acts)
+    assert np.allclose(ref_stats.sigma, np.cov(acts[0], rowvar=False), rtol=1e-6, atol=1e-9)
+    # The sample's statistics streamed in the same batches of 3 are the same bits, so FID skips
+    # the 2048 x 2048 sqrtm (slow on a CPU) and is exactly 0.
+    summary = evaluator.summarize(sample)
+    sample_stats, sample_stats_spatial = summary.pool_stats, summary.spatial_stats
     assert sample_stats.frechet_distance(ref_stats) < 1e-6
     assert sample_stats_spatial.frechet_distance(ref_stats_spatial) < 1e-6
     # The precomputed statistics are what counts (as in the original): shift mu by 0.5 in every
