@@ -19,7 +19,16 @@ from guided_diffusion import dist_util, logger, run_util
 from guided_diffusion.fp16_util import MixedPrecisionTrainer
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.resample import create_named_schedule_sampler
-from guided_diffusion.script_util import add_dict_to_argparser, classifier_and_diffusion_defaults
+from guided_diffusion.config import (
+    ClassifierConfig,
+    ClassifierTrainConfig,
+    CommonConfig,
+    DataConfig,
+    DiffusionConfig,
+    FastConfig,
+    TrainingConfig,
+    build_parser,
+)
 from guided_diffusion.train_util import (
     AUTO_RESUME,
     find_resume_checkpoint,
@@ -177,29 +186,13 @@ def split_microbatches(microbatch: int, *args):
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    defaults = dict(
-        data_dir="",
-        val_data_dir="",
-        noised=True,
-        iterations=150000,
-        lr=3e-4,
-        weight_decay=0.0,
-        anneal_lr=False,
-        batch_size=4,
-        microbatch=-1,
-        schedule_sampler="uniform",
-        resume_checkpoint="",  # a model*.pt (its opt*.pt beside it), or "auto"
-        log_interval=10,
-        eval_interval=5,
-        save_interval=10000,
+    # TrainingConfig's flags with the original classifier_train defaults, without the diffusion
+    # model's EMA, lr annealing and fp16 loss scale (the classifier has --anneal_lr, --iterations).
+    return build_parser(
+        __doc__, DataConfig, ClassifierTrainConfig, TrainingConfig(lr=3e-4, batch_size=4),
+        ClassifierConfig, DiffusionConfig, CommonConfig, FastConfig,
+        drop=("ema_rate", "lr_anneal_steps", "fp16_scale_growth"),
     )
-    defaults.update(classifier_and_diffusion_defaults())
-    defaults.update(run_util.training_defaults())
-    defaults.update(random_crop=True)  # as the original trains its classifiers
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_dict_to_argparser(parser, defaults)
-    return parser
-
 
 if __name__ == "__main__":
     run_util.run_main(main)
