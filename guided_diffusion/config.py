@@ -131,7 +131,7 @@ class FastConfig:
 class SamplerOptions:
     """How to sample (beyond the original); `samplers.sample(**options)` takes these fields."""
 
-    sampler: str = flag("", "ddpm, ddim, plms, heun, dpm++2m, dpm++3m, dpm++2m-sde; '': per use_ddim")
+    sampler: str = flag("", "ddpm ddim plms heun dpm++2m dpm++3m dpm++2m-sde; '': per use_ddim")
     steps: int = flag(0, "number of sampling steps; 0: the grid of --timestep_respacing")
     sampler_spacing: str = flag("logsnr", "ODE solvers' step spacing: 'logsnr' or 'uniform' (in t)")
     cfg_scale: float = flag(1.0, "classifier-free guidance weight; 1: conditional, 0: uncond.")
@@ -171,7 +171,7 @@ class DataConfig:
     """The training images."""
 
     data_dir: str = flag("", "folder of images (label = file-name prefix before '_')")
-    random_flip: bool = flag(True, "random horizontal flips (beyond the original, which always flips)")
+    random_flip: bool = flag(True, "random horizontal flips (the original always flips)")
 
 
 @dataclass(frozen=True)

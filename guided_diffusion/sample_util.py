@@ -42,7 +42,7 @@ def sample_generators(seed: int, indices: Iterable[int]) -> list[th.Generator]:
 
 
 def seeded_labels(generators: Sequence[th.Generator], num_classes: int, device=None) -> th.Tensor:
-    """:return: an [N] int64 tensor, label i drawn uniformly in [0, num_classes) from generator i."""
+    """:return: an [N] int64 tensor, label i uniform in [0, num_classes) from generator i."""
     labels = [th.randint(num_classes, (1,), generator=g) for g in generators]
     return th.cat(labels).to(device)
 
@@ -145,7 +145,9 @@ def make_sample_fn(
 
     def sample_fn(indices: list[int]):
         n, device = len(indices), dist_util.dev()
-        noise_src = PerSampleNoise(sample_generators(args.seed, indices)) if args.seed >= 0 else None
+        noise_src = None
+        if args.seed >= 0:
+            noise_src = PerSampleNoise(sample_generators(args.seed, indices))
         model_kwargs = {}
         if num_classes is not None:
             if noise_src is not None:
@@ -173,10 +175,10 @@ def to_uint8_nhwc(sample: th.Tensor) -> th.Tensor:
 
 
 def labels_only_if(model, class_cond: bool):
-    """Wrap `model` so that labels in model_kwargs (needed by cond_fn) reach it only if class_cond."""
+    """Wrap `model` so that labels in model_kwargs (cond_fn needs them) reach it only if class_cond."""
 
     if class_cond:
-        return model  # labels pass through; the model itself keeps its attributes (CFG's null label)
+        return model  # labels pass through; the model keeps its attributes (CFG's null label)
 
     def model_fn(x: th.Tensor, t: th.Tensor, y: th.Tensor | None = None, **kwargs) -> th.Tensor:
         return model(x, t, None, **kwargs)

@@ -281,12 +281,13 @@ def _parse_channel_mult(channel_mult, image_size: int, kind: str) -> tuple:
         try:
             return tuple(int(m) for m in channel_mult.split(","))
         except ValueError:
-            raise ValueError(f"--channel_mult must be comma-separated integers, got {channel_mult!r}")
+            raise ValueError(
+                f"--channel_mult must be comma-separated integers, got {channel_mult!r}")
     return tuple(channel_mult)
 
 
 def _attention_ds(attention_resolutions: str, image_size: int) -> tuple:
-    """Convert attention resolutions in pixels ("32,16,8") to downsample rates (2, 4, 8 at 64 px)."""
+    """Attention resolutions in pixels ("32,16,8") -> downsample rates (2, 4, 8 at 64 px)."""
     if not attention_resolutions:
         return ()
     out = []

@@ -34,7 +34,9 @@ def main():
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    return build_parser(__doc__, SampleConfig, UNetConfig, DiffusionConfig, CommonConfig, SamplerOptions, FastConfig)
+    return build_parser(
+        __doc__, SampleConfig, UNetConfig, DiffusionConfig, CommonConfig, SamplerOptions, FastConfig,
+    )
 
 if __name__ == "__main__":
     cli.run_main(main)

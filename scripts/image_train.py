@@ -1,7 +1,8 @@
 """
 Train a diffusion model on images (a folder searched recursively; with `--class_cond True` an
-image's label is its file-name prefix before the first '_'). Checkpoints `model/ema_/opt{step:06d}.pt`
-and `args.json` go to `--output_dir` (default: $OPENAI_LOGDIR or a new temp folder).
+image's label is its file-name prefix before the first '_'). Checkpoints
+`model/ema_/opt{step:06d}.pt` and `args.json` go to `--output_dir` (default: $OPENAI_LOGDIR or a
+new temp folder).
 Trains forever unless `--lr_anneal_steps N` (then lr decays linearly to 0 over N steps and stops).
 """
 

@@ -192,7 +192,8 @@ def save_grid(samples: th.Tensor, labels: th.Tensor, path: str) -> None:
     arr = sample_util.to_uint8_nhwc(samples.float()).numpy()
     per_class = [np.flatnonzero(labels.numpy() == c)[:10] for c in range(10)]
     pick = np.concatenate(per_class)
-    grid = sample_util.image_grid(arr[pick], labels.numpy()[pick], max_images=len(pick), min_tile=32)
+    grid = sample_util.image_grid(arr[pick], labels.numpy()[pick], max_images=len(pick),
+                                  min_tile=32)
     Image.fromarray(grid).save(path)
 
 

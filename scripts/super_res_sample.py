@@ -22,7 +22,8 @@ from guided_diffusion.config import (
 )
 
 
-def load_base_samples(path: str, small_size: int, class_cond: bool) -> tuple[np.ndarray, np.ndarray | None]:
+def load_base_samples(path: str, small_size: int,
+                      class_cond: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """
     Read the low-resolution inputs; never unpickles.
 
@@ -36,13 +37,15 @@ def load_base_samples(path: str, small_size: int, class_cond: bool) -> tuple[np.
             raise cli.ScriptError(f"--base_samples {path}: no 'arr_0' array of images")
         images = obj["arr_0"]
         labels = obj["arr_1"] if class_cond and "arr_1" in obj else None
-    if images.ndim != 4 or images.shape[1:] != (small_size, small_size, 3) or images.dtype != np.uint8:
+    expected = (small_size, small_size, 3)
+    if images.ndim != 4 or images.shape[1:] != expected or images.dtype != np.uint8:
         raise cli.ScriptError(
             f"--base_samples {path}: arr_0 is {images.dtype} {list(images.shape)}, expected uint8 "
             f"[N, {small_size}, {small_size}, 3] (see --small_size)"
         )
     if class_cond and labels is None:
-        raise cli.ScriptError(f"--base_samples {path}: no 'arr_1' labels, needed by --class_cond True")
+        raise cli.ScriptError(
+            f"--base_samples {path}: no 'arr_1' labels, needed by --class_cond True")
     return images, labels
 
 

@@ -56,7 +56,8 @@ def load_superres_data(data_dir: str, batch_size: int, large_size: int, small_si
 
 def create_argparser() -> argparse.ArgumentParser:
     return build_parser(
-        __doc__, DataConfig, TrainingConfig, SuperResConfig, DiffusionConfig, CommonConfig, FastConfig,
+        __doc__, DataConfig, TrainingConfig, SuperResConfig, DiffusionConfig, CommonConfig,
+        FastConfig,
     )
 
 if __name__ == "__main__":
