@@ -231,6 +231,26 @@ class SamplerTableConfig:
     threads: int = flag(1, "torch threads: tiny models run fastest on one thread of a busy CPU")
 
 
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """benchmark.py's flags: what to time and how."""
+
+    config: str = flag("bench64", "named model config: tiny, bench64, adm64, adm256")
+    variants: str = flag("", "comma-separated variants, switches joined by '+' (faithful, fp16, "
+                             "bf16, sdpa, channels_last, compile, fast); the first is the ratios' "
+                             "baseline; '': faithful,fast (CPU) or faithful,fp16,fast (CUDA)")
+    phases: str = flag("train,sample", "train, sample or both")
+    runs: int = flag(5, "timed runs per variant and phase")
+    warmup: int = flag(1, "untimed calls before timing (>= 1)")
+    device: str = flag("", "cpu or cuda; '': cuda when available")
+    timer: str = flag("wall", "wall: elapsed seconds; cpu: this process's CPU seconds (use with "
+                              "--threads 1 on a shared machine: they measure work, not waiting)")
+    threads: int = flag(0, "torch threads; 0: torch's default")
+    train_batch: int = flag(0, "training batch; 0: the config's")
+    sample_batch: int = flag(0, "sampling batch; 0: the config's")
+    json: str = flag("", "also write the full report (every time) here")
+
+
 # ------------------------------------------------------------------------------------------------
 # Building parsers and reading them back
 

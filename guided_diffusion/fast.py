@@ -171,24 +171,17 @@ def use_autocast_norms(model: nn.Module, enabled: bool = True) -> int:
 
 
 def compiler_problem(device: th.device | str) -> str | None:
-    """Why `torch.compile` (inductor) cannot work on `device` here, or None if it should.
+    """Why inductor cannot compile for `device` here, or None if it should.
 
-    Inductor writes C++ (OpenMP) kernels for CPU tensors and Triton kernels for CUDA tensors;
-    without a C++ compiler or Triton compilation fails at the first forward, deep in a traceback.
+    Inductor writes C++ kernels for CPU tensors and Triton kernels for CUDA tensors. Checked up
+    front: otherwise the failure is a long log at the first forward.
     """
-    if not hasattr(th, "compile"):
-        return f"torch {th.__version__} has no torch.compile (needs torch >= 2.0)"
     kind = th.device(device).type
-    if kind == "cpu":
-        candidates = [os.environ.get("CXX", ""), "g++", "clang++", "c++"]
-        if not any(c and shutil.which(c) for c in candidates):
-            return (
-                "no C++ compiler found (inductor needs g++ or clang++ on PATH, or $CXX) "
-                "for CPU kernels"
-            )
-    elif kind == "cuda":
-        if importlib.util.find_spec("triton") is None:
-            return "the 'triton' package is missing (inductor needs it for CUDA kernels)"
+    compilers = (os.environ.get("CXX"), "g++", "clang++", "c++")
+    if kind == "cpu" and not any(c and shutil.which(c) for c in compilers):
+        return "no C++ compiler found (inductor needs g++ or clang++ on PATH, or $CXX)"
+    if kind == "cuda" and importlib.util.find_spec("triton") is None:
+        return "the 'triton' package is missing (inductor needs it for CUDA kernels)"
     return None
 
 
@@ -203,9 +196,8 @@ def apply_fast_path(
 ) -> nn.Module:
     """Apply the model-side switches in place and return the model (same object, same state_dict).
 
-    Apply it after loading weights, `convert_to_fp16()` and any copies of the model (EMA copies
-    would share the compiled forward). bf16 autocast itself is not a model property: wrap the
-    forward (and the loss) in `autocast_context`.
+    Apply it after loading weights and `convert_to_fp16()`. bf16 autocast itself is not a model
+    property: wrap the forward (and the loss) in `autocast_context`.
 
     :param model: a UNetModel, SuperResModel or EncoderUNetModel (any nn.Module works).
     :param use_bf16: the model will run under bf16 autocast: let its norms take bf16 inputs
