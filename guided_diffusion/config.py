@@ -318,20 +318,24 @@ def add_flags(parser: argparse.ArgumentParser | Any, fields: Mapping[str, tuple[
                             type=kind, help=shown.replace("%", "%%"))
 
 
-def from_flags(cls: type, flags: Mapping[str, Any] | argparse.Namespace, *,
-               strict: bool = False) -> Any:
-    """
-    Build the dataclass `cls` from parsed flags (a Namespace or dict); names it lacks keep their
-    defaults. With `strict`, a name that is not a field of `cls` is a TypeError naming it.
-    """
+def from_flags(cls: type, flags: Mapping[str, Any] | argparse.Namespace) -> Any:
+    """Build the dataclass `cls` from parsed flags (a Namespace or dict), taking only its fields;
+    fields missing from `flags` keep their defaults."""
     if not isinstance(flags, Mapping):
         flags = vars(flags)
     names = {f.name for f in dataclasses.fields(cls)}
-    if strict:
-        unknown = sorted(set(flags) - names)
-        if unknown:
-            raise TypeError(f"unknown {cls.__name__} flag(s) {unknown}; known: {sorted(names)}")
     return cls(**{k: v for k, v in flags.items() if k in names})
+
+
+def split_flags(flags: Mapping[str, Any], *classes: type) -> list:
+    """One dataclass per class from `flags`; a name that none of them has is a TypeError naming
+    it (so a mistyped keyword of `create_model_and_diffusion(**flags)` is not silently dropped)."""
+    known = {f.name for cls in classes for f in dataclasses.fields(cls)}
+    unknown = sorted(set(flags) - known)
+    if unknown:
+        names = "/".join(cls.__name__ for cls in classes)
+        raise TypeError(f"unknown flag(s) {unknown} for {names}")
+    return [from_flags(cls, flags) for cls in classes]
 
 
 def str2bool(v: Any) -> bool:

@@ -22,6 +22,7 @@ from .config import (
     UNetConfig,
     add_flags,
     defaults,
+    split_flags,
     str2bool,
 )
 from .respace import SpacedDiffusion, space_timesteps
@@ -62,20 +63,6 @@ def sr_model_and_diffusion_defaults() -> dict:
     return defaults(SuperResConfig, DiffusionConfig)
 
 
-def _split(flags: dict, *classes: type) -> list:
-    """Build one dataclass per class from `flags`; a name none of them has is a TypeError."""
-    known = {f.name for cls in classes for f in dataclasses.fields(cls)}
-    unknown = sorted(set(flags) - known)
-    if unknown:
-        names = "/".join(cls.__name__ for cls in classes)
-        raise TypeError(f"unknown flag(s) {unknown} for {names}")
-    out = []
-    for cls in classes:
-        names = {f.name for f in dataclasses.fields(cls)}
-        out.append(cls(**{k: v for k, v in flags.items() if k in names}))
-    return out
-
-
 def diffusion_from_config(cfg: DiffusionConfig) -> SpacedDiffusion:
     """`create_gaussian_diffusion` from the diffusion flags (`diffusion_steps` is its `steps`)."""
     kwargs = dataclasses.asdict(cfg)
@@ -88,7 +75,7 @@ def create_model_and_diffusion(**flags) -> tuple[UNetModel, SpacedDiffusion]:
     The image U-Net and its diffusion from the `model_and_diffusion_defaults()` flags (missing
     ones take their defaults).
     """
-    unet, diffusion = _split(flags, UNetConfig, DiffusionConfig)
+    unet, diffusion = split_flags(flags, UNetConfig, DiffusionConfig)
     model = create_model(learn_sigma=diffusion.learn_sigma, **dataclasses.asdict(unet))
     return model, diffusion_from_config(diffusion)
 
@@ -137,7 +124,7 @@ def create_model(
 
 def create_classifier_and_diffusion(**flags) -> tuple[EncoderUNetModel, SpacedDiffusion]:
     """The classifier and its diffusion from the `classifier_and_diffusion_defaults()` flags."""
-    classifier, diffusion = _split(flags, ClassifierConfig, DiffusionConfig)
+    classifier, diffusion = split_flags(flags, ClassifierConfig, DiffusionConfig)
     return create_classifier(**dataclasses.asdict(classifier)), diffusion_from_config(diffusion)
 
 
@@ -171,7 +158,7 @@ def create_classifier(
 
 def sr_create_model_and_diffusion(**flags) -> tuple[SuperResModel, SpacedDiffusion]:
     """The super-resolution model and its diffusion from `sr_model_and_diffusion_defaults()`."""
-    sr, diffusion = _split(flags, SuperResConfig, DiffusionConfig)
+    sr, diffusion = split_flags(flags, SuperResConfig, DiffusionConfig)
     model = sr_create_model(learn_sigma=diffusion.learn_sigma, **dataclasses.asdict(sr))
     return model, diffusion_from_config(diffusion)
 
