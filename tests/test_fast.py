@@ -208,6 +208,7 @@ def test_compile_missing_compiler_is_named(monkeypatch):
 def test_deepcopy_of_a_compiled_model_uses_its_own_weights(monkeypatch):
     # Stand-in for torch.compile that just calls the function: enough to check the wiring.
     monkeypatch.setattr(th, "compile", lambda fn, **kwargs: (lambda *a, **k: fn(*a, **k)))
+    monkeypatch.setattr(th._dynamo.config, "suppress_errors", False)  # restored after the test
     model = fast.apply_fast_path(tiny_model()[0], compile_model=True)
     ema = copy.deepcopy(model)
     with th.no_grad():
