@@ -10,6 +10,7 @@ setup(
     install_requires=["torch>=2.1", "numpy", "blobfile>=1.0.5", "tqdm", "pillow", "scipy"],
     extras_require={
         "mpi": ["mpi4py", "mpich"],
+        "plot": ["matplotlib"],  # scripts/sampler_table.py's FID-against-NFE plot
         "dev": ["pytest", "mpi4py", "mpich"],
     },
 )

@@ -16,7 +16,7 @@ faithful path by `scripts/benchmark.py`.
 - `channels_last`: NHWC memory format for parameters and activations, the layout the oneDNN (CPU)
   and cuDNN (tensor-core) convolution kernels prefer.
 - `compile_model`: `torch.compile` the model's forward, falling back to eager (with a warning
-  that says why) when no compiler is available or compilation fails.
+  or dynamo's log line that says why) when no compiler is available or compilation fails.
 
 Wiring in a script is three lines::
 
@@ -29,19 +29,19 @@ Wiring in a script is three lines::
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
-import functools
 import importlib.util
 import os
 import shutil
+import types
 import warnings
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch as th
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import FastConfig, defaults
 from .nn import GroupNorm32
 
 # What `--fast True` turns on, chosen by scripts/benchmark.py on the benchmark config (README,
@@ -53,14 +53,8 @@ FAST_PRESET = dict(use_bf16=True, use_sdpa=True, channels_last=True)
 
 
 def fast_defaults() -> dict:
-    """Defaults of the fast-path flags, for `add_dict_to_argparser` (all off = faithful path)."""
-    return dict(
-        use_bf16=False,
-        use_sdpa=False,
-        channels_last=False,
-        compile_model=False,
-        fast=False,
-    )
+    """Defaults of the fast-path flags (`config.FastConfig`; all off = the faithful path)."""
+    return defaults(FastConfig)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,24 +171,17 @@ def use_autocast_norms(model: nn.Module, enabled: bool = True) -> int:
 
 
 def compiler_problem(device: th.device | str) -> str | None:
-    """Why `torch.compile` (inductor) cannot work on `device` here, or None if it should.
+    """Why inductor cannot compile for `device` here, or None if it should.
 
-    Inductor writes C++ (OpenMP) kernels for CPU tensors and Triton kernels for CUDA tensors;
-    without a C++ compiler or Triton compilation fails at the first forward, deep in a traceback.
+    Inductor writes C++ kernels for CPU tensors and Triton kernels for CUDA tensors. Checked up
+    front: otherwise the failure is a long log at the first forward.
     """
-    if not hasattr(th, "compile"):
-        return f"torch {th.__version__} has no torch.compile (needs torch >= 2.0)"
     kind = th.device(device).type
-    if kind == "cpu":
-        candidates = [os.environ.get("CXX", ""), "g++", "clang++", "c++"]
-        if not any(c and shutil.which(c) for c in candidates):
-            return (
-                "no C++ compiler found (inductor needs g++ or clang++ on PATH, or $CXX) "
-                "for CPU kernels"
-            )
-    elif kind == "cuda":
-        if importlib.util.find_spec("triton") is None:
-            return "the 'triton' package is missing (inductor needs it for CUDA kernels)"
+    compilers = (os.environ.get("CXX"), "g++", "clang++", "c++")
+    if kind == "cpu" and not any(c and shutil.which(c) for c in compilers):
+        return "no C++ compiler found (inductor needs g++ or clang++ on PATH, or $CXX)"
+    if kind == "cuda" and importlib.util.find_spec("triton") is None:
+        return "the 'triton' package is missing (inductor needs it for CUDA kernels)"
     return None
 
 
@@ -209,16 +196,15 @@ def apply_fast_path(
 ) -> nn.Module:
     """Apply the model-side switches in place and return the model (same object, same state_dict).
 
-    Apply it after loading weights, `convert_to_fp16()` and any copies of the model (EMA copies
-    would share the compiled forward). bf16 autocast itself is not a model property: wrap the
-    forward (and the loss) in `autocast_context`.
+    Apply it after loading weights and `convert_to_fp16()`. bf16 autocast itself is not a model
+    property: wrap the forward (and the loss) in `autocast_context`.
 
     :param model: a UNetModel, SuperResModel or EncoderUNetModel (any nn.Module works).
     :param use_bf16: the model will run under bf16 autocast: let its norms take bf16 inputs
                      natively (`AutocastGroupNorm32`); a no-op for float32 inputs.
     :param use_sdpa: fused scaled_dot_product_attention in every attention block.
     :param channels_last: convert parameters to NHWC and feed the first convolution NHWC.
-    :param compile_model: torch.compile the forward; on failure, warn and stay eager.
+    :param compile_model: torch.compile the forward; on failure, stay eager and say why.
     :param compile_mode: passed to torch.compile (None, "reduce-overhead", "max-autotune", ...).
     """
     if use_bf16:
@@ -231,57 +217,24 @@ def apply_fast_path(
         # NHWC activations, so the layout then propagates through the network on its own.
         model.to(memory_format=th.channels_last)
     if compile_model:
-        device = next(model.parameters()).device
-        problem = compiler_problem(device)
+        problem = compiler_problem(next(model.parameters()).device)
         if problem is not None:
             warnings.warn(f"--compile_model True: {problem}; running the model eagerly instead")
             return model
+        # Compiler failures surface lazily, at the first forward (a missing header, a backend
+        # bug): dynamo's suppress_errors runs that frame eagerly instead and logs why. It is
+        # process-wide, which is what a script that asked for --compile_model wants.
+        th._dynamo.config.suppress_errors = True
         try:
-            compiled = th.compile(model.forward, mode=compile_mode)
+            compiled = th.compile(type(model).forward, mode=compile_mode)
         except Exception as exc:  # noqa: BLE001 - any failure means "run eagerly", with the reason
             warnings.warn(f"--compile_model True: torch.compile failed ({exc!r}); running eagerly")
             return model
-        model.forward = _CompiledForward(compiled, model.forward)
+        # Bound to this model: a deep copy (e.g. an EMA model) rebinds the method to the copy.
+        model.forward = types.MethodType(compiled, model)
     return model
 
 
-class _CompiledForward:
-    """A compiled forward that falls back to the eager one if compilation fails at a call.
-
-    torch.compile is lazy: a missing header or a backend bug surfaces only at the first call (or at
-    a recompilation for new shapes). Then the eager forward runs; if it succeeds, the failure was
-    the compiler's, so warn once and stay eager from then on. If eager fails as well, the inputs
-    are at fault and eager's error is raised.
-    """
-
-    def __init__(self, compiled: Callable, eager: Callable):
-        self.compiled = compiled
-        self.eager = eager
-        self.failed: str | None = None
-        functools.update_wrapper(self, eager)
-
-    def __deepcopy__(self, memo):
-        # A deep copy of the model (e.g. an EMA copy) must not call the compiled forward of the
-        # original model: give the copy its own eager forward, bound to the copied model.
-        return copy.deepcopy(self.eager, memo)
-
-    def __call__(self, *args, **kwargs):
-        if self.failed is not None:
-            return self.eager(*args, **kwargs)
-        try:
-            return self.compiled(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - decided below by whether eager succeeds
-            out = self.eager(*args, **kwargs)
-            first_line = (str(exc).strip().splitlines() or [""])[0]
-            self.failed = f"{type(exc).__name__}: {first_line}"
-            warnings.warn(
-                f"--compile_model True: the compiled model failed ({self.failed}); running eagerly "
-                "from now on"
-            )
-            return out
-
-
 def is_compiled(model: nn.Module) -> bool:
-    """True if `apply_fast_path` compiled this model and it has not fallen back to eager."""
-    fwd = model.__dict__.get("forward")
-    return isinstance(fwd, _CompiledForward) and fwd.failed is None
+    """True if `apply_fast_path` compiled this model's forward."""
+    return isinstance(model.__dict__.get("forward"), types.MethodType)

@@ -35,7 +35,6 @@ original's).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch as th
 
+from .config import SamplerOptions, defaults
 from .gaussian_diffusion import _extract_into_tensor, _nonzero_mask, _per_example
 from .guidance import cfg_model
 from .respace import space_timesteps
@@ -51,26 +51,9 @@ from .respace import space_timesteps
 CLEAN = -1  # grid index of the noise-free end of the ODE: alphas_cumprod = 1, sigma = 0
 
 
-@dataclass(frozen=True)
-class SamplerOptions:
-    """Sampling flags beyond the original; `sampler_defaults()` turns them into argparse flags."""
-
-    # "" keeps the original's choice (DDIM if --use_ddim else DDPM); otherwise one of SAMPLERS.
-    sampler: str = ""
-    # Number of time steps; 0 samples on the diffusion's grid as built from --timestep_respacing.
-    steps: int = 0
-    # How the ODE solvers pick --steps timesteps: "logsnr" (uniform in log-SNR) or "uniform" (in t).
-    sampler_spacing: str = "logsnr"
-    # Classifier-free guidance weight w: eps = eps_uncond + w (eps_cond - eps_uncond); 1 = plain
-    # conditional model, 0 = unconditional. Needs a model trained with --class_dropout_prob > 0.
-    cfg_scale: float = 1.0
-    # DDIM's eta (Song et al. 2021, eq. 16); 0 is the deterministic DDIM the original scripts use.
-    eta: float = 0.0
-
-
 def sampler_defaults() -> dict:
-    """Defaults of the sampling flags, for `script_util.add_dict_to_argparser`."""
-    return dataclasses.asdict(SamplerOptions())
+    """Defaults of the sampling flags (`config.SamplerOptions`), as a dict."""
+    return defaults(SamplerOptions)
 
 
 @dataclass

@@ -39,6 +39,7 @@ import torch as th
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from guided_diffusion import fast  # noqa: E402
+from guided_diffusion.config import BenchmarkConfig, build_parser  # noqa: E402
 from guided_diffusion.fp16_util import MixedPrecisionTrainer  # noqa: E402
 from guided_diffusion.script_util import (  # noqa: E402
     create_model_and_diffusion,
@@ -278,7 +279,9 @@ def machine_description(device) -> str:
 
 
 def run(args) -> dict:
-    device = th.device(args.device)
+    device = th.device(args.device or ("cuda" if th.cuda.is_available() else "cpu"))
+    if args.timer not in ("wall", "cpu"):
+        raise SystemExit(f"--timer: {args.timer!r} is not 'wall' or 'cpu'")
     if args.config not in CONFIGS:
         raise SystemExit(f"--config: unknown config {args.config!r}; known: {sorted(CONFIGS)}")
     config = CONFIGS[args.config]
@@ -427,27 +430,7 @@ def format_table(report: dict) -> str:
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="bench64", help=f"one of {sorted(CONFIGS)}")
-    parser.add_argument("--variants", default="",
-                        help="comma-separated variants, each switches joined by '+' "
-                             f"({', '.join(ATOMS)}); the first is the baseline of the ratios. "
-                             "Default: faithful,fast (CPU) or faithful,fp16,fast (CUDA)")
-    parser.add_argument("--phases", default="train,sample", help="train, sample or both")
-    parser.add_argument("--runs", type=int, default=5, help="timed runs per variant and phase")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (>= 1)")
-    parser.add_argument("--device", default="cuda" if th.cuda.is_available() else "cpu")
-    parser.add_argument("--timer", default="wall", choices=["wall", "cpu"],
-                        help="wall: elapsed seconds (what a user waits). cpu: CPU seconds of this "
-                             "process, which on a shared machine measure the work and not the "
-                             "waiting for other processes; use with --threads 1 (more threads "
-                             "spin while they wait for each other)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--train_batch", type=int, default=0, help="0: the config's batch size")
-    parser.add_argument("--sample_batch", type=int, default=0, help="0: the config's batch size")
-    parser.add_argument("--json", default="", help="also write the full report (every time) here")
-    return parser
+    return build_parser(__doc__.split("\n\n")[1], BenchmarkConfig)
 
 
 def main(argv=None):

@@ -8,31 +8,40 @@ classifier_sample.py takes the model file.
 
 import argparse
 
-from guided_diffusion import logger, run_util
+from guided_diffusion import cli, logger
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.resample import create_named_schedule_sampler
-from guided_diffusion.script_util import add_dict_to_argparser, classifier_and_diffusion_defaults
+from guided_diffusion.config import (
+    ClassifierConfig,
+    ClassifierTrainConfig,
+    CommonConfig,
+    DataConfig,
+    DiffusionConfig,
+    FastConfig,
+    TrainingConfig,
+    build_parser,
+)
 from guided_diffusion.train_util import ClassifierTrainLoop, save_run_flags
 
 
 def main():
     args = create_argparser().parse_args()
-    run_util.setup(args)
+    cli.setup(args)
     save_run_flags(vars(args))
 
     logger.log("creating model and diffusion...")
-    model, diffusion = run_util.build_model_and_diffusion(args, "classifier")
-    fast_cfg = run_util.apply_fast_path(args, model, "classifier_use_fp16")
+    model, diffusion = cli.build_model_and_diffusion(args, "classifier")
+    fast_cfg = cli.apply_fast_flags(args, model, "classifier_use_fp16")
 
     logger.log("creating data loader...")
-    run_util.require_path(args.data_dir, "data_dir", kind="dir")
+    cli.require_path(args.data_dir, "data_dir", kind="dir")
     data = load_data(
         data_dir=args.data_dir, batch_size=args.batch_size, image_size=args.image_size,
         class_cond=True, random_crop=args.random_crop, random_flip=args.random_flip,
     )
     val_data = None
     if args.val_data_dir:
-        run_util.require_path(args.val_data_dir, "val_data_dir", kind="dir")
+        cli.require_path(args.val_data_dir, "val_data_dir", kind="dir")
         val_data = load_data(
             data_dir=args.val_data_dir, batch_size=args.batch_size, image_size=args.image_size,
             class_cond=True,
@@ -62,29 +71,13 @@ def main():
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    defaults = dict(
-        data_dir="",
-        val_data_dir="",
-        noised=True,
-        iterations=150000,
-        lr=3e-4,
-        weight_decay=0.0,
-        anneal_lr=False,
-        batch_size=4,
-        microbatch=-1,
-        schedule_sampler="uniform",
-        resume_checkpoint="",  # a model*.pt (its opt*.pt beside it), or "auto"
-        log_interval=10,
-        eval_interval=5,
-        save_interval=10000,
+    # TrainingConfig's flags with the original classifier_train defaults, without the diffusion
+    # model's EMA, lr annealing and fp16 loss scale (the classifier has --anneal_lr, --iterations).
+    return build_parser(
+        __doc__, DataConfig, ClassifierTrainConfig, TrainingConfig(lr=3e-4, batch_size=4),
+        ClassifierConfig, DiffusionConfig, CommonConfig, FastConfig,
+        drop=("ema_rate", "lr_anneal_steps", "fp16_scale_growth"),
     )
-    defaults.update(classifier_and_diffusion_defaults())
-    defaults.update(run_util.training_defaults())
-    defaults.update(random_crop=True)  # as the original trains its classifiers
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_dict_to_argparser(parser, defaults)
-    return parser
-
 
 if __name__ == "__main__":
-    run_util.run_main(main)
+    cli.run_main(main)

@@ -11,20 +11,28 @@ import numpy as np
 import torch as th
 import torch.distributed as dist
 
-from guided_diffusion import dist_util, logger, run_util
+from guided_diffusion import cli, dist_util, logger
+from guided_diffusion.config import (
+    CommonConfig,
+    DiffusionConfig,
+    FastConfig,
+    NllConfig,
+    SampleConfig,
+    UNetConfig,
+    build_parser,
+)
 from guided_diffusion.image_datasets import load_data
-from guided_diffusion.script_util import add_dict_to_argparser, model_and_diffusion_defaults
 
 
 def main():
     args = create_argparser().parse_args()
-    run_util.setup(args)
+    cli.setup(args)
 
     logger.log("creating model and diffusion...")
-    model, diffusion = run_util.load_model_and_diffusion(args, "unet")
+    model, diffusion = cli.load_model_and_diffusion(args, "unet")
 
     logger.log("creating data loader...")
-    run_util.require_path(args.data_dir, "data_dir", kind="dir")
+    cli.require_path(args.data_dir, "data_dir", kind="dir")
     data = load_data(
         data_dir=args.data_dir,
         batch_size=args.batch_size,
@@ -39,7 +47,7 @@ def main():
 
 def _mean_over_ranks(x: th.Tensor) -> th.Tensor:
     """Average a tensor over ranks (each rank evaluated an equal-sized batch)."""
-    _, world_size = run_util.world()
+    _, world_size = cli.world()
     x = x.detach().clone()
     if world_size > 1:
         dist.all_reduce(x)
@@ -49,7 +57,7 @@ def _mean_over_ranks(x: th.Tensor) -> th.Tensor:
 def run_bpd_evaluation(model, diffusion, data, num_samples: int, clip_denoised: bool,
                        progress: bool = True) -> float:
     """:return: the mean total bpd over the evaluated images."""
-    rank, world_size = run_util.world()
+    rank, world_size = cli.world()
     all_bpd = []
     all_metrics = {"vb": [], "mse": [], "xstart_mse": []}
     num_complete = 0
@@ -88,14 +96,11 @@ def run_bpd_evaluation(model, diffusion, data, num_samples: int, clip_denoised: 
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    defaults = dict(data_dir="", clip_denoised=True, num_samples=1000, batch_size=1, model_path="")
-    defaults.update(model_and_diffusion_defaults())
-    defaults.update(run_util.sampling_defaults())
-    del defaults["grid_size"]  # writes no images
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_dict_to_argparser(parser, defaults)
-    return parser
-
+    # The sampling scripts' flags with the original's nll defaults; it writes no samples or grid.
+    return build_parser(
+        __doc__, NllConfig, SampleConfig(num_samples=1000, batch_size=1), UNetConfig,
+        DiffusionConfig, CommonConfig, FastConfig, drop=("use_ddim", "grid_size"),
+    )
 
 if __name__ == "__main__":
-    run_util.run_main(main)
+    cli.run_main(main)

@@ -1,29 +1,38 @@
 """
 Train a diffusion model on images (a folder searched recursively; with `--class_cond True` an
-image's label is its file-name prefix before the first '_'). Checkpoints `model/ema_/opt{step:06d}.pt`
-and `args.json` go to `--output_dir` (default: $OPENAI_LOGDIR or a new temp folder).
+image's label is its file-name prefix before the first '_'). Checkpoints
+`model/ema_/opt{step:06d}.pt` and `args.json` go to `--output_dir` (default: $OPENAI_LOGDIR or a
+new temp folder).
 Trains forever unless `--lr_anneal_steps N` (then lr decays linearly to 0 over N steps and stops).
 """
 
 import argparse
 
-from guided_diffusion import logger, run_util
+from guided_diffusion import cli, logger
+from guided_diffusion.config import (
+    CommonConfig,
+    DataConfig,
+    DiffusionConfig,
+    FastConfig,
+    TrainingConfig,
+    UNetConfig,
+    build_parser,
+)
 from guided_diffusion.image_datasets import load_data
-from guided_diffusion.script_util import add_dict_to_argparser, model_and_diffusion_defaults
 from guided_diffusion.train_util import save_run_flags
 
 
 def main():
     args = create_argparser().parse_args()
-    run_util.setup(args)
+    cli.setup(args)
     save_run_flags(vars(args))
 
     logger.log("creating model and diffusion...")
-    model, diffusion = run_util.build_model_and_diffusion(args, "unet")
-    fast_cfg = run_util.apply_fast_path(args, model)
+    model, diffusion = cli.build_model_and_diffusion(args, "unet")
+    fast_cfg = cli.apply_fast_flags(args, model)
 
     logger.log("creating data loader...")
-    run_util.require_path(args.data_dir, "data_dir", kind="dir")
+    cli.require_path(args.data_dir, "data_dir", kind="dir")
     data = load_data(
         data_dir=args.data_dir,
         batch_size=args.batch_size,
@@ -32,17 +41,13 @@ def main():
         random_flip=args.random_flip,
     )
 
-    run_util.train_diffusion(args, model, diffusion, data, use_bf16=fast_cfg.use_bf16)
+    cli.train_diffusion(args, model, diffusion, data, use_bf16=fast_cfg.use_bf16)
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    defaults = run_util.diffusion_training_defaults()
-    defaults.update(model_and_diffusion_defaults())
-    defaults.update(run_util.training_defaults())
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_dict_to_argparser(parser, defaults)
-    return parser
-
+    return build_parser(
+        __doc__, DataConfig, TrainingConfig, UNetConfig, DiffusionConfig, CommonConfig, FastConfig,
+    )
 
 if __name__ == "__main__":
-    run_util.run_main(main)
+    cli.run_main(main)

@@ -18,7 +18,8 @@ reports:
 (CFG weight 0 = its unconditional branch, 1 = conditional), `--classifier_path` the noisy
 classifier for classifier guidance. Their flags are read from the `args.json` the training scripts
 write beside the checkpoints; flags given here override them. Writes `{out_dir}/sampler_table.md`,
-`sampler_table.json`, a PNG grid per row and `sampler_table_fid.png` (FID against NFE).
+`sampler_table.json`, a PNG grid per row and, with matplotlib installed
+(`pip install -e .[plot]`), `sampler_table_fid.png` (FID against NFE).
 
     python scripts/sampler_table.py --model_path RUN/ema_0.995_002500.pt \\
         --classifier_path CLF/model001499.pt --out_dir runs/table --num_samples 250
@@ -37,44 +38,29 @@ import numpy as np
 import torch as th
 import torch.nn as nn
 import torch.nn.functional as F
-from scipy import linalg
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from datasets.digits import digit_to_image, load_digits  # noqa: E402
-from guided_diffusion import run_util, samplers  # noqa: E402
-from guided_diffusion.guidance import classifier_cond_fn  # noqa: E402
+from evaluations.evaluator import FIDStatistics, compute_statistics  # noqa: E402
+from guided_diffusion import cli, samplers, sample_util  # noqa: E402
+from guided_diffusion.config import (  # noqa: E402
+    ClassifierConfig,
+    CommonConfig,
+    DiffusionConfig,
+    GuidanceConfig,
+    SampleConfig,
+    SamplerOptions,
+    SamplerTableConfig,
+    UNetConfig,
+    add_flags,
+    build_parser,
+    flag_fields,
+)
 from guided_diffusion.script_util import (  # noqa: E402
     classifier_and_diffusion_defaults,
     model_and_diffusion_defaults,
-    str2bool,
 )
-
-# (sampler, steps, cfg_scale, classifier_scale): unguided conditional samplers at several NFE,
-# then CFG and classifier-guidance sweeps with DPM-Solver++(2M) at 20 steps. Classifier guidance
-# steers the unconditional branch (cfg 0), as the paper's unconditional-model rows do.
-DEFAULT_ROWS = (
-    "ddpm:250:1:0,ddpm:50:1:0,ddpm:20:1:0,ddim:50:1:0,ddim:20:1:0,plms:20:1:0,heun:10:1:0,"
-    "dpm++3m:20:1:0,dpm++2m:10:1:0,dpm++2m:20:1:0,dpm++2m-sde:20:1:0,dpm++2m-sde:50:1:0,"
-    "dpm++2m:20:0:0,dpm++2m:20:2:0,dpm++2m:20:4:0,"
-    "dpm++2m:20:0:1,dpm++2m:20:0:3"
-)
-
-
-def table_defaults() -> dict:
-    return dict(
-        model_path="",
-        classifier_path="",
-        out_dir="runs/sampler_table/table",
-        rows=DEFAULT_ROWS,
-        num_samples=250,
-        batch_size=250,
-        seed=0,
-        clip_denoised=True,
-        judge_path="",  # "" = {out_dir}/judge.pt, trained on first use (a few seconds)
-        sampler_spacing="logsnr",
-        threads=1,  # torch threads: tiny models run fastest on one thread of a busy CPU
-    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -141,16 +127,14 @@ def train_judge(feats: th.Tensor, labels: th.Tensor, is_val: th.Tensor, path: st
     return judge
 
 
-def gaussian_fit(feats: th.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    x = feats.double().numpy()
-    return x.mean(0), np.cov(x, rowvar=False)
+def gaussian_fit(feats: th.Tensor) -> FIDStatistics:
+    """The evaluator's Gaussian fit (mean, unbiased covariance) of [N x D] features."""
+    return compute_statistics(feats.double().numpy())
 
 
-def frechet_distance(fit1, fit2) -> float:
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) (Heusel et al. 2017, FID)."""
-    (mu1, s1), (mu2, s2) = fit1, fit2
-    covmean = np.real(linalg.sqrtm(s1 @ s2))
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+def frechet_distance(fit1: FIDStatistics, fit2: FIDStatistics) -> float:
+    """The evaluator's Frechet distance (FID's formula) between two fits."""
+    return fit1.frechet_distance(fit2)
 
 
 def judge_metrics(judge: Judge, feats: th.Tensor, requested: th.Tensor) -> tuple[float, float]:
@@ -183,7 +167,7 @@ def parse_rows(spec: str) -> list[tuple[str, int, float, float]]:
     for item in spec.split(","):
         parts = item.strip().split(":")
         if len(parts) != 4 or parts[0] not in samplers.SAMPLERS:
-            raise run_util.ScriptError(
+            raise cli.ScriptError(
                 f"--rows entry {item!r}: expected sampler:steps:cfg_scale:classifier_scale with a "
                 f"sampler in {', '.join(samplers.SAMPLERS)}")
         rows.append((parts[0], int(parts[1]), float(parts[2]), float(parts[3])))
@@ -205,88 +189,65 @@ def row_label(sampler: str, steps: int, cfg: float, clf: float) -> str:
 def save_grid(samples: th.Tensor, labels: th.Tensor, path: str) -> None:
     from PIL import Image
 
-    arr = run_util.to_uint8_nhwc(samples.float()).numpy()
+    arr = sample_util.to_uint8_nhwc(samples.float()).numpy()
     per_class = [np.flatnonzero(labels.numpy() == c)[:10] for c in range(10)]
     pick = np.concatenate(per_class)
-    grid = run_util.image_grid(arr[pick], labels.numpy()[pick], max_images=len(pick), min_tile=32)
+    grid = sample_util.image_grid(arr[pick], labels.numpy()[pick], max_images=len(pick),
+                                  min_tile=32)
     Image.fromarray(grid).save(path)
 
 
-def plot_fid(results: list[dict], floor: float, path: str) -> None:
-    """FID against NFE for the unguided conditional rows, one polyline per sampler (PIL only)."""
-    from PIL import Image, ImageDraw
-
+def plot_fid(results: list[dict], floor: float, path: str) -> bool:
+    """
+    FID against NFE for the unguided conditional rows, one line per sampler (matplotlib, the
+    optional `plot` extra). :return: whether the plot was written.
+    """
     pts = [r for r in results if r["cfg_scale"] == 1 and r["classifier_scale"] == 0]
     if not pts:
-        return
-    w, h, m = 640, 400, 60
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    nfes = [r["nfe"] for r in pts]
-    fids = [r["fid"] for r in pts] + [floor]
-    lx0, lx1 = math.log(min(nfes) * 0.8), math.log(max(nfes) * 1.25)
-    y1 = max(fids) * 1.1
+        return False
+    try:
+        import matplotlib
 
-    def xy(nfe, fid):
-        return (m + (math.log(nfe) - lx0) / (lx1 - lx0) * (w - 2 * m),
-                h - m - fid / y1 * (h - 2 * m))
-
-    d.line([(m, h - m), (w - m, h - m)], fill="black")
-    d.line([(m, m), (m, h - m)], fill="black")
-    for tick in (10, 20, 50, 100, 250):
-        if min(nfes) * 0.8 <= tick <= max(nfes) * 1.25:
-            x, _ = xy(tick, 0)
-            d.text((x - 8, h - m + 5), str(tick), fill="black")
-    for k in range(5):
-        fid = y1 * k / 4
-        _, y = xy(min(nfes), fid)
-        d.text((5, y - 6), f"{fid:.1f}", fill="black")
-    d.text((w // 2 - 60, h - 25), "NFE (log scale)", fill="black")
-    d.text((5, 10), "toy FID (8x8 pixels), conditional, no guidance", fill="black")
-    _, yf = xy(min(nfes), floor)
-    d.line([(m, yf), (w - m, yf)], fill=(160, 160, 160))
-    d.text((w - m - 90, yf - 14), "real (val) floor", fill=(120, 120, 120))
-    colors = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-              (140, 86, 75), (227, 119, 194), (127, 127, 127)]
-    for i, name in enumerate(dict.fromkeys(r["sampler"] for r in pts)):
+        matplotlib.use("Agg")  # files only: no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -e .[plot]): no sampler_table_fid.png")
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for name in dict.fromkeys(r["sampler"] for r in pts):
         line = sorted((r["nfe"], r["fid"]) for r in pts if r["sampler"] == name)
-        coords = [xy(n, f) for n, f in line]
-        c = colors[i % len(colors)]
-        if len(coords) > 1:
-            d.line(coords, fill=c, width=2)
-        for x, y in coords:
-            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=c)
-        d.text((w - m - 80, m + 14 * i), name, fill=c)
-    img.save(path)
+        ax.plot(*zip(*line), marker="o", label=name)
+    ax.axhline(floor, color="gray", linestyle="--", label="real (val) floor")
+    ax.set_xscale("log")
+    ax.set_xlabel("NFE")
+    ax.set_ylabel("toy FID (8x8 pixels)")
+    ax.set_title("conditional, no guidance")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
 
 
 # ------------------------------------------------------------------------------------------------
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for k, v in table_defaults().items():
-        parser.add_argument(f"--{k}", default=v, type=str2bool if isinstance(v, bool) else type(v))
-    # Model/classifier flags: only the ones given here override those in args.json.
-    model_keys = {**model_and_diffusion_defaults(), **classifier_and_diffusion_defaults()}
-    for k, v in model_keys.items():
-        parser.add_argument(f"--{k}", default=argparse.SUPPRESS,
-                            type=str2bool if isinstance(v, bool) else type(v))
-    args = parser.parse_args()
+    args = create_argparser().parse_args()
     th.set_num_threads(args.threads)
-    explicit = {k: getattr(args, k) for k in model_keys if hasattr(args, k)}
+    explicit = {k: getattr(args, k) for k in MODEL_FLAGS if hasattr(args, k)}
     rows = parse_rows(args.rows)
 
-    run_util.require_path(args.model_path, "model_path")
+    cli.require_path(args.model_path, "model_path")
     margs = flags_for(model_and_diffusion_defaults(), args.model_path, explicit)
     margs.model_path, margs.use_fp16 = args.model_path, False
-    model, diffusion = run_util.load_model_and_diffusion(margs, "unet")
+    model, diffusion = cli.load_model_and_diffusion(margs, "unet")
     classifier = None
     if any(r[3] for r in rows):
-        run_util.require_path(args.classifier_path, "classifier_path")
+        cli.require_path(args.classifier_path, "classifier_path")
         cargs = flags_for(classifier_and_diffusion_defaults(), args.classifier_path, explicit)
         cargs.classifier_path, cargs.classifier_use_fp16 = args.classifier_path, False
-        classifier, _ = run_util.load_model_and_diffusion(cargs, "classifier")
+        classifier, _ = cli.load_model_and_diffusion(cargs, "classifier")
 
     os.makedirs(args.out_dir, exist_ok=True)
     feats, labels, is_val = real_digits(margs.image_size)
@@ -351,10 +312,29 @@ def main():
     with open(os.path.join(args.out_dir, "sampler_table.json"), "w") as f:
         json.dump(dict(real_val=dict(fid=floor, accuracy=floor_acc, coverage=floor_cov),
                        rows=results, flags=vars(args)), f, indent=2)
-    plot_fid(results, floor, os.path.join(args.out_dir, "sampler_table_fid.png"))
+    plotted = plot_fid(results, floor, os.path.join(args.out_dir, "sampler_table_fid.png"))
     print("\n".join(lines))
-    print(f"wrote {args.out_dir}/sampler_table.md, .json, grids and sampler_table_fid.png")
+    print(f"wrote {args.out_dir}/sampler_table.md, .json, grids"
+          + (" and sampler_table_fid.png" if plotted else ""))
+
+
+# The model and classifier flags: only those given here override the args.json of a checkpoint.
+MODEL_FLAGS = flag_fields(UNetConfig, ClassifierConfig, DiffusionConfig)
+
+
+def create_argparser() -> argparse.ArgumentParser:
+    parser = build_parser(
+        __doc__.split("\n\n")[0], SamplerTableConfig,
+        SampleConfig(num_samples=250, batch_size=250), GuidanceConfig, CommonConfig(seed=0),
+        SamplerOptions,
+        # Rows choose sampler, steps and guidance; output goes to --out_dir.
+        drop=("use_ddim", "grid_size", "progress", "classifier_scale", "output_dir", "sampler",
+              "steps", "cfg_scale", "eta"),
+    )
+    group = parser.add_argument_group("model flags", "override those in args.json if given")
+    add_flags(group, MODEL_FLAGS, suppress=True)
+    return parser
 
 
 if __name__ == "__main__":
-    run_util.run_main(main)
+    cli.run_main(main)

@@ -9,11 +9,21 @@ import argparse
 import numpy as np
 import torch as th
 
-from guided_diffusion import logger, run_util
-from guided_diffusion.script_util import add_dict_to_argparser, sr_model_and_diffusion_defaults
+from guided_diffusion import cli, logger, sample_util
+from guided_diffusion.config import (
+    CommonConfig,
+    DiffusionConfig,
+    FastConfig,
+    SampleConfig,
+    SamplerOptions,
+    SuperResConfig,
+    SuperResSampleConfig,
+    build_parser,
+)
 
 
-def load_base_samples(path: str, small_size: int, class_cond: bool) -> tuple[np.ndarray, np.ndarray | None]:
+def load_base_samples(path: str, small_size: int,
+                      class_cond: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """
     Read the low-resolution inputs; never unpickles.
 
@@ -21,31 +31,33 @@ def load_base_samples(path: str, small_size: int, class_cond: bool) -> tuple[np.
     """
     import blobfile as bf
 
-    run_util.require_path(path, "base_samples")
+    cli.require_path(path, "base_samples")
     with bf.BlobFile(path, "rb") as f, np.load(f, allow_pickle=False) as obj:
         if "arr_0" not in obj:
-            raise run_util.ScriptError(f"--base_samples {path}: no 'arr_0' array of images")
+            raise cli.ScriptError(f"--base_samples {path}: no 'arr_0' array of images")
         images = obj["arr_0"]
         labels = obj["arr_1"] if class_cond and "arr_1" in obj else None
-    if images.ndim != 4 or images.shape[1:] != (small_size, small_size, 3) or images.dtype != np.uint8:
-        raise run_util.ScriptError(
+    expected = (small_size, small_size, 3)
+    if images.ndim != 4 or images.shape[1:] != expected or images.dtype != np.uint8:
+        raise cli.ScriptError(
             f"--base_samples {path}: arr_0 is {images.dtype} {list(images.shape)}, expected uint8 "
             f"[N, {small_size}, {small_size}, 3] (see --small_size)"
         )
     if class_cond and labels is None:
-        raise run_util.ScriptError(f"--base_samples {path}: no 'arr_1' labels, needed by --class_cond True")
+        raise cli.ScriptError(
+            f"--base_samples {path}: no 'arr_1' labels, needed by --class_cond True")
     return images, labels
 
 
 def main():
     args = create_argparser().parse_args()
-    run_util.setup(args)
+    cli.setup(args)
 
     logger.log("loading data...")
     images, labels = load_base_samples(args.base_samples, args.small_size, args.class_cond)
 
     logger.log("creating model...")
-    model, diffusion = run_util.load_model_and_diffusion(args, "superres")
+    model, diffusion = cli.load_model_and_diffusion(args, "superres")
 
     def base_kwargs(indices):
         rows = [i % len(images) for i in indices]
@@ -56,27 +68,17 @@ def main():
         return kwargs
 
     logger.log("creating samples...")
-    sample_fn = run_util.make_sample_fn(
+    sample_fn = sample_util.make_sample_fn(
         model, diffusion, args, (3, args.large_size, args.large_size), kwargs_fn=base_kwargs
     )
-    run_util.sample_and_save(sample_fn, args, args.large_size, with_labels=args.class_cond)
+    sample_util.sample_and_save(sample_fn, args, args.large_size, with_labels=args.class_cond)
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    defaults = dict(
-        clip_denoised=True,
-        num_samples=10000,
-        batch_size=16,
-        use_ddim=False,
-        base_samples="",
-        model_path="",
+    return build_parser(
+        __doc__, SampleConfig, SuperResSampleConfig, SuperResConfig, DiffusionConfig,
+        CommonConfig, SamplerOptions, FastConfig,
     )
-    defaults.update(sr_model_and_diffusion_defaults())
-    defaults.update(run_util.sampling_defaults())
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_dict_to_argparser(parser, defaults)
-    return parser
-
 
 if __name__ == "__main__":
-    run_util.run_main(main)
+    cli.run_main(main)

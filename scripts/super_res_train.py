@@ -8,29 +8,37 @@ from typing import Iterator
 
 import torch.nn.functional as F
 
-from guided_diffusion import logger, run_util
+from guided_diffusion import cli, logger
+from guided_diffusion.config import (
+    CommonConfig,
+    DataConfig,
+    DiffusionConfig,
+    FastConfig,
+    SuperResConfig,
+    TrainingConfig,
+    build_parser,
+)
 from guided_diffusion.image_datasets import load_data
-from guided_diffusion.script_util import add_dict_to_argparser, sr_model_and_diffusion_defaults
 from guided_diffusion.train_util import save_run_flags
 
 
 def main():
     args = create_argparser().parse_args()
-    run_util.setup(args)
+    cli.setup(args)
     save_run_flags(vars(args))
 
     logger.log("creating model...")
-    model, diffusion = run_util.build_model_and_diffusion(args, "superres")
-    fast_cfg = run_util.apply_fast_path(args, model)
+    model, diffusion = cli.build_model_and_diffusion(args, "superres")
+    fast_cfg = cli.apply_fast_flags(args, model)
 
     logger.log("creating data loader...")
-    run_util.require_path(args.data_dir, "data_dir", kind="dir")
+    cli.require_path(args.data_dir, "data_dir", kind="dir")
     data = load_superres_data(
         args.data_dir, args.batch_size, large_size=args.large_size, small_size=args.small_size,
         class_cond=args.class_cond, random_flip=args.random_flip,
     )
 
-    run_util.train_diffusion(args, model, diffusion, data, use_bf16=fast_cfg.use_bf16)
+    cli.train_diffusion(args, model, diffusion, data, use_bf16=fast_cfg.use_bf16)
 
 
 def load_superres_data(data_dir: str, batch_size: int, large_size: int, small_size: int,
@@ -47,13 +55,10 @@ def load_superres_data(data_dir: str, batch_size: int, large_size: int, small_si
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    defaults = run_util.diffusion_training_defaults()
-    defaults.update(sr_model_and_diffusion_defaults())
-    defaults.update(run_util.training_defaults())
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_dict_to_argparser(parser, defaults)
-    return parser
-
+    return build_parser(
+        __doc__, DataConfig, TrainingConfig, SuperResConfig, DiffusionConfig, CommonConfig,
+        FastConfig,
+    )
 
 if __name__ == "__main__":
-    run_util.run_main(main)
+    cli.run_main(main)

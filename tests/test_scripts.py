@@ -155,3 +155,33 @@ def test_image_folder_helper_keeps_imagefolder_label_order(tmp_path):
     # Label 0 is the dark "a_dog" image, label 1 the bright "b_cat" one.
     assert kwargs["y"].tolist() == [0, 1]
     assert images[0].mean() < 0 < images[1].mean()
+
+
+def test_sampler_table_plot_is_an_optional_extra(tmp_path, monkeypatch, capsys):
+    """With matplotlib: a PNG of FID against NFE. Without: one line saying how to get it."""
+    import builtins
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sampler_table",
+                                                  ROOT / "scripts" / "sampler_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    rows = [dict(sampler=s, nfe=n, fid=f, cfg_scale=1.0, classifier_scale=0.0)
+            for s, n, f in [("ddim", 10, 3.0), ("ddim", 20, 2.0), ("dpm++2m", 10, 1.5)]]
+    path = tmp_path / "fid.png"
+    assert table.plot_fid(rows, 0.5, str(path))
+    from PIL import Image
+
+    assert Image.open(path).size[0] > 300
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    assert not table.plot_fid(rows, 0.5, str(tmp_path / "none.png"))
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "pip install -e .[plot]" in out[0]
+    assert not (tmp_path / "none.png").exists()

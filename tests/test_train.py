@@ -12,7 +12,7 @@ import pytest
 import torch as th
 from PIL import Image
 
-from guided_diffusion import checkpoints, logger, run_util
+from guided_diffusion import checkpoints, cli, logger
 from guided_diffusion.checkpoints import CheckpointMismatchError
 from guided_diffusion.resample import LossSecondMomentResampler
 from guided_diffusion.script_util import (
@@ -435,7 +435,7 @@ def run_classifier_train(monkeypatch, *flags: str) -> None:
     monkeypatch.setattr(sys, "argv", ["classifier_train.py", *flags])
     for var in ("OPENAI_LOGDIR", "GD_TRACEBACK", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
-    run_util.run_main(script.main)
+    cli.run_main(script.main)
 
 
 def test_classifier_train_script_auto_resumes_to_the_uninterrupted_weights(

@@ -1,24 +1,22 @@
-"""Helpers shared by the scripts in `scripts/`: the scripts stay thin and copy nothing from each other.
+"""Sampling from flags and writing its output: the one module that makes sample files.
 
-- `setup`: process group, logger directory and seeding from the common flags.
-- `build_model_and_diffusion` / `load_model_and_diffusion`: flags -> model (+ checkpoint) ->
-  device, fp16, eval mode, for the three kinds of network (U-Net, super-res U-Net, classifier).
-- `sample_batch`: the one place that runs a sampling loop (DDPM or DDIM, per `--use_ddim`).
 - `sample_generators` / `PerSampleNoise`: with `--seed S`, the label, x_T and every step's noise of
   sample index i come from one generator seeded by (S, i), so a sample depends only on its index,
   not on the batch size or the number of ranks (STYLE 9).
-- `generate_samples`: splits sample indices over ranks, gathers the batches on rank 0 in index
-  order (the original's `all_gather` layout), and `save_samples` writes `samples_{N}x{H}x{W}x3.npz`
-  (`arr_0` uint8 NHWC, `arr_1` labels) and a PNG grid beside it, atomically.
-- `run_main`: turns user errors (flag/checkpoint mismatch, missing files) into one line on stderr
-  and exit status 1 instead of a traceback (set GD_TRACEBACK=1 to get the traceback).
+- `sample_batch`: the one place that runs a sampling loop from flags, through `samplers.sample`
+  (any of its samplers, per `--sampler`/`--steps`, else DDIM or DDPM per `--use_ddim`; CFG per
+  `--cfg_scale`); `make_sample_fn` wraps it with seeds, labels and bf16 autocast.
+- `generate_samples`: splits sample indices over ranks and gathers the batches on rank 0 in index
+  order (the original's `all_gather` layout); `save_samples` writes `samples_{N}x{H}x{W}x3.npz`
+  (`arr_0` uint8 NHWC, `arr_1` labels) and a PNG grid (`image_grid`) beside it, atomically.
+- `sample_and_save`: what every sampling script ends with.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
-import sys
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -26,217 +24,9 @@ import torch as th
 import torch.distributed as dist
 
 from . import dist_util, fast, logger, samplers
-from .train_util import atomic_write
-from .script_util import (
-    args_to_dict,
-    classifier_and_diffusion_defaults,
-    create_classifier_and_diffusion,
-    create_model_and_diffusion,
-    model_and_diffusion_defaults,
-    sr_create_model_and_diffusion,
-    sr_model_and_diffusion_defaults,
-)
-
-from .checkpoints import (
-    CheckpointError,
-    CheckpointMismatchError,
-    check_state_dict_fits,
-    read_state_dict,
-)
-
-
-class ScriptError(Exception):
-    """A mistake in the command line or its files: reported as one line, without a traceback."""
-
-
-# Flags beyond the original (one place for their defaults).
-def common_defaults() -> dict:
-    """Flags that every script accepts."""
-    return dict(
-        seed=-1,  # >= 0: reproducible runs (see sample_generators; training seeds seed + rank)
-        output_dir="",  # "" keeps the original's choice: the logger's dir ($OPENAI_LOGDIR or /tmp)
-    )
-
-
-def sampling_defaults() -> dict:
-    """Flags of the sampling scripts."""
-    return dict(
-        common_defaults(),
-        progress=True,  # tqdm bars on rank 0
-        grid_size=100,  # samples in the PNG grid beside the .npz (0: no grid)
-        **samplers.sampler_defaults(),  # --sampler, --steps, --sampler_spacing, --cfg_scale, --eta
-        **fast.fast_defaults(),  # --use_bf16, --use_sdpa, --channels_last, --compile_model, --fast
-    )
-
-
-def training_defaults() -> dict:
-    """Flags of the training scripts."""
-    return dict(
-        common_defaults(),
-        random_flip=True,  # the original always flips; digits and text must not be mirrored
-        **fast.fast_defaults(),  # --use_bf16, --use_sdpa, --channels_last, --compile_model, --fast
-    )
-
-
-def diffusion_training_defaults() -> dict:
-    """The original's TrainLoop flags, shared by image_train.py and super_res_train.py."""
-    return dict(
-        data_dir="",
-        schedule_sampler="uniform",
-        lr=1e-4,
-        weight_decay=0.0,
-        lr_anneal_steps=0,
-        batch_size=1,
-        microbatch=-1,  # -1 disables microbatches
-        ema_rate="0.9999",  # comma-separated list of EMA values
-        log_interval=10,
-        save_interval=10000,
-        resume_checkpoint="",  # a model*.pt, or "auto": the newest one in --output_dir
-        use_fp16=False,
-        fp16_scale_growth=1e-3,
-    )
-
-
-def train_diffusion(args, model, diffusion, data, use_bf16: bool) -> None:
-    """Run the original's TrainLoop from the `diffusion_training_defaults()` flags."""
-    from .resample import create_named_schedule_sampler
-    from .train_util import TrainLoop
-
-    logger.log("training...")
-    TrainLoop(
-        model=model,
-        diffusion=diffusion,
-        data=data,
-        batch_size=args.batch_size,
-        microbatch=args.microbatch,
-        lr=args.lr,
-        ema_rate=args.ema_rate,
-        log_interval=args.log_interval,
-        save_interval=args.save_interval,
-        resume_checkpoint=args.resume_checkpoint,
-        use_fp16=args.use_fp16,
-        fp16_scale_growth=args.fp16_scale_growth,
-        schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion),
-        weight_decay=args.weight_decay,
-        lr_anneal_steps=args.lr_anneal_steps,
-        use_bf16=use_bf16,
-    ).run_loop()
-
-
-def fast_config(args, fp16_flag: str = "use_fp16") -> fast.FastPathConfig:
-    """The fast-path switches of the flags; all off for a parser without them (e.g. image_nll)."""
-    if not all(hasattr(args, k) for k in fast.fast_defaults()):
-        return fast.FastPathConfig()
-    flags = dict(vars(args), use_fp16=bool(getattr(args, fp16_flag, False)))
-    try:
-        return fast.resolve_fast_flags(flags, dist_util.dev())
-    except ValueError as e:
-        raise ScriptError(str(e)) from e
-
-
-def apply_fast_path(args, model, fp16_flag: str = "use_fp16") -> fast.FastPathConfig:
-    """Apply the fast-path flags to `model` (in place) and return the resolved switches.
-
-    Call it after loading weights and converting to fp16; wrap forwards in
-    `fast.autocast_context(dist_util.dev(), cfg.use_bf16)` (TrainLoop does so given use_bf16).
-    """
-    cfg = fast_config(args, fp16_flag)
-    fast.apply_fast_path(model, **cfg.model_kwargs())
-    return cfg
-
-
-# ------------------------------------------------------------------------------------------------
-# Process setup
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) without a process group."""
-    return dist_util.get_rank(), dist_util.get_world_size()
-
-
-def setup(args) -> None:
-    """Start the process group, point the logger at `--output_dir`, and seed torch if asked."""
-    dist_util.setup_dist()
-    output_dir = getattr(args, "output_dir", "") or None
-    logger.configure(dir=output_dir)
-    seed = getattr(args, "seed", -1)
-    if seed is not None and seed >= 0:
-        th.manual_seed(seed + world()[0])
-        np.random.seed((seed + world()[0]) % 2**32)
-
-
-def require_path(path: str, flag: str, kind: str = "file") -> None:
-    """Fail with a line naming `--flag` when a local path is empty or missing (remote URLs pass)."""
-    if not path:
-        raise ScriptError(f"--{flag} is required")
-    if "://" in path:
-        return
-    ok = os.path.isdir(path) if kind == "dir" else os.path.isfile(path)
-    if not ok:
-        raise ScriptError(f"--{flag}: no such {kind}: {path!r}")
-
-
-# ------------------------------------------------------------------------------------------------
-# Models from flags
-
-# kind -> (defaults dict, factory, checkpoint flag, fp16 flag)
-_KINDS = {
-    "unet": (model_and_diffusion_defaults, create_model_and_diffusion, "model_path", "use_fp16"),
-    "superres": (sr_model_and_diffusion_defaults, sr_create_model_and_diffusion, "model_path",
-                 "use_fp16"),
-    "classifier": (classifier_and_diffusion_defaults, create_classifier_and_diffusion,
-                   "classifier_path", "classifier_use_fp16"),
-}
-
-
-def build_model_and_diffusion(args, kind: str = "unet"):
-    """
-    Build a fresh network and its diffusion from the flags of `kind`, on `dist_util.dev()`.
-
-    :param kind: "unet" (image_*), "superres" (super_res_*) or "classifier" (classifier_*).
-    :return: (model, diffusion); the model is float32 and in training mode.
-    """
-    defaults, factory, _, _ = _KINDS[kind]
-    try:
-        model, diffusion = factory(**args_to_dict(args, defaults().keys()))
-    except ValueError as e:  # bad flag values (e.g. an image size without a default channel_mult)
-        raise ScriptError(str(e)) from e
-    model.to(dist_util.dev())
-    return model, diffusion
-
-
-def load_checkpoint(model: th.nn.Module, path: str, flag: str) -> None:
-    """
-    Load `path` (named by `--flag`) into `model`: read once by rank 0 and broadcast, then checked
-    against the model (`CheckpointMismatchError` names the differing tensors and the likely flag).
-    """
-    from .checkpoints import load_model_checkpoint  # the one checkpoint module reads, checks, loads
-
-    require_path(path, flag)
-    try:
-        load_model_checkpoint(model, path, source=f"--{flag} {path!r}")
-    except (CheckpointError, OSError) as e:  # unreadable or unsafe (pickled objects) file
-        raise ScriptError(f"--{flag}: {e}") from e
-
-
-def load_model_and_diffusion(args, kind: str = "unet"):
-    """
-    Build the network of `kind` from flags, load its checkpoint (`--model_path`, or
-    `--classifier_path` for the classifier), move it to the device, convert it to fp16 when its
-    fp16 flag is set (after loading: released checkpoints hold float32 weights), and switch it to
-    eval mode.
-
-    :return: (model, diffusion).
-    """
-    _, _, path_flag, fp16_flag = _KINDS[kind]
-    model, diffusion = build_model_and_diffusion(args, kind)
-    load_checkpoint(model, getattr(args, path_flag), path_flag)
-    model.to(dist_util.dev())
-    if getattr(args, fp16_flag):
-        model.convert_to_fp16()
-    model.eval()  # sampling and evaluation only: dropout stays off
-    apply_fast_path(args, model, fp16_flag)
-    return model, diffusion
+from .cli import fast_config, world
+from .config import SamplerOptions, from_flags
+from .checkpoints import atomic_write
 
 
 # ------------------------------------------------------------------------------------------------
@@ -252,7 +42,7 @@ def sample_generators(seed: int, indices: Iterable[int]) -> list[th.Generator]:
 
 
 def seeded_labels(generators: Sequence[th.Generator], num_classes: int, device=None) -> th.Tensor:
-    """:return: an [N] int64 tensor, label i drawn uniformly in [0, num_classes) from generator i."""
+    """:return: an [N] int64 tensor, label i uniform in [0, num_classes) from generator i."""
     labels = [th.randint(num_classes, (1,), generator=g) for g in generators]
     return th.cat(labels).to(device)
 
@@ -293,8 +83,9 @@ def sample_batch(
     progress: bool = False,
 ) -> th.Tensor:
     """
-    Run the sampling loop chosen by the flags: DDIM (`--use_ddim True`, eta 0) or DDPM ancestral
-    sampling over the diffusion's (possibly respaced, `--timestep_respacing`) steps.
+    Run the sampling loop chosen by the flags (`samplers.sample`): `--sampler`/`--steps` pick any
+    of its samplers; by default DDIM (`--use_ddim True`) or DDPM ancestral sampling over the
+    diffusion's (possibly respaced, `--timestep_respacing`) steps, as the original.
 
     :param shape: (N, C, H, W).
     :param model_kwargs: e.g. {'y': labels} or {'low_res': images}.
@@ -305,7 +96,7 @@ def sample_batch(
     """
     # samplers.sample picks the loop: the original's (--use_ddim, --timestep_respacing) unless
     # --sampler/--steps ask for another; --cfg_scale wraps the model for classifier-free guidance.
-    options = {k: getattr(args, k, v) for k, v in samplers.sampler_defaults().items()}
+    options = dataclasses.asdict(from_flags(SamplerOptions, args))
     return samplers.sample(
         diffusion, model, tuple(shape), noise=noise, clip_denoised=args.clip_denoised,
         model_kwargs=model_kwargs, cond_fn=cond_fn, device=dist_util.dev(),
@@ -354,7 +145,9 @@ def make_sample_fn(
 
     def sample_fn(indices: list[int]):
         n, device = len(indices), dist_util.dev()
-        noise_src = PerSampleNoise(sample_generators(args.seed, indices)) if args.seed >= 0 else None
+        noise_src = None
+        if args.seed >= 0:
+            noise_src = PerSampleNoise(sample_generators(args.seed, indices))
         model_kwargs = {}
         if num_classes is not None:
             if noise_src is not None:
@@ -382,10 +175,10 @@ def to_uint8_nhwc(sample: th.Tensor) -> th.Tensor:
 
 
 def labels_only_if(model, class_cond: bool):
-    """Wrap `model` so that labels in model_kwargs (needed by cond_fn) reach it only if class_cond."""
+    """Wrap `model` so that labels in model_kwargs (cond_fn needs them) reach it only if class_cond."""
 
     if class_cond:
-        return model  # labels pass through; the model itself keeps its attributes (CFG's null label)
+        return model  # labels pass through; the model keeps its attributes (CFG's null label)
 
     def model_fn(x: th.Tensor, t: th.Tensor, y: th.Tensor | None = None, **kwargs) -> th.Tensor:
         return model(x, t, None, **kwargs)
@@ -513,28 +306,3 @@ def save_samples(arr: np.ndarray, labels: np.ndarray | None = None, out_dir: str
         img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
         atomic_write(out_path[: -len(".npz")] + ".png", lambda f: img.save(f, format="PNG"))
     return out_path
-
-
-# ------------------------------------------------------------------------------------------------
-# Entry point
-
-
-def run_main(main: Callable[[], None]) -> None:
-    """
-    Call a script's `main()`, turning user errors into one line `error: ...` on stderr and exit
-    status 1 (GD_TRACEBACK=1 re-raises them with the traceback).
-    """
-    try:
-        main()
-    except (ScriptError, CheckpointError, CheckpointMismatchError, FileNotFoundError) as e:
-        if os.environ.get("GD_TRACEBACK"):
-            raise
-        # Multi-line messages (e.g. a mismatch's list of causes) become one "; "-joined line.
-        lines = [" ".join(line.split()) for line in str(e).splitlines() if line.strip()]
-        message = "; ".join(lines).replace(":; - ", ": ").replace("; - ", "; ")
-        print(f"error: {message}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    finally:
-        # Leave the process group before the interpreter exits: tearing gloo down during exit
-        # can abort a rank ("terminate called without an active exception") after its work is done.
-        dist_util.cleanup()

@@ -1,4 +1,4 @@
-"""The shared script helpers: seeded per-index sampling, gathering in index order, saving, errors."""
+"""Sampling output: seeded per-index sampling, gathering in index order, saving npz and grids."""
 
 from __future__ import annotations
 
@@ -9,29 +9,32 @@ import numpy as np
 import pytest
 import torch as th
 
-from guided_diffusion import run_util
+from conftest import crc32_init_
+from guided_diffusion import sample_util
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 
 
 def test_per_sample_noise_depends_only_on_the_index():
     """Rows of one batch of 4 equal the rows of two batches of 2, and again on every draw."""
-    whole = run_util.PerSampleNoise(run_util.sample_generators(7, [0, 1, 2, 3]))
-    halves = [run_util.PerSampleNoise(run_util.sample_generators(7, idx)) for idx in ([0, 1], [2, 3])]
+    noise = sample_util.PerSampleNoise
+    gens = sample_util.sample_generators
+    whole = noise(gens(7, [0, 1, 2, 3]))
+    halves = [noise(gens(7, idx)) for idx in ([0, 1], [2, 3])]
     for _ in range(3):  # x_T, then step noise: the streams stay aligned
         a = whole.randn((4, 3, 5, 5))
         b = th.cat([h.randn((2, 3, 5, 5)) for h in halves])
         assert th.equal(a, b)
     # Different seeds and different indices give different noise.
-    other = run_util.PerSampleNoise(run_util.sample_generators(8, [0])).randn((1, 3, 5, 5))
-    assert not th.equal(other[0], run_util.PerSampleNoise(run_util.sample_generators(7, [0])).randn((1, 3, 5, 5))[0])
+    other = noise(gens(8, [0])).randn((1, 3, 5, 5))
+    assert not th.equal(other[0], noise(gens(7, [0])).randn((1, 3, 5, 5))[0])
     assert not th.equal(a[0], a[1])
 
 
 def test_seeded_labels_cover_classes_and_repeat():
-    gens = run_util.sample_generators(0, range(200))
-    labels = run_util.seeded_labels(gens, 10)
+    gens = sample_util.sample_generators(0, range(200))
+    labels = sample_util.seeded_labels(gens, 10)
     assert labels.dtype == th.int64 and set(labels.tolist()) == set(range(10))
-    again = run_util.seeded_labels(run_util.sample_generators(0, range(100, 200)), 10)
+    again = sample_util.seeded_labels(sample_util.sample_generators(0, range(100, 200)), 10)
     assert th.equal(labels[100:], again)
 
 
@@ -45,7 +48,7 @@ def test_generate_samples_returns_exactly_num_samples_in_index_order(num_samples
         images = idx.to(th.uint8).view(-1, 1, 1, 1).expand(-1, 2, 2, 3).contiguous()
         return images, idx * 10
 
-    arr, labels = run_util.generate_samples(sample_fn, num_samples, batch_size, (2, 2, 3),
+    arr, labels = sample_util.generate_samples(sample_fn, num_samples, batch_size, (2, 2, 3),
                                             with_labels=True, progress=False)
     assert arr.shape == (num_samples, 2, 2, 3) and arr.dtype == np.uint8
     np.testing.assert_array_equal(arr[:, 0, 0, 0], np.arange(num_samples))
@@ -57,7 +60,7 @@ def test_generate_samples_returns_exactly_num_samples_in_index_order(num_samples
 def test_save_samples_writes_npz_and_grid_atomically(tmp_path):
     arr = np.random.RandomState(0).randint(0, 256, (6, 8, 8, 3)).astype(np.uint8)
     labels = np.array([3, 1, 2, 1, 0, 3])
-    path = run_util.save_samples(arr, labels, out_dir=str(tmp_path))
+    path = sample_util.save_samples(arr, labels, out_dir=str(tmp_path))
     assert os.path.basename(path) == "samples_6x8x8x3.npz"
     with np.load(path, allow_pickle=False) as f:
         assert sorted(f.files) == ["arr_0", "arr_1"]
@@ -72,7 +75,7 @@ def test_save_samples_writes_npz_and_grid_atomically(tmp_path):
     np.testing.assert_array_equal(grid[2:66:8, 2:66:8], arr[4])
     assert sorted(os.listdir(tmp_path)) == ["samples_6x8x8x3.npz", "samples_6x8x8x3.png"]
     # Unconditional: arr_0 only.
-    path = run_util.save_samples(arr[:2], None, out_dir=str(tmp_path), grid_size=0)
+    path = sample_util.save_samples(arr[:2], None, out_dir=str(tmp_path), grid_size=0)
     with np.load(path, allow_pickle=False) as f:
         assert f.files == ["arr_0"]
     assert not (tmp_path / "samples_2x8x8x3.png").exists()
@@ -95,7 +98,7 @@ def test_seeded_samples_do_not_depend_on_batch_composition(use_ddim):
     keys = model_and_diffusion_defaults().keys()
     model, diffusion = create_model_and_diffusion(**{k: getattr(args, k) for k in keys})
     model.eval()
-    sample_fn = run_util.make_sample_fn(model, diffusion, args, (3, 8, 8), num_classes=4)
+    sample_fn = sample_util.make_sample_fn(model, diffusion, args, (3, 8, 8), num_classes=4)
     whole, y_whole = sample_fn([0, 1, 2, 3])
     parts = [sample_fn(idx) for idx in ([0, 1], [2, 3])]
     assert th.equal(y_whole, th.cat([p[1] for p in parts]))
@@ -103,36 +106,24 @@ def test_seeded_samples_do_not_depend_on_batch_composition(use_ddim):
     assert diff <= 1  # identical up to float rounding of batched convolutions
     assert not th.equal(whole[0], whole[1])
     # Another seed gives other samples.
-    other, _ = run_util.make_sample_fn(model, diffusion, _tiny_args(seed=4, use_ddim=use_ddim),
+    other, _ = sample_util.make_sample_fn(model, diffusion, _tiny_args(seed=4, use_ddim=use_ddim),
                                        (3, 8, 8), num_classes=4)([0, 1, 2, 3])
     assert (other.int() - whole.int()).abs().max() > 10
 
 
-def test_run_main_turns_user_errors_into_one_line(capsys):
-    def bad():
-        raise run_util.ScriptError("--model_path is required\n(second line)")
-
-    with pytest.raises(SystemExit) as info:
-        run_util.run_main(bad)
-    assert info.value.code == 1
-    err = capsys.readouterr().err
-    assert err == "error: --model_path is required; (second line)\n"
-
-
-def test_run_main_lets_bugs_through():
-    def bug():
-        raise KeyError("not a user error")
-
-    with pytest.raises(KeyError):
-        run_util.run_main(bug)
-
-
-def test_require_path_names_the_flag(tmp_path):
-    with pytest.raises(run_util.ScriptError, match="--model_path is required"):
-        run_util.require_path("", "model_path")
-    with pytest.raises(run_util.ScriptError, match="--data_dir: no such dir"):
-        run_util.require_path(str(tmp_path / "nope"), "data_dir", kind="dir")
-    run_util.require_path(str(tmp_path), "data_dir", kind="dir")
+def test_sample_batch_takes_the_sampler_flags():
+    """--sampler ddim runs the same loop as the original's --use_ddim True; dpm++2m another."""
+    args = _tiny_args(clip_denoised=False)
+    keys = model_and_diffusion_defaults().keys()
+    model, diffusion = create_model_and_diffusion(**{k: getattr(args, k) for k in keys})
+    crc32_init_(model).eval()  # non-zero weights: a fresh ADM model outputs zeros
+    x_t = th.randn(2, 3, 8, 8, generator=th.Generator().manual_seed(0))
+    kw = dict(model_kwargs={"y": th.tensor([0, 1])}, noise=x_t)
+    run = lambda **flags: sample_util.sample_batch(
+        model, diffusion, _tiny_args(clip_denoised=False, **flags), (2, 3, 8, 8), **kw)
+    ddim = run(use_ddim=True)
+    assert th.equal(run(sampler="ddim"), ddim)
+    assert not th.allclose(run(sampler="dpm++2m", steps=3), ddim, atol=1e-3)
 
 
 def test_saved_samples_are_readable_like_plain_files(tmp_path):
@@ -140,7 +131,7 @@ def test_saved_samples_are_readable_like_plain_files(tmp_path):
     arr = np.zeros((1, 4, 4, 3), dtype=np.uint8)
     umask = os.umask(0o022)
     try:
-        path = run_util.save_samples(arr, None, out_dir=str(tmp_path))
+        path = sample_util.save_samples(arr, None, out_dir=str(tmp_path))
     finally:
         os.umask(umask)
     assert os.stat(path).st_mode & 0o777 == 0o644
