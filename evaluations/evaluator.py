@@ -609,7 +609,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     for key, label in METRIC_LABELS.items():
         print(f"{label}: {metrics[key]}")
     if args.output:
-        from guided_diffusion.train_util import atomic_write
+        from guided_diffusion.checkpoints import atomic_write
 
         record = dict(metrics, preprocessing=args.preprocessing, ref_batch=args.ref_batch,
                       sample_batch=args.sample_batch)

@@ -406,7 +406,7 @@ def write_npz_atomically(path: str, shape: tuple, fill, dtype=np.uint8) -> None:
     """
     # The project's one atomic writer; imported here, not at the top, so that reading batches
     # does not import the training package.
-    from guided_diffusion.train_util import atomic_write
+    from guided_diffusion.checkpoints import atomic_write
 
     def write(f: BinaryIO) -> None:
         with NpzArrayWriter(f, shape, dtype, label=path) as writer:
@@ -521,7 +521,7 @@ def npz_to_images(npz_path: str, out_dir: str, batch_size: int = 256, ext: str =
     """
     from PIL import Image
 
-    from guided_diffusion.train_util import atomic_write
+    from guided_diffusion.checkpoints import atomic_write
 
     image_format = Image.registered_extensions().get(f".{ext.lower()}")
     if image_format is None:
