@@ -224,7 +224,9 @@ def apply_fast_path(
         # Compiler failures surface lazily, at the first forward (a missing header, a backend
         # bug): dynamo's suppress_errors runs that frame eagerly instead and logs why. It is
         # process-wide, which is what a script that asked for --compile_model wants.
-        th._dynamo.config.suppress_errors = True
+        import torch._dynamo  # not loaded by `import torch` alone
+
+        torch._dynamo.config.suppress_errors = True
         try:
             compiled = th.compile(type(model).forward, mode=compile_mode)
         except Exception as exc:  # noqa: BLE001 - any failure means "run eagerly", with the reason

@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch as th
+import torch._dynamo  # noqa: F401  (th._dynamo is not loaded by `import torch` alone)
 
 from conftest import crc32_init_
 from guided_diffusion import fast
@@ -185,7 +186,7 @@ def test_compile_falls_back_when_the_compiler_fails_at_the_first_call(monkeypatc
         raise RuntimeError("C++ compile error")
 
     monkeypatch.setattr(th, "compile", lambda fn, **kw: real_compile(fn, backend=failing_backend))
-    monkeypatch.setattr(th._dynamo.config, "suppress_errors", False)  # apply_fast_path sets it
+    monkeypatch.setattr(th._dynamo.config, "suppress_errors", False, raising=False)  # apply_fast_path sets it
     model = fast.apply_fast_path(copy.deepcopy(ref_model), compile_model=True)
     assert fast.is_compiled(model) and th._dynamo.config.suppress_errors
     assert th.equal(forward(model), forward(ref_model))
@@ -208,7 +209,7 @@ def test_compile_missing_compiler_is_named(monkeypatch):
 def test_deepcopy_of_a_compiled_model_uses_its_own_weights(monkeypatch):
     # Stand-in for torch.compile that just calls the function: enough to check the wiring.
     monkeypatch.setattr(th, "compile", lambda fn, **kwargs: (lambda *a, **k: fn(*a, **k)))
-    monkeypatch.setattr(th._dynamo.config, "suppress_errors", False)  # restored after the test
+    monkeypatch.setattr(th._dynamo.config, "suppress_errors", False, raising=False)  # restored after the test
     model = fast.apply_fast_path(tiny_model()[0], compile_model=True)
     ema = copy.deepcopy(model)
     with th.no_grad():
