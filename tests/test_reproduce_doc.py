@@ -80,6 +80,7 @@ def script_parser(path: str):
     spec = importlib.util.spec_from_file_location(f"doc_{os.path.basename(path)[:-3]}",
                                                   os.path.join(ROOT, path))
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses defined by the script look their module up here
     spec.loader.exec_module(module)
     return module.create_argparser()
 
