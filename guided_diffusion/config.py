@@ -132,8 +132,9 @@ class SamplerOptions:
     """How to sample (beyond the original); `samplers.sample(**options)` takes these fields."""
 
     sampler: str = flag("", "ddpm ddim plms heun dpm++2m dpm++3m dpm++2m-sde; '': per use_ddim")
-    steps: int = flag(0, "number of sampling steps; 0: the grid of --timestep_respacing")
-    sampler_spacing: str = flag("logsnr", "ODE solvers' step spacing: 'logsnr' or 'uniform' (in t)")
+    steps: int = flag(0, "N grid timesteps for any sampler; 0: the grid of --timestep_respacing")
+    sampler_spacing: str = flag(
+        "logsnr", "how --steps picks timesteps: 'logsnr' or 'uniform' (= --timestep_respacing N)")
     cfg_scale: float = flag(1.0, "classifier-free guidance weight; 1: conditional, 0: uncond.")
     eta: float = flag(0.0, "DDIM's eta; 0: deterministic DDIM as the original")
 
