@@ -317,7 +317,7 @@ def shard_problem(path: str, start: int, stop: int, image_shape: Sequence[int],
             bad = z.testzip()
         return None if bad is None else f"member {bad} fails its CRC check"
     except (OSError, ValueError, zipfile.BadZipFile) as e:
-        return str(e)
+        return str(e).replace(f"{path}: ", "")  # the caller names the file
 
 
 def _read_manifest(path: str) -> dict:
