@@ -166,7 +166,8 @@ def to_uint8_nhwc(sample: th.Tensor) -> th.Tensor:
 
 
 def labels_only_if(model, class_cond: bool):
-    """Wrap `model` so that labels in model_kwargs (cond_fn needs them) reach it only if class_cond."""
+    """Wrap `model` so that the labels in model_kwargs (cond_fn needs them) reach it only if
+    class_cond."""
 
     if class_cond:
         return model  # labels pass through; the model keeps its attributes (CFG's null label)

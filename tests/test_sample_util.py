@@ -1,4 +1,4 @@
-"""Sampling output: seeded per-index sampling, saving npz and grids (shards: test_sharded_sampling)."""
+"""Sampling output: seeded per-index sampling, npz and grids (shards: test_sharded_sampling.py)."""
 
 from __future__ import annotations
 
