@@ -22,6 +22,8 @@ import json
 import math
 import os
 import secrets
+import sys
+import time
 import zipfile
 from typing import Callable, Iterable, Sequence
 
@@ -465,6 +467,25 @@ def merge_shards(folder: str, out_dir: str, grid_size: int = 100) -> str:
     return out_path
 
 
+def wait_for_shards(folder: str, shards: Sequence[tuple[int, int]], poll_s: float = 0.2) -> None:
+    """
+    Rank 0: wait until every shard of `shards` exists (the other ranks write theirs). A poll of
+    the folder, not a collective: a rank that is a whole shard behind may take longer than a
+    barrier's timeout (minutes under NCCL), and the other ranks need not wait for the merge.
+    """
+    missing = list(shards)
+    last_log = time.monotonic()
+    while True:
+        missing = [(a, b) for a, b in missing
+                   if not os.path.exists(os.path.join(folder, npz_io.shard_name(a, b)))]
+        if not missing:
+            return
+        if time.monotonic() - last_log > 60:
+            logger.log(f"waiting for {len(missing)} shards from the other ranks")
+            last_log = time.monotonic()
+        time.sleep(poll_s)
+
+
 def sample_and_save(sample_fn, args, image_size: int, with_labels: bool) -> str | None:
     """
     What every sampling script ends with: write `--num_samples` samples of `sample_fn` (see
@@ -476,27 +497,32 @@ def sample_and_save(sample_fn, args, image_size: int, with_labels: bool) -> str 
     :return: the .npz path on rank 0, None on the other ranks.
     """
     rank, _ = world()
-    out_dir = args.output_dir or logger.get_dir()
-    folder = os.path.join(out_dir, SHARD_FOLDER)
     image_shape = (image_size, image_size, 3)
     plan: dict = {}
     if rank == 0:
+        # Without --output_dir each rank's logger has a temporary folder of its own: rank 0's
+        # is the run's.
+        out_dir = args.output_dir or logger.get_dir()
         try:
+            folder = os.path.join(out_dir, SHARD_FOLDER)
             seed, todo = plan_shards(folder, sample_flags(args), image_shape, with_labels)
-            plan = dict(seed=seed, todo=todo)
+            plan = dict(out_dir=out_dir, seed=seed, todo=todo)
         except (ScriptError, OSError) as e:
             plan = dict(error=f"{type(e).__name__}: {e}" if isinstance(e, OSError) else str(e))
     # Every rank learns the plan (or the refusal) from rank 0: the ranks must agree on which
     # shards are missing, and a shard that another rank finishes meanwhile must not change that.
     plan = dist_util.broadcast_object(plan)
     if "error" in plan:
+        if rank != 0:
+            sys.exit(1)  # rank 0 says why, in one line
         raise ScriptError(plan["error"])
-    write_shards(sample_fn, [tuple(r) for r in plan["todo"]], plan["seed"], folder,
-                 args.batch_size, image_shape, with_labels, progress=bool(args.progress))
-    dist_util.barrier()
+    folder = os.path.join(plan["out_dir"], SHARD_FOLDER)
+    todo = [tuple(r) for r in plan["todo"]]
+    write_shards(sample_fn, todo, plan["seed"], folder, args.batch_size, image_shape,
+                 with_labels, progress=bool(args.progress))
     out_path = None
     if rank == 0:
-        out_path = merge_shards(folder, out_dir, args.grid_size)
-    dist_util.barrier()
+        wait_for_shards(folder, todo)
+        out_path = merge_shards(folder, plan["out_dir"], args.grid_size)
     logger.log("sampling complete")
     return out_path
