@@ -325,6 +325,12 @@ def statistics_preprocessing(path: str) -> str:
         return str(z[PREPROCESSING_KEY])
 
 
+def _member_info(name: str) -> zipfile.ZipInfo:
+    """The zip entry of array `name`, dated 1980-01-01 (zip's epoch) rather than now: the same
+    arrays then make the same bytes, e.g. a merged sample file whatever its run's history."""
+    return zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+
+
 class NpzArrayWriter:
     """
     Write an .npz whose first array is streamed in row batches (then small arrays added whole).
@@ -348,7 +354,7 @@ class NpzArrayWriter:
         self.label, self.name, self.shape, self.dtype = label, name, tuple(shape), np.dtype(dtype)
         self.rows_written = 0
         self._zip = zipfile.ZipFile(file, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
-        self._member = self._zip.open(f"{name}.npy", "w", force_zip64=True)
+        self._member = self._zip.open(_member_info(name), "w", force_zip64=True)
         header = dict(descr=np.lib.format.dtype_to_descr(self.dtype), fortran_order=False,
                       shape=self.shape)
         np.lib.format.write_array_header_2_0(self._member, header)
@@ -364,7 +370,7 @@ class NpzArrayWriter:
     def add_array(self, name: str, value: np.ndarray) -> None:
         """Add a whole (small) array, e.g. the statistics, after the streamed one is complete."""
         self._finish_member()
-        with self._zip.open(f"{name}.npy", "w", force_zip64=True) as f:
+        with self._zip.open(_member_info(name), "w", force_zip64=True) as f:
             np.lib.format.write_array(f, np.asarray(value), allow_pickle=False)
 
     def _finish_member(self) -> None:

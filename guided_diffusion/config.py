@@ -150,6 +150,7 @@ class SampleConfig:
     model_path: str = flag("", "the model checkpoint (.pt)")
     progress: bool = flag(True, "progress bars on rank 0 (beyond the original)")
     grid_size: int = flag(100, "samples in the PNG grid beside the .npz; 0: no grid (beyond)")
+    shard_size: int = flag(1000, "samples per file of {output_dir}/samples_shards/ (beyond)")
 
 
 @dataclass(frozen=True)

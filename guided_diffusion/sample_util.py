@@ -1,30 +1,39 @@
 """Sampling from flags and writing its output: the one module that makes sample files.
 
-- `sample_generators` / `PerSampleNoise`: with `--seed S`, the label, x_T and every step's noise of
+- `sample_generators` / `PerSampleNoise`: with seed S, the label, x_T and every step's noise of
   sample index i come from one generator seeded by (S, i), so a sample depends only on its index,
   not on the batch size or the number of ranks (STYLE 9).
 - `sample_batch`: the one place that runs a sampling loop from flags, through `samplers.sample`
   (any of its samplers, per `--sampler`/`--steps`, else DDIM or DDPM per `--use_ddim`; CFG per
   `--cfg_scale`); `make_sample_fn` wraps it with seeds, labels and bf16 autocast.
-- `generate_samples`: splits sample indices over ranks and gathers the batches on rank 0 in index
-  order (the original's `all_gather` layout); `save_samples` writes `samples_{N}x{H}x{W}x3.npz`
-  (`arr_0` uint8 NHWC, `arr_1` labels) and a PNG grid (`image_grid`) beside it, atomically.
-- `sample_and_save`: what every sampling script ends with.
+- `sample_and_save`: what every sampling script ends with. Samples are written as they are made,
+  in shards of `--shard_size` under `{output_dir}/samples_shards/` (`plan_shards`,
+  `write_shards`); a rerun of the same command finishes the missing shards under any process
+  count and batch size, and refuses other sample-affecting flags. Rank 0 then streams the shards
+  into the original's `samples_{N}x{H}x{W}x3.npz` (`arr_0` uint8 NHWC, `arr_1` labels) and a PNG
+  grid (`merge_shards`, `image_grid`), holding one shard in memory, never all samples.
+- `save_samples`: the same .npz and grid from an array in memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
+import secrets
+import sys
+import time
+import zipfile
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch as th
-import torch.distributed as dist
+
+from evaluations import npz_io  # the one definition of the shard-folder format
 
 from . import dist_util, fast, logger, samplers
-from .cli import fast_config, world
+from .cli import ScriptError, fast_config, world
 from .config import SamplerOptions, from_flags
 from .checkpoints import atomic_write
 
@@ -104,24 +113,6 @@ def sample_batch(
     )
 
 
-def sample_and_save(sample_fn, args, image_size: int, with_labels: bool) -> None:
-    """
-    What every sampling script ends with: generate `--num_samples` samples across ranks with
-    `sample_fn` (see `make_sample_fn`), write them on rank 0 (`save_samples`), wait for all ranks.
-
-    :param image_size: H = W of the samples.
-    :param with_labels: whether `sample_fn` returns labels to save as `arr_1`.
-    """
-    result = generate_samples(
-        sample_fn, args.num_samples, args.batch_size, (image_size, image_size, 3),
-        with_labels=with_labels, progress=args.progress,
-    )
-    if result is not None:
-        save_samples(*result, out_dir=args.output_dir, grid_size=args.grid_size)
-    dist_util.barrier()
-    logger.log("sampling complete")
-
-
 def make_sample_fn(
     model,
     diffusion,
@@ -132,10 +123,11 @@ def make_sample_fn(
     kwargs_fn: Callable[[list[int]], dict] | None = None,
 ) -> Callable[[list[int]], tuple[th.Tensor, th.Tensor | None]]:
     """
-    Build the `sample_fn` of `generate_samples`: indices -> (uint8 NHWC samples, labels or None).
+    Build the `sample_fn` of `sample_and_save`: (indices, seed=None) -> (uint8 NHWC samples,
+    labels or None).
 
-    With `--seed S` (>= 0) sample i's label, x_T and step noise come from its own generator
-    (`sample_generators`); with -1 they come from torch's global RNG as in the original.
+    With a seed S >= 0 (the argument, else `--seed`) sample i's label, x_T and step noise come
+    from its own generator (`sample_generators`); with -1 from torch's global RNG as the original.
 
     :param shape: (C, H, W) of one sample.
     :param num_classes: if not None, draw labels uniformly as model_kwargs['y'].
@@ -143,11 +135,12 @@ def make_sample_fn(
     """
     rank, _ = world()
 
-    def sample_fn(indices: list[int]):
+    def sample_fn(indices: list[int], seed: int | None = None):
         n, device = len(indices), dist_util.dev()
+        seed = args.seed if seed is None else seed
         noise_src = None
-        if args.seed >= 0:
-            noise_src = PerSampleNoise(sample_generators(args.seed, indices))
+        if seed >= 0:
+            noise_src = PerSampleNoise(sample_generators(seed, indices))
         model_kwargs = {}
         if num_classes is not None:
             if noise_src is not None:
@@ -175,7 +168,8 @@ def to_uint8_nhwc(sample: th.Tensor) -> th.Tensor:
 
 
 def labels_only_if(model, class_cond: bool):
-    """Wrap `model` so that labels in model_kwargs (cond_fn needs them) reach it only if class_cond."""
+    """Wrap `model` so that the labels in model_kwargs (cond_fn needs them) reach it only if
+    class_cond."""
 
     if class_cond:
         return model  # labels pass through; the model keeps its attributes (CFG's null label)
@@ -184,74 +178,6 @@ def labels_only_if(model, class_cond: bool):
         return model(x, t, None, **kwargs)
 
     return model_fn
-
-
-def generate_samples(
-    sample_fn: Callable[[list[int]], tuple[th.Tensor, th.Tensor | None]],
-    num_samples: int,
-    batch_size: int,
-    image_shape: Sequence[int],
-    with_labels: bool,
-    progress: bool = True,
-) -> tuple[np.ndarray, np.ndarray | None] | None:
-    """
-    Produce exactly `num_samples` samples spread over all ranks and gather them on rank 0.
-
-    Round k gives rank r the indices [(k * W + r) * B, (k * W + r + 1) * B), so one round's
-    `all_gather` lists the batches in index order, as the original's output does; the last round
-    is cut at `num_samples` (a rank with nothing left still joins the gather).
-
-    :param sample_fn: indices -> ([n x H x W x C] uint8 samples, [n] int64 labels or None).
-    :param image_shape: (H, W, C) of one sample.
-    :return: on rank 0, (arr [num_samples x H x W x C] uint8, labels [num_samples] or None);
-             None on the other ranks.
-    """
-    rank, world_size = world()
-    device = dist_util.dev()
-    per_round = batch_size * world_size
-    rounds = math.ceil(num_samples / per_round)
-    images: list[np.ndarray] = []
-    labels: list[np.ndarray] = []
-    bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=num_samples, desc="samples", unit="img")
-    for k in range(rounds):
-        start = (k * world_size + rank) * batch_size
-        indices = list(range(start, min(start + batch_size, num_samples)))
-        # Pad to the batch size: every rank sends equally shaped tensors.
-        batch = th.zeros((batch_size, *image_shape), dtype=th.uint8, device=device)
-        batch_labels = th.zeros((batch_size,), dtype=th.int64, device=device)
-        if indices:
-            sample, label = sample_fn(indices)
-            batch[: len(indices)] = sample.to(device)
-            if with_labels:
-                batch_labels[: len(indices)] = label.to(device)
-        if world_size > 1:
-            gathered = [th.zeros_like(batch) for _ in range(world_size)]
-            gathered_labels = [th.zeros_like(batch_labels) for _ in range(world_size)]
-            dist.all_gather(gathered, batch)
-            dist.all_gather(gathered_labels, batch_labels)
-        else:
-            gathered, gathered_labels = [batch], [batch_labels]
-        if rank == 0:
-            for r, (b, bl) in enumerate(zip(gathered, gathered_labels)):
-                r_start = (k * world_size + r) * batch_size
-                n = max(0, min(batch_size, num_samples - r_start))
-                images.append(b[:n].cpu().numpy())
-                labels.append(bl[:n].cpu().numpy())
-            done = min(num_samples, (k + 1) * per_round)
-            logger.log(f"created {done} samples")
-            if bar is not None:
-                bar.update(done - bar.n)
-    if bar is not None:
-        bar.close()
-    if rank != 0:
-        return None
-    arr = np.concatenate(images, axis=0)
-    assert arr.shape[0] == num_samples, (arr.shape, num_samples)
-    return arr, (np.concatenate(labels, axis=0) if with_labels else None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -286,23 +212,317 @@ def image_grid(arr: np.ndarray, labels: np.ndarray | None = None, max_images: in
     return grid
 
 
+
+def write_samples_npz(path: str, shape: Sequence[int], batches: Iterable[np.ndarray],
+                      labels: np.ndarray | None = None) -> None:
+    """
+    Write the original's sample file, `arr_0` = samples and `arr_1` = labels when given, streaming
+    `batches` into it (`npz_io.NpzArrayWriter`): memory holds one batch, not the file. Written
+    atomically, with fixed zip dates, so the same samples always make the same bytes.
+
+    :param shape: (N, H, W, C) of `arr_0`; `batches` must hold exactly N rows of uint8.
+    :param labels: [N] class labels, stored as int64.
+    """
+
+    def fill(writer: npz_io.NpzArrayWriter) -> None:
+        for batch in batches:
+            writer.write_batch(batch)
+        if labels is not None:
+            writer.add_array(npz_io.LABEL_KEY, np.asarray(labels, dtype=np.int64))
+
+    npz_io.write_npz_atomically(path, tuple(shape), fill)
+
+
+def save_grid(npz_path: str, arr: np.ndarray, labels: np.ndarray | None, grid_size: int) -> None:
+    """Write `image_grid` of the first `grid_size` samples as a PNG beside `npz_path` (0: none)."""
+    from PIL import Image
+
+    if grid_size <= 0:
+        return
+    grid = image_grid(arr, labels, max_images=grid_size)
+    img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+    atomic_write(npz_path[: -len(".npz")] + ".png", lambda f: img.save(f, format="PNG"))
+
+
+def samples_file_name(shape: Sequence[int]) -> str:
+    """:return: the original's `samples_{N}x{H}x{W}x{C}.npz` for samples of `shape`."""
+    return f"samples_{'x'.join(str(int(x)) for x in shape)}.npz"
+
+
 def save_samples(arr: np.ndarray, labels: np.ndarray | None = None, out_dir: str | None = None,
                  grid_size: int = 100) -> str:
     """
-    Write `samples_{N}x{H}x{W}x{C}.npz` (`arr_0` = samples, `arr_1` = labels when given) as the
-    original does, and a PNG grid of the first `grid_size` samples beside it.
+    Write samples held in memory as `samples_{N}x{H}x{W}x{C}.npz` (`arr_0` = samples, `arr_1` =
+    labels when given) as the original does, and a PNG grid of the first `grid_size` beside it.
 
     :return: the path of the .npz.
     """
-    from PIL import Image
-
-    shape_str = "x".join(str(x) for x in arr.shape)
-    out_path = os.path.join(out_dir or logger.get_dir(), f"samples_{shape_str}.npz")
+    out_path = os.path.join(out_dir or logger.get_dir(), samples_file_name(arr.shape))
     logger.log(f"saving to {out_path}")
-    arrays = (arr,) if labels is None else (arr, labels)
-    atomic_write(out_path, lambda f: np.savez(f, *arrays))
+    write_samples_npz(out_path, arr.shape, [arr], labels)
+    save_grid(out_path, arr, labels, grid_size)
+    return out_path
+
+
+# ------------------------------------------------------------------------------------------------
+# Sharded, resumable sampling
+#
+# The original keeps every sample in rank 0's memory and writes once at the end: a job killed at
+# 49,000 of 50,000 loses everything. Here samples go to `{output_dir}/samples_shards/` as they are
+# made, in the evaluator's shard-folder format (`evaluations.npz_io`): `manifest.json` and
+# `samples_{start:08d}-{stop:08d}.npz` files of `--shard_size` samples each. Shard j covers
+# [j K, (j + 1) K); rank 0 lists the shards still missing and the ranks take them round-robin,
+# each computing its shards alone in batches of `--batch_size`. Since sample i depends on
+# (seed, i) only, neither the process count nor the kill/resume history changes a shard, and a
+# rerun of the same command only writes the missing ones. At the end rank 0 streams the shards
+# into the original's single .npz, holding one shard at a time.
+
+SHARD_FOLDER = "samples_shards"
+# Flags that cut or report the work without changing any sample; every other flag is recorded in
+# the manifest and must be the same when a run resumes.
+NOT_SAMPLE_FLAGS = ("batch_size", "progress", "output_dir", "grid_size")
+
+
+def shard_ranges(num_samples: int, shard_size: int) -> list[tuple[int, int]]:
+    """:return: the [start, stop) index ranges of the shards of `num_samples` samples."""
+    return [(a, min(a + shard_size, num_samples)) for a in range(0, num_samples, shard_size)]
+
+
+def sample_flags(args) -> dict:
+    """The flags that decide the samples (all but NOT_SAMPLE_FLAGS), as JSON values."""
+    flags = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_SAMPLE_FLAGS}
+    return json.loads(json.dumps(flags, default=str))
+
+
+def shard_problem(path: str, start: int, stop: int, image_shape: Sequence[int],
+                  with_labels: bool) -> str | None:
+    """
+    Check a shard file found on disk before trusting it as complete.
+
+    :return: None when it holds `arr_0` uint8 [stop - start x H x W x C] (and `arr_1` [n] int64
+             labels iff `with_labels`) with intact data (zip CRCs); else what is wrong.
+    """
+    n = stop - start
+    try:
+        with npz_io.NpzArrayReader(path, npz_io.IMAGE_KEY) as images:
+            arrays = images.arrays
+            if images.shape != (n, *image_shape) or images.dtype != np.uint8:
+                return f"arr_0 is {images.dtype} {list(images.shape)}, expected uint8 " \
+                       f"{[n, *image_shape]}"
+        expected = [npz_io.IMAGE_KEY, npz_io.LABEL_KEY] if with_labels else [npz_io.IMAGE_KEY]
+        if arrays != expected:
+            return f"holds {arrays}, expected {expected}"
+        if with_labels:
+            with npz_io.NpzArrayReader(path, npz_io.LABEL_KEY) as labels:
+                if labels.shape != (n,) or labels.dtype != np.int64:
+                    return f"arr_1 is {labels.dtype} {list(labels.shape)}, expected int64 [{n}]"
+        with zipfile.ZipFile(path) as z:  # reads every byte once: a damaged file fails its CRC
+            bad = z.testzip()
+        return None if bad is None else f"member {bad} fails its CRC check"
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        return str(e).replace(f"{path}: ", "")  # the caller names the file
+
+
+def _read_manifest(path: str) -> dict:
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        if not isinstance(manifest.get("flags"), dict):
+            raise ValueError("no 'flags' object")
+        return manifest
+    except (OSError, ValueError, AttributeError) as e:
+        raise ScriptError(f"{path}: unreadable shard manifest ({e}); use another --output_dir "
+                          f"or remove the folder") from e
+
+
+def _check_same_flags(manifest_path: str, old: dict, new: dict) -> None:
+    """Refuse, naming the first flag, a run whose samples would differ from the shards'."""
+    for name in sorted(set(old) | set(new)):
+        if name == "seed" and new.get(name) == -1:
+            continue  # no --seed given: continue with the recorded one
+        if old.get(name) != new.get(name):
+            folder = os.path.dirname(manifest_path)
+            raise ScriptError(
+                f"--{name} is {new.get(name)!r}, but the samples in {folder} were made with "
+                f"{old.get(name)!r}; rerun with the same flags to finish them, or use another "
+                f"--output_dir")
+
+
+def _remove_partial_writes(folder: str, prefix: str) -> None:
+    """Delete the hidden temporaries (`atomic_write`'s `.NAME.XXXX.tmp`) that a killed run left."""
+    for name in os.listdir(folder):
+        if name.startswith(prefix) and name.endswith(".tmp"):
+            logger.log(f"removing {os.path.join(folder, name)}, a partial write of a killed run")
+            os.remove(os.path.join(folder, name))
+
+
+def plan_shards(folder: str, flags: dict, image_shape: Sequence[int],
+                with_labels: bool) -> tuple[int, list[tuple[int, int]]]:
+    """
+    Rank 0's start of a sharded run: create or check `folder`'s manifest, remove partial writes
+    of killed runs, and list the shards still to write (a damaged one is logged and redone).
+
+    :param flags: `sample_flags(args)`; num_samples, shard_size and seed are read from it.
+    :return: (the seed every sample uses, [(start, stop)] of the shards to write).
+    :raises ScriptError: in one line when the folder's samples were made with other flags.
+    """
+    num_samples, shard_size = flags["num_samples"], flags["shard_size"]
+    if num_samples < 1 or shard_size < 1:
+        bad = "num_samples" if num_samples < 1 else "shard_size"
+        raise ScriptError(f"--{bad} must be >= 1, got {flags[bad]}")
+    os.makedirs(folder, exist_ok=True)
+    manifest_path = os.path.join(folder, npz_io.SHARD_MANIFEST)
+    if os.path.exists(manifest_path):
+        manifest = _read_manifest(manifest_path)
+        _check_same_flags(manifest_path, manifest["flags"], flags)
+        seed = manifest["flags"]["seed"]
+    elif any(npz_io.SHARD_PATTERN.match(name) for name in os.listdir(folder)):
+        raise ScriptError(f"{folder}: shards without {npz_io.SHARD_MANIFEST}, so their flags are "
+                          f"unknown; remove them or use another --output_dir")
+    else:
+        seed = flags["seed"]
+        if seed < 0:
+            # Without --seed the run still needs one seed for all its samples and resumes: draw
+            # it once and record it.
+            seed = secrets.randbelow(2**31)
+            logger.log(f"no --seed given: drew seed {seed} (recorded in {manifest_path})")
+        manifest = dict(num_samples=num_samples, shard_size=shard_size,
+                        image_shape=list(image_shape), labelled=with_labels,
+                        flags=dict(flags, seed=seed))
+        text = json.dumps(manifest, indent=2, sort_keys=True)
+        atomic_write(manifest_path, lambda f: f.write(text.encode("utf-8")))
+    _remove_partial_writes(folder, ".")  # the folder is ours: any hidden .tmp is a partial write
+    todo = []
+    for start, stop in shard_ranges(num_samples, shard_size):
+        path = os.path.join(folder, npz_io.shard_name(start, stop))
+        if not os.path.exists(path):
+            todo.append((start, stop))
+        elif (problem := shard_problem(path, start, stop, image_shape, with_labels)) is not None:
+            logger.log(f"{path}: damaged ({problem}); sampling it again")
+            todo.append((start, stop))
+    total = len(shard_ranges(num_samples, shard_size))
+    logger.log(f"shards: {total - len(todo)} of {total} complete in {folder}, {len(todo)} to write")
+    return seed, todo
+
+
+def write_shards(sample_fn, todo: Sequence[tuple[int, int]], seed: int, folder: str,
+                 batch_size: int, image_shape: Sequence[int], with_labels: bool,
+                 progress: bool = False) -> int:
+    """
+    Write this rank's share of the shards `todo` (every world-size-th, from its rank), each
+    computed in batches of `batch_size` and written atomically.
+
+    :param sample_fn: (indices, seed) -> ([n x H x W x C] uint8 samples, [n] labels or None).
+    :return: the number of shards this rank wrote.
+    """
+    rank, world_size = world()
+    mine = list(todo)[rank::world_size]
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(b - a for a, b in mine), desc="samples (rank 0)", unit="img")
+    for start, stop in mine:
+        images = np.empty((stop - start, *image_shape), dtype=np.uint8)
+        labels = np.empty((stop - start,), dtype=np.int64) if with_labels else None
+        for a in range(start, stop, batch_size):
+            b = min(a + batch_size, stop)
+            sample, label = sample_fn(list(range(a, b)), seed)
+            images[a - start:b - start] = sample.cpu().numpy()
+            if labels is not None:
+                labels[a - start:b - start] = label.cpu().numpy()
+            if bar is not None:
+                bar.update(b - a)
+        path = os.path.join(folder, npz_io.shard_name(start, stop))
+        write_samples_npz(path, images.shape, [images], labels)
+        logger.log(f"wrote {path}")
+    if bar is not None:
+        bar.close()
+    return len(mine)
+
+
+def merge_shards(folder: str, out_dir: str, grid_size: int = 100) -> str:
+    """
+    Stream a complete shard folder into the original's `samples_{N}x{H}x{W}x{C}.npz` in
+    `out_dir` (memory: one shard's rows, plus the [N] labels), and its PNG grid.
+
+    :return: the path of the .npz.
+    """
+    with npz_io.ShardFolderReader(folder, npz_io.IMAGE_KEY) as images:  # checks the tiling
+        labels = None
+        with npz_io.NpzArrayReader(images.shards[0][2]) as first_shard:
+            labelled = npz_io.LABEL_KEY in first_shard.arrays
+        if labelled:  # 8 bytes a sample: kept whole, written after the images
+            with npz_io.ShardFolderReader(folder, npz_io.LABEL_KEY) as reader:
+                labels = reader.read_batch(len(reader))
+        out_path = os.path.join(out_dir, samples_file_name(images.shape))
+        _remove_partial_writes(out_dir, f".{os.path.basename(out_path)}.")
+        logger.log(f"merging {len(images.shards)} shards into {out_path}")
+        rows_per_read = max(stop - start for start, stop, _ in images.shards)
+        write_samples_npz(out_path, images.shape, images.batches(rows_per_read), labels)
     if grid_size > 0:
-        grid = image_grid(arr, labels, max_images=grid_size)
-        img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-        atomic_write(out_path[: -len(".npz")] + ".png", lambda f: img.save(f, format="PNG"))
+        with npz_io.ShardFolderReader(folder, npz_io.IMAGE_KEY) as images:
+            first = images.read_batch(grid_size)
+        save_grid(out_path, first, None if labels is None else labels[:len(first)], grid_size)
+    return out_path
+
+
+def wait_for_shards(folder: str, shards: Sequence[tuple[int, int]], poll_s: float = 0.2) -> None:
+    """
+    Rank 0: wait until every shard of `shards` exists (the other ranks write theirs). A poll of
+    the folder, not a collective: a rank that is a whole shard behind may take longer than a
+    barrier's timeout (minutes under NCCL), and the other ranks need not wait for the merge.
+    """
+    missing = list(shards)
+    last_log = time.monotonic()
+    while True:
+        missing = [(a, b) for a, b in missing
+                   if not os.path.exists(os.path.join(folder, npz_io.shard_name(a, b)))]
+        if not missing:
+            return
+        if time.monotonic() - last_log > 60:
+            logger.log(f"waiting for {len(missing)} shards from the other ranks")
+            last_log = time.monotonic()
+        time.sleep(poll_s)
+
+
+def sample_and_save(sample_fn, args, image_size: int, with_labels: bool) -> str | None:
+    """
+    What every sampling script ends with: write `--num_samples` samples of `sample_fn` (see
+    `make_sample_fn`) as shards in `{output_dir}/samples_shards/` (only those still missing,
+    when rerun), then merge them on rank 0 into `samples_{N}x{H}x{W}x3.npz` and its grid.
+
+    :param image_size: H = W of the samples.
+    :param with_labels: whether `sample_fn` returns labels to save as `arr_1`.
+    :return: the .npz path on rank 0, None on the other ranks.
+    """
+    rank, _ = world()
+    image_shape = (image_size, image_size, 3)
+    plan: dict = {}
+    if rank == 0:
+        # Without --output_dir each rank's logger has a temporary folder of its own: rank 0's
+        # is the run's.
+        out_dir = args.output_dir or logger.get_dir()
+        try:
+            folder = os.path.join(out_dir, SHARD_FOLDER)
+            seed, todo = plan_shards(folder, sample_flags(args), image_shape, with_labels)
+            plan = dict(out_dir=out_dir, seed=seed, todo=todo)
+        except (ScriptError, OSError) as e:
+            plan = dict(error=f"{type(e).__name__}: {e}" if isinstance(e, OSError) else str(e))
+    # Every rank learns the plan (or the refusal) from rank 0: the ranks must agree on which
+    # shards are missing, and a shard that another rank finishes meanwhile must not change that.
+    plan = dist_util.broadcast_object(plan)
+    if "error" in plan:
+        if rank != 0:
+            sys.exit(1)  # rank 0 says why, in one line
+        raise ScriptError(plan["error"])
+    folder = os.path.join(plan["out_dir"], SHARD_FOLDER)
+    todo = [tuple(r) for r in plan["todo"]]
+    write_shards(sample_fn, todo, plan["seed"], folder, args.batch_size, image_shape,
+                 with_labels, progress=bool(args.progress))
+    out_path = None
+    if rank == 0:
+        wait_for_shards(folder, todo)
+        out_path = merge_shards(folder, plan["out_dir"], args.grid_size)
+    logger.log("sampling complete")
     return out_path

@@ -1,7 +1,7 @@
 """
 Like image_sample.py, but guide the samples with a noisy classifier (Dhariwal & Nichol 2021,
 Algorithm 1 for DDPM, Algorithm 2 for DDIM): every sample gets a random target label (`arr_1`), and
-`--classifier_scale` multiplies the classifier's gradient.
+`--classifier_scale` multiplies the classifier's gradient. Output and resuming as image_sample.py.
 """
 
 import argparse

@@ -2,6 +2,8 @@
 Generate a large batch of image samples from a model and save them as a large numpy array
 (`samples_{N}x{H}x{W}x3.npz`: `arr_0` uint8 NHWC, `arr_1` labels if class-conditional), with a PNG
 grid beside it. Run on several processes with `torchrun --nproc_per_node=K` or `mpiexec -n K`.
+Samples are written as they are made, in shards under `{output_dir}/samples_shards/`; rerun the
+same command to finish a killed run (see `sample_util.sample_and_save`).
 """
 
 import argparse

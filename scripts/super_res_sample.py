@@ -1,7 +1,8 @@
 """
 Upsample low-resolution samples (`--base_samples`: an .npz from image_sample.py, `arr_0` uint8
 [N x small x small x 3], `arr_1` labels when class-conditional) with a super-resolution model.
-Sample i upsamples base sample i mod N; the output is `samples_{num_samples}x{large}x{large}x3.npz`.
+Sample i upsamples base sample i mod N; the output is `samples_{num_samples}x{large}x{large}x3.npz`
+(written in shards first and resumable, as image_sample.py's).
 """
 
 import argparse

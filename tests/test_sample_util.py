@@ -1,4 +1,4 @@
-"""Sampling output: seeded per-index sampling, gathering in index order, saving npz and grids."""
+"""Sampling output: seeded per-index sampling, npz and grids (shards: test_sharded_sampling.py)."""
 
 from __future__ import annotations
 
@@ -36,25 +36,6 @@ def test_seeded_labels_cover_classes_and_repeat():
     assert labels.dtype == th.int64 and set(labels.tolist()) == set(range(10))
     again = sample_util.seeded_labels(sample_util.sample_generators(0, range(100, 200)), 10)
     assert th.equal(labels[100:], again)
-
-
-@pytest.mark.parametrize("num_samples,batch_size", [(7, 3), (4, 4), (1, 5)])
-def test_generate_samples_returns_exactly_num_samples_in_index_order(num_samples, batch_size):
-    calls = []
-
-    def sample_fn(indices):
-        calls.append(list(indices))
-        idx = th.tensor(indices)
-        images = idx.to(th.uint8).view(-1, 1, 1, 1).expand(-1, 2, 2, 3).contiguous()
-        return images, idx * 10
-
-    arr, labels = sample_util.generate_samples(sample_fn, num_samples, batch_size, (2, 2, 3),
-                                            with_labels=True, progress=False)
-    assert arr.shape == (num_samples, 2, 2, 3) and arr.dtype == np.uint8
-    np.testing.assert_array_equal(arr[:, 0, 0, 0], np.arange(num_samples))
-    np.testing.assert_array_equal(labels, np.arange(num_samples) * 10)
-    # No sample beyond num_samples is computed: the last batch is cut.
-    assert sum(len(c) for c in calls) == num_samples
 
 
 def test_save_samples_writes_npz_and_grid_atomically(tmp_path):
