@@ -11,7 +11,7 @@ setup(
     extras_require={
         "mpi": ["mpi4py", "mpich"],
         "plot": ["matplotlib"],  # scripts/sampler_table.py's FID-against-NFE plot
-        "latent": ["diffusers"],  # --latent_vae: a pretrained AutoencoderKL (guided_diffusion/latent.py)
-        "dev": ["pytest", "mpi4py", "mpich", "diffusers"],  # diffusers: CI runs tests/test_latent.py
+        "latent": ["diffusers"],  # --latent_vae: a pretrained AutoencoderKL (latent.py)
+        "dev": ["pytest", "mpi4py", "mpich", "diffusers"],  # diffusers: CI runs test_latent.py
     },
 )

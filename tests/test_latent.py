@@ -1,5 +1,5 @@
-"""Latent space (--latent_vae) through a tiny randomly initialised diffusers AutoencoderKL saved to a
-temporary folder: geometry and scale from its config, the cached encodings (the VAE's posterior
+"""Latent space (--latent_vae) through a tiny randomly initialised diffusers AutoencoderKL saved to
+a temporary folder: geometry and scale from its config, the cached encodings (the VAE's posterior
 moments of each image and its mirror, written once and reused), training 2 steps on latents and
 sampling decoded images with the real scripts (in process), for DiT and U-Net, and the one-line
 errors for a missing package, folder or hub id."""
