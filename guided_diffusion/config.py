@@ -267,6 +267,9 @@ class SamplerTableConfig:
     out_dir: str = flag("runs/sampler_table/table", "where the table, grids and plot go")
     rows: str = flag(SAMPLER_TABLE_ROWS, "comma-separated sampler:steps:cfg_scale:classifier_scale")
     judge_path: str = flag("", "the judge MLP; '': {out_dir}/judge.pt, trained on first use")
+    dit_path: str = flag("", "a second model (e.g. a --model dit run; flags from its args.json) "
+                             "whose --dit_rows are added to the table; '': none")
+    dit_rows: str = flag("dpm++2m:20:1:0,dpm++2m:20:2:0", "the rows of --dit_path")
     threads: int = flag(1, "torch threads: tiny models run fastest on one thread of a busy CPU")
 
 
