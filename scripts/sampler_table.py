@@ -299,7 +299,8 @@ def main():
         sfeats = to_eval_space(samples)
         acc, cov = judge_metrics(judge, sfeats, requested)
         nfe = samplers.nfe(sampler, steps) * (1 if cfg in (0.0, 1.0) else 2)
-        res = dict(sampler=sampler + suffix, steps=steps, nfe=nfe, cfg_scale=cfg, classifier_scale=clf,
+        res = dict(sampler=sampler + suffix, steps=steps, nfe=nfe, cfg_scale=cfg,
+                   classifier_scale=clf,
                    guidance=row_label(sampler, steps, cfg, clf),
                    fid=frechet_distance(gaussian_fit(sfeats), ref), accuracy=acc, coverage=cov,
                    seconds_per_sample=seconds)
