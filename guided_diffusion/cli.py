@@ -125,7 +125,8 @@ def create_dit_and_diffusion(in_channels: int = 3, **flags) -> tuple[DiT, Spaced
         raise ValueError(f"--dit_model {f['dit_model']!r}: one of {', '.join(DiT_models)}")
     if not f["class_cond"]:
         raise ValueError("--model dit is class-conditional (its label embedding): use "
-                         "--class_cond True (with --num_classes 1 for unlabelled data)")
+                         "--class_cond True (for unlabelled data: one file-name prefix, e.g. "
+                         "0_*.png, and --num_classes 1)")
     sizes = {k: f[f"dit_{k}"] for k in ("depth", "hidden_size", "num_heads", "patch_size")}
     model = DiT_models[f["dit_model"]](
         input_size=f["image_size"], in_channels=in_channels, num_classes=f["num_classes"],

@@ -154,6 +154,8 @@ def read_vae_config(path: str) -> dict:
 
 
 def _file_stamp(path: str) -> list:
+    if "://" in path:  # object stores (blobfile paths): their names alone key the cache
+        return []
     st = os.stat(path)
     return [st.st_size, st.st_mtime_ns]
 
@@ -180,15 +182,14 @@ def cache_key(files: list[str], data_dir: str, space: LatentSpace, image_size: i
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _data_files(data_dir: str, class_cond: bool) -> tuple[list[str], list[int] | None]:
-    # The image list and labels exactly as `load_data` derives them (file-name prefixes).
+def _data_files(data_dir: str) -> tuple[list[str], list[int]]:
+    # The image list and labels exactly as `load_data` derives them (file-name prefixes); the
+    # labels are cached whether or not a run uses them.
     from .image_datasets import _class_name, _list_image_files_recursively
 
     files = _list_image_files_recursively(data_dir)
     if not files:
         raise ScriptError(f"--data_dir {data_dir!r}: no images found")
-    if not class_cond:
-        return files, None
     names = [_class_name(p, data_dir, "filename") for p in files]
     index = {name: i for i, name in enumerate(sorted(set(names)))}
     return files, [index[n] for n in names]
@@ -208,7 +209,7 @@ def ensure_latent_cache(
 
     :return: the cache file's path.
     """
-    files, classes = _data_files(data_dir, class_cond=True)
+    files, classes = _data_files(data_dir)
     key = cache_key(files, data_dir, space, image_size, flips)
     path = os.path.join(cache_dir, f"latents_{key[:20]}.npz")
     if dist_util.get_rank() == 0 and not os.path.exists(path):
