@@ -6,9 +6,9 @@ do not depend on the batch size)."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import pathlib
-import subprocess
 import sys
 
 import numpy as np
@@ -16,7 +16,7 @@ import pytest
 import torch as th
 from conftest import crc32_init_
 
-from guided_diffusion import cli, logger, samplers
+from guided_diffusion import cli, dist_util, logger, samplers
 from guided_diffusion.checkpoints import CheckpointMismatchError
 from guided_diffusion.config import (
     CommonConfig,
@@ -196,30 +196,36 @@ def test_dit_trainloop_resume_restores_model_ema_and_optimizer(tmp_path):
     assert (tmp_path / "model000003.pt").exists()
 
 
-def _run(script: str, *flags: str) -> None:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    for var in ("OPENAI_LOGDIR", "GD_TRACEBACK", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(var, None)
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *flags], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"{script}:\n{proc.stdout}\n{proc.stderr}"
+def _main(name: str, argv: list[str], monkeypatch) -> None:
+    """Run scripts/`name`'s main() in this process (a subprocess would pay torch's import)."""
+    spec = importlib.util.spec_from_file_location(f"_dit_{name}", ROOT / "scripts" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", [name, *argv])
+    try:
+        module.main()
+    finally:
+        dist_util.cleanup()
 
 
-def test_scripts_train_and_sample_dit_with_seeded_samples_independent_of_batch_size(tmp_path):
+def test_scripts_train_and_sample_dit_with_seeded_samples_independent_of_batch_size(
+        tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT / "datasets"))
     from digits import write_digits
 
     write_digits(str(tmp_path / "digits"), image_size=16, val_every=6)
     flags = [*TINY_DIT, "--num_classes", "10"]
-    _run("image_train.py", *flags, "--data_dir", str(tmp_path / "digits" / "train"),
-         "--batch_size", "4", "--lr_anneal_steps", "2", "--save_interval", "2",
-         "--output_dir", str(tmp_path / "run"), "--seed", "0")
+    _main("image_train.py", [*flags, "--data_dir", str(tmp_path / "digits" / "train"),
+                             "--batch_size", "4", "--lr_anneal_steps", "2", "--save_interval", "2",
+                             "--output_dir", str(tmp_path / "run"), "--seed", "0"], monkeypatch)
     outs = []
     for batch in ("3", "4"):
-        _run("image_sample.py", *flags, "--model_path", str(tmp_path / "run" / "model000002.pt"),
-             "--sampler", "dpm++2m", "--steps", "2", "--cfg_scale", "2", "--num_samples", "4",
-             "--batch_size", batch, "--seed", "0", "--progress", "False",
-             "--output_dir", str(tmp_path / f"s{batch}"))
+        _main("image_sample.py", [
+            *flags, "--model_path", str(tmp_path / "run" / "model000002.pt"), "--sampler",
+            "dpm++2m", "--steps", "2", "--cfg_scale", "2", "--num_samples", "4", "--batch_size",
+            batch, "--seed", "0", "--progress", "False",
+            "--output_dir", str(tmp_path / f"s{batch}"),
+        ], monkeypatch)
         with np.load(tmp_path / f"s{batch}" / "samples_4x16x16x3.npz", allow_pickle=False) as f:
             outs.append((f["arr_0"], f["arr_1"]))
     assert outs[0][0].dtype == np.uint8 and outs[0][0].shape == (4, 16, 16, 3)
