@@ -11,6 +11,7 @@ setup(
     extras_require={
         "mpi": ["mpi4py", "mpich"],
         "plot": ["matplotlib"],  # scripts/sampler_table.py's FID-against-NFE plot
-        "dev": ["pytest", "mpi4py", "mpich"],
+        "latent": ["diffusers"],  # --latent_vae: a pretrained AutoencoderKL (latent.py)
+        "dev": ["pytest", "mpi4py", "mpich", "diffusers"],  # diffusers: CI runs test_latent.py
     },
 )

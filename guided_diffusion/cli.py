@@ -2,7 +2,9 @@
 
 - `setup`: process group, logger directory and seeding from the common flags.
 - `build_model_and_diffusion` / `load_model_and_diffusion`: flags -> model (+ checkpoint) ->
-  device, fp16, eval mode, fast path, for each `MODEL_KINDS` entry (U-Net, super-res, classifier).
+  device, fp16, eval mode, fast path, for each `MODEL_KINDS` entry (U-Net, DiT, super-res,
+  classifier); `--model dit` picks the DiT for the image model, `--latent_vae` sizes it for
+  latents (`latent.py`).
 - `apply_fast_flags`: the fast-path flags of a script applied to a model (`fast.apply_fast_path`
   does the work; this resolves the flags first).
 - `train_diffusion`: the original's TrainLoop run from the `config.TrainingConfig` flags.
@@ -28,11 +30,23 @@ from .checkpoints import (
     CheckpointMismatchError,
     load_model_checkpoint,
 )
+from .config import (
+    DIT_SHARED_FLAGS,
+    MODEL_CHOICES,
+    DiffusionConfig,
+    DiTConfig,
+    UNetConfig,
+    defaults,
+    from_flags,
+)
+from .dit import DiT, DiT_models
+from .respace import SpacedDiffusion
 from .script_util import (
     args_to_dict,
     classifier_and_diffusion_defaults,
     create_classifier_and_diffusion,
     create_model_and_diffusion,
+    diffusion_from_config,
     model_and_diffusion_defaults,
     sr_create_model_and_diffusion,
     sr_model_and_diffusion_defaults,
@@ -88,9 +102,45 @@ class ModelKind:
     fp16_flag: str  # the original's fp16 switch of this network
 
 
+def dit_and_diffusion_defaults() -> dict:
+    """The flags of a DiT and its diffusion: DiTConfig's, the shared UNetConfig ones, diffusion."""
+    shared = {k: v for k, v in defaults(UNetConfig).items() if k in DIT_SHARED_FLAGS}
+    return {**shared, **defaults(DiTConfig, drop=("model", "cfg_channels")),
+            **defaults(DiffusionConfig)}
+
+
+def create_dit_and_diffusion(in_channels: int = 3, **flags) -> tuple[DiT, SpacedDiffusion]:
+    """
+    A DiT and its diffusion from the `dit_and_diffusion_defaults()` flags: --dit_model's size with
+    the --dit_* overrides, input_size = --image_size (the latent side in latent space).
+
+    :param in_channels: 3 in pixel space, the VAE's latent channels in latent space.
+    """
+    known = dit_and_diffusion_defaults()
+    unknown = sorted(set(flags) - set(known))
+    if unknown:
+        raise TypeError(f"unknown flag(s) {unknown} for a DiT")
+    f = {**known, **flags}
+    if f["dit_model"] not in DiT_models:
+        raise ValueError(f"--dit_model {f['dit_model']!r}: one of {', '.join(DiT_models)}")
+    if not f["class_cond"]:
+        raise ValueError("--model dit is class-conditional (its label embedding): use "
+                         "--class_cond True (for unlabelled data: one file-name prefix, e.g. "
+                         "0_*.png, and --num_classes 1)")
+    sizes = {k: f[f"dit_{k}"] for k in ("depth", "hidden_size", "num_heads", "patch_size")}
+    model = DiT_models[f["dit_model"]](
+        input_size=f["image_size"], in_channels=in_channels, num_classes=f["num_classes"],
+        class_dropout_prob=f["class_dropout_prob"], learn_sigma=f["learn_sigma"],
+        use_checkpoint=f["use_checkpoint"], **{k: v for k, v in sizes.items() if v},
+    )
+    return model, diffusion_from_config(from_flags(DiffusionConfig, f))
+
+
 MODEL_KINDS = {
     "unet": ModelKind(model_and_diffusion_defaults, create_model_and_diffusion,
                       "model_path", "use_fp16"),
+    "dit": ModelKind(dit_and_diffusion_defaults, create_dit_and_diffusion,
+                     "model_path", "use_fp16"),
     "superres": ModelKind(sr_model_and_diffusion_defaults, sr_create_model_and_diffusion,
                           "model_path", "use_fp16"),
     "classifier": ModelKind(classifier_and_diffusion_defaults, create_classifier_and_diffusion,
@@ -98,18 +148,41 @@ MODEL_KINDS = {
 }
 
 
+def model_kind(args, kind: str = "unet") -> str:
+    """The image model's kind from --model ("unet" or "dit"); other kinds are returned as is."""
+    if kind != "unet":
+        return kind
+    choice = getattr(args, "model", "unet")
+    if choice not in MODEL_CHOICES:
+        raise ScriptError(f"--model {choice!r}: one of {', '.join(MODEL_CHOICES)}")
+    return choice
+
+
 def build_model_and_diffusion(args, kind: str = "unet"):
     """
     Build a fresh network and its diffusion from the flags of `kind`, on `dist_util.dev()`.
 
+    For the image model ("unet"), --model dit builds a DiT instead, and --latent_vae sizes either
+    for the VAE's latents (its channels; --image_size / its downsampling factor).
+
     :param kind: a key of MODEL_KINDS: "unet" (image_*), "superres" (super_res_*), "classifier".
     :return: (model, diffusion); the model is float32 and in training mode.
     """
+    kind = model_kind(args, kind)
     spec = MODEL_KINDS[kind]
+    flags = args_to_dict(args, spec.defaults().keys())
+    if kind in ("unet", "dit"):
+        from .latent import space_from_flags  # imports this module: not at the top
+
+        space = space_from_flags(args)
+        flags.update(in_channels=space.channels, image_size=space.model_size(args.image_size))
     try:
-        model, diffusion = spec.factory(**args_to_dict(args, spec.defaults().keys()))
+        model, diffusion = spec.factory(**flags)
     except ValueError as e:  # bad flag values (e.g. an image size without a default channel_mult)
         raise ScriptError(str(e)) from e
+    cfg_channels = getattr(args, "cfg_channels", 0)
+    if cfg_channels:
+        model.cfg_channels = cfg_channels  # read by guidance.cfg_model
     model.to(dist_util.dev())
     return model, diffusion
 
@@ -135,7 +208,7 @@ def load_model_and_diffusion(args, kind: str = "unet"):
 
     :return: (model, diffusion).
     """
-    spec = MODEL_KINDS[kind]
+    spec = MODEL_KINDS[model_kind(args, kind)]
     model, diffusion = build_model_and_diffusion(args, kind)
     load_checkpoint(model, getattr(args, spec.path_flag), spec.path_flag)
     model.to(dist_util.dev())

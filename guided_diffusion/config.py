@@ -104,6 +104,45 @@ SuperResConfig.__module__ = __name__
 SuperResConfig.__doc__ = "The super-resolution U-Net: UNetConfig's flags sized by large/small."
 
 
+@dataclass(frozen=True)
+class DiTConfig:
+    """Model choice: the ADM U-Net or DiT (image_train, image_sample; beyond the original).
+
+    A DiT takes --image_size (its input_size: the latent side in latent space), --class_cond,
+    --num_classes, --class_dropout_prob, --use_fp16 and --use_checkpoint from UNetConfig and
+    --learn_sigma from DiffusionConfig (DIT_SHARED_FLAGS); the U-Net ignores the flags below.
+    """
+
+    model: str = flag("unet", "network: 'unet' (ADM's U-Net) or 'dit' (DiT, Peebles & Xie 2023)")
+    dit_model: str = flag("DiT-S/2", "DiT size: DiT-{S,B,L,XL}/{2,4,8} (the /p: patch side)")
+    dit_depth: int = flag(0, "transformer blocks; 0: those of --dit_model")
+    dit_hidden_size: int = flag(0, "token width (divisible by 4 and the heads); 0: --dit_model's")
+    dit_num_heads: int = flag(0, "attention heads; 0: those of --dit_model")
+    dit_patch_size: int = flag(0, "patch side; 0: that of --dit_model (the '/2' in DiT-S/2)")
+    cfg_channels: int = flag(
+        0, "output channels that --cfg_scale guides; 0: all (the project's CFG); 3: DiT's "
+           "forward_with_cfg, which guides only the first 3 (to reproduce DiT's samples)")
+
+
+# The UNetConfig flags a DiT reads too (learn_sigma comes from DiffusionConfig).
+DIT_SHARED_FLAGS = ("image_size", "class_cond", "num_classes", "class_dropout_prob", "use_fp16",
+                    "use_checkpoint")
+MODEL_CHOICES = ("unet", "dit")
+
+
+@dataclass(frozen=True)
+class LatentConfig:
+    """Latent diffusion (beyond the original): train and sample in a pretrained VAE's latents."""
+
+    latent_vae: str = flag("", "a local diffusers AutoencoderKL folder (config.json + weights), "
+                               "or a hub id already in the local cache (never downloaded); "
+                               "'': pixel space")
+    latent_scale: float = flag(0.0, "latent multiplier; 0: the VAE config's scaling_factor, else "
+                                    "0.18215 (the SD VAE's)")
+    latent_cache: str = flag("", "folder of the encoded data set (one file per data folder, VAE "
+                                 "and image size); '': {output_dir}/latent_cache")
+
+
 # ------------------------------------------------------------------------------------------------
 # Running
 
@@ -230,6 +269,9 @@ class SamplerTableConfig:
     out_dir: str = flag("runs/sampler_table/table", "where the table, grids and plot go")
     rows: str = flag(SAMPLER_TABLE_ROWS, "comma-separated sampler:steps:cfg_scale:classifier_scale")
     judge_path: str = flag("", "the judge MLP; '': {out_dir}/judge.pt, trained on first use")
+    dit_path: str = flag("", "a second model (e.g. a --model dit run; flags from its args.json) "
+                             "whose --dit_rows are added to the table; '': none")
+    dit_rows: str = flag("dpm++2m:20:1:0,dpm++2m:20:2:0", "the rows of --dit_path")
     threads: int = flag(1, "torch threads: tiny models run fastest on one thread of a busy CPU")
 
 

@@ -422,13 +422,14 @@ class DiT(nn.Module):
 
 def _family(name: str, depth: int, hidden_size: int, num_heads: int, patch_size: int
             ) -> Callable[..., DiT]:
+    size = dict(depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=patch_size)
+
     def build(**kwargs) -> DiT:
-        return DiT(depth=depth, hidden_size=hidden_size, patch_size=patch_size,
-                   num_heads=num_heads, **kwargs)
+        return DiT(**{**size, **kwargs})  # a keyword overrides the size (e.g. depth for a toy)
 
     build.__name__ = build.__qualname__ = name
     build.__doc__ = f"{name}: depth {depth}, hidden size {hidden_size}, {num_heads} heads, " \
-        f"patch {patch_size}; other DiT arguments as keywords."
+        f"patch {patch_size}; other DiT arguments (and overrides of these) as keywords."
     return build
 
 

@@ -27,13 +27,17 @@ class ClassifierFreeGuidance(nn.Module):
     :param model: a class-conditional model trained with label dropout (`class_dropout_prob > 0`).
     :param scale: the guidance weight w.
     :param null_label: the label index of the unconditional branch (the model's `num_classes`).
+    :param channels: guide only the first `channels` output channels (3: DiT's forward_with_cfg,
+        which leaves the 4th latent channel unguided); None: all C input channels.
     """
 
-    def __init__(self, model: nn.Module, scale: float, null_label: int):
+    def __init__(self, model: nn.Module, scale: float, null_label: int,
+                 channels: int | None = None):
         super().__init__()
         self.model = model
         self.scale = float(scale)
         self.null_label = int(null_label)
+        self.channels = channels
 
     def forward(self, x: th.Tensor, timesteps: th.Tensor, y: th.Tensor | None = None, **kwargs):
         """
@@ -47,7 +51,7 @@ class ClassifierFreeGuidance(nn.Module):
                 "classifier-free guidance needs class labels: pass model_kwargs={'y': ...}")
         if self.scale == 1.0:
             return self.model(x, timesteps, y=y, **kwargs)  # exactly the conditional model
-        n, c = x.shape[:2]
+        n, c = x.shape[0], self.channels or x.shape[1]
         null = th.full_like(y, self.null_label)
         if self.scale == 0.0:
             # Unconditional: one forward of the null branch, unless variance channels must come
@@ -83,7 +87,9 @@ def cfg_model(model: nn.Module, cfg_scale: float) -> nn.Module:
             f"num_classes={num_classes}, "
             f"class_dropout_prob={getattr(model, 'class_dropout_prob', None)}"
         )
-    return ClassifierFreeGuidance(model, cfg_scale, null_label=num_classes)
+    # A model may ask for DiT's 3-channel guidance (`--cfg_channels 3` sets `cfg_channels`).
+    return ClassifierFreeGuidance(model, cfg_scale, null_label=num_classes,
+                                  channels=getattr(model, "cfg_channels", None) or None)
 
 
 def classifier_cond_fn(classifier: nn.Module, scale: float) -> Callable:

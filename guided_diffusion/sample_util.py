@@ -121,6 +121,7 @@ def make_sample_fn(
     num_classes: int | None = None,
     cond_fn=None,
     kwargs_fn: Callable[[list[int]], dict] | None = None,
+    decode: Callable[[th.Tensor], th.Tensor] | None = None,
 ) -> Callable[[list[int]], tuple[th.Tensor, th.Tensor | None]]:
     """
     Build the `sample_fn` of `sample_and_save`: (indices, seed=None) -> (uint8 NHWC samples,
@@ -132,6 +133,8 @@ def make_sample_fn(
     :param shape: (C, H, W) of one sample.
     :param num_classes: if not None, draw labels uniformly as model_kwargs['y'].
     :param kwargs_fn: indices -> extra model_kwargs (e.g. 'low_res', or given labels 'y').
+    :param decode: samples -> [N x 3 x H x W] images in [-1, 1] (a VAE decoder in latent space,
+        `latent.LatentSpace.decode`); None: the samples are the images.
     """
     rank, _ = world()
 
@@ -157,6 +160,8 @@ def make_sample_fn(
                 model, diffusion, args, (n, *shape), model_kwargs=model_kwargs, cond_fn=cond_fn,
                 noise=noise, noise_fn=noise_src, progress=bool(args.progress) and rank == 0,
             )
+        if decode is not None:
+            sample = decode(sample)
         return to_uint8_nhwc(sample), model_kwargs.get("y")
 
     return sample_fn

@@ -70,13 +70,18 @@ def diffusion_from_config(cfg: DiffusionConfig) -> SpacedDiffusion:
     return create_gaussian_diffusion(**kwargs)
 
 
-def create_model_and_diffusion(**flags) -> tuple[UNetModel, SpacedDiffusion]:
+def create_model_and_diffusion(
+    in_channels: int = 3, **flags
+) -> tuple[UNetModel, SpacedDiffusion]:
     """
     The image U-Net and its diffusion from the `model_and_diffusion_defaults()` flags (missing
     ones take their defaults).
+
+    :param in_channels: image channels; a VAE's latent channels in latent space (beyond).
     """
     unet, diffusion = split_flags(flags, UNetConfig, DiffusionConfig)
-    model = create_model(learn_sigma=diffusion.learn_sigma, **dataclasses.asdict(unet))
+    model = create_model(learn_sigma=diffusion.learn_sigma, in_channels=in_channels,
+                         **dataclasses.asdict(unet))
     return model, diffusion_from_config(diffusion)
 
 
@@ -99,12 +104,13 @@ def create_model(
     use_new_attention_order=False,
     num_classes=NUM_CLASSES,
     class_dropout_prob=0.0,
+    in_channels=3,
 ) -> UNetModel:
     return UNetModel(
         image_size=image_size,
-        in_channels=3,
+        in_channels=in_channels,
         model_channels=num_channels,
-        out_channels=(3 if not learn_sigma else 6),
+        out_channels=(in_channels if not learn_sigma else 2 * in_channels),
         num_res_blocks=num_res_blocks,
         attention_resolutions=_attention_ds(attention_resolutions, image_size),
         dropout=dropout,

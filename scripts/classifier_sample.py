@@ -11,6 +11,7 @@ from guided_diffusion.config import (
     ClassifierConfig,
     CommonConfig,
     DiffusionConfig,
+    DiTConfig,
     FastConfig,
     GuidanceConfig,
     SampleConfig,
@@ -26,7 +27,7 @@ def main():
     cli.setup(args)
 
     logger.log("creating model and diffusion...")
-    model, diffusion = cli.load_model_and_diffusion(args, "unet")
+    model, diffusion = cli.load_model_and_diffusion(args, "unet")  # or --model dit
     logger.log("loading classifier...")
     classifier, _ = cli.load_model_and_diffusion(args, "classifier")
 
@@ -44,7 +45,7 @@ def main():
 def create_argparser() -> argparse.ArgumentParser:
     return build_parser(
         __doc__, SampleConfig, GuidanceConfig, UNetConfig, DiffusionConfig, ClassifierConfig,
-        CommonConfig, SamplerOptions, FastConfig,
+        CommonConfig, SamplerOptions, FastConfig, DiTConfig,  # --model dit: a pixel-space DiT
     )
 
 if __name__ == "__main__":

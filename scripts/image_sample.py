@@ -8,11 +8,13 @@ same command to finish a killed run (see `sample_util.sample_and_save`).
 
 import argparse
 
-from guided_diffusion import cli, logger, sample_util
+from guided_diffusion import cli, latent, logger, sample_util
 from guided_diffusion.config import (
     CommonConfig,
     DiffusionConfig,
+    DiTConfig,
     FastConfig,
+    LatentConfig,
     SampleConfig,
     SamplerOptions,
     UNetConfig,
@@ -25,12 +27,16 @@ def main():
     cli.setup(args)
 
     logger.log("creating model and diffusion...")
-    model, diffusion = cli.load_model_and_diffusion(args, "unet")
+    model, diffusion = cli.load_model_and_diffusion(args, "unet")  # or --model dit
+    space = latent.space_from_flags(args)  # pixels, or --latent_vae's latents (decoded at the end)
+    if space.decode is not None and args.clip_denoised:
+        logger.log("latent space: --clip_denoised off (latents are not confined to [-1, 1])")
+        args.clip_denoised = False
 
     logger.log("sampling...")
     sample_fn = sample_util.make_sample_fn(
-        model, diffusion, args, (3, args.image_size, args.image_size),
-        num_classes=args.num_classes if args.class_cond else None,
+        model, diffusion, args, space.shape(args.image_size),
+        num_classes=args.num_classes if args.class_cond else None, decode=space.decode,
     )
     sample_util.sample_and_save(sample_fn, args, args.image_size, with_labels=args.class_cond)
 
@@ -38,6 +44,7 @@ def main():
 def create_argparser() -> argparse.ArgumentParser:
     return build_parser(
         __doc__, SampleConfig, UNetConfig, DiffusionConfig, CommonConfig, SamplerOptions, FastConfig,
+        DiTConfig, LatentConfig,
     )
 
 if __name__ == "__main__":

@@ -7,13 +7,16 @@ Trains forever unless `--lr_anneal_steps N` (then lr decays linearly to 0 over N
 """
 
 import argparse
+import os
 
-from guided_diffusion import cli, logger
+from guided_diffusion import cli, latent, logger
 from guided_diffusion.config import (
     CommonConfig,
     DataConfig,
     DiffusionConfig,
+    DiTConfig,
     FastConfig,
+    LatentConfig,
     TrainingConfig,
     UNetConfig,
     build_parser,
@@ -28,18 +31,20 @@ def main():
     save_run_flags(vars(args))
 
     logger.log("creating model and diffusion...")
-    model, diffusion = cli.build_model_and_diffusion(args, "unet")
+    model, diffusion = cli.build_model_and_diffusion(args, "unet")  # or --model dit
     fast_cfg = cli.apply_fast_flags(args, model)
 
     logger.log("creating data loader...")
     cli.require_path(args.data_dir, "data_dir", kind="dir")
-    data = load_data(
-        data_dir=args.data_dir,
-        batch_size=args.batch_size,
-        image_size=args.image_size,
-        class_cond=args.class_cond,
-        random_flip=args.random_flip,
-    )
+    space = latent.space_from_flags(args)
+    data_kwargs = dict(data_dir=args.data_dir, batch_size=args.batch_size,
+                       image_size=args.image_size, class_cond=args.class_cond,
+                       random_flip=args.random_flip)
+    if isinstance(space, latent.LatentSpace):  # the data set's encodings, cached once
+        cache_dir = args.latent_cache or os.path.join(logger.get_dir(), "latent_cache")
+        data = latent.load_latent_data(space=space, cache_dir=cache_dir, **data_kwargs)
+    else:
+        data = load_data(**data_kwargs)
 
     cli.train_diffusion(args, model, diffusion, data, use_bf16=fast_cfg.use_bf16)
 
@@ -47,6 +52,7 @@ def main():
 def create_argparser() -> argparse.ArgumentParser:
     return build_parser(
         __doc__, DataConfig, TrainingConfig, UNetConfig, DiffusionConfig, CommonConfig, FastConfig,
+        DiTConfig, LatentConfig,
     )
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ reports:
 classifier for classifier guidance. Their flags are read from the `args.json` the training scripts
 write beside the checkpoints; flags given here override them. Writes `{out_dir}/sampler_table.md`,
 `sampler_table.json`, a PNG grid per row and, with matplotlib installed
-(`pip install -e .[plot]`), `sampler_table_fid.png` (FID against NFE).
+(`pip install -e .[plot]`), `sampler_table_fid.png` (FID against NFE). `--dit_path` adds a second
+model's rows (`--dit_rows`), e.g. a `--model dit` run beside the U-Net, labelled by its size.
 
     python scripts/sampler_table.py --model_path RUN/ema_0.995_002500.pt \\
         --classifier_path CLF/model001499.pt --out_dir runs/table --num_samples 250
@@ -48,6 +49,7 @@ from guided_diffusion.config import (  # noqa: E402
     ClassifierConfig,
     CommonConfig,
     DiffusionConfig,
+    DiTConfig,
     GuidanceConfig,
     SampleConfig,
     SamplerOptions,
@@ -55,6 +57,7 @@ from guided_diffusion.config import (  # noqa: E402
     UNetConfig,
     add_flags,
     build_parser,
+    defaults,
     flag_fields,
 )
 from guided_diffusion.script_util import (  # noqa: E402
@@ -239,9 +242,23 @@ def main():
     rows = parse_rows(args.rows)
 
     cli.require_path(args.model_path, "model_path")
-    margs = flags_for(model_and_diffusion_defaults(), args.model_path, explicit)
+    # U-Net or DiT (--model in args.json): the image model's flags and DiT's.
+    image_model_defaults = {**model_and_diffusion_defaults(), **defaults(DiTConfig)}
+    margs = flags_for(image_model_defaults, args.model_path, explicit)
     margs.model_path, margs.use_fp16 = args.model_path, False
     model, diffusion = cli.load_model_and_diffusion(margs, "unet")
+    networks = [("", model, diffusion, rows)]
+    if args.dit_path:  # a second model beside the first, from its own args.json only
+        cli.require_path(args.dit_path, "dit_path")
+        dargs = flags_for(image_model_defaults, args.dit_path, {})
+        dargs.model_path, dargs.use_fp16 = args.dit_path, False
+        if dargs.image_size != margs.image_size:
+            raise cli.ScriptError(f"--dit_path: image size {dargs.image_size}, the table's model "
+                                  f"{margs.image_size}")
+        dit, dit_diffusion = cli.load_model_and_diffusion(dargs, "unet")
+        name = (f" (DiT depth {len(dit.blocks)}, width {dit.hidden_size}, patch {dit.patch_size})"
+                if dargs.model == "dit" else " (2nd model)")
+        networks.append((name, dit, dit_diffusion, parse_rows(args.dit_rows)))
     classifier = None
     if any(r[3] for r in rows):
         cli.require_path(args.classifier_path, "classifier_path")
@@ -264,7 +281,8 @@ def main():
     requested = th.arange(n) % 10
     x_T = th.randn(n, 3, size, size, generator=th.Generator().manual_seed(args.seed))
     results = []
-    for sampler, steps, cfg, clf in rows:
+    for suffix, model, diffusion, sampler, steps, cfg, clf in (
+            (suffix, m, d, *row) for suffix, m, d, net_rows in networks for row in net_rows):
         out = []
         th.manual_seed(args.seed + 1)  # DDPM's step noise: the same for every DDPM row
         start = time.time()
@@ -281,14 +299,15 @@ def main():
         sfeats = to_eval_space(samples)
         acc, cov = judge_metrics(judge, sfeats, requested)
         nfe = samplers.nfe(sampler, steps) * (1 if cfg in (0.0, 1.0) else 2)
-        res = dict(sampler=sampler, steps=steps, nfe=nfe, cfg_scale=cfg, classifier_scale=clf,
+        res = dict(sampler=sampler + suffix, steps=steps, nfe=nfe, cfg_scale=cfg,
+                   classifier_scale=clf,
                    guidance=row_label(sampler, steps, cfg, clf),
                    fid=frechet_distance(gaussian_fit(sfeats), ref), accuracy=acc, coverage=cov,
                    seconds_per_sample=seconds)
         results.append(res)
-        tag = f"{sampler}{steps}_cfg{cfg:g}_clf{clf:g}"
+        tag = f"{sampler}{steps}_cfg{cfg:g}_clf{clf:g}" + ("_2nd" if suffix else "")
         save_grid(samples, requested, os.path.join(args.out_dir, f"grid_{tag}.png"))
-        print(f"{sampler:>8} {steps:>4} steps  NFE {nfe:>4}  {res['guidance']:<22} "
+        print(f"{sampler + suffix:>8} {steps:>4} steps  NFE {nfe:>4}  {res['guidance']:<22} "
               f"FID {res['fid']:7.3f}  acc {acc:.3f}  cov {cov:.3f}  {seconds:.3f} s/sample",
               flush=True)
 

@@ -23,6 +23,7 @@ def _args(**overrides) -> argparse.Namespace:
 def test_model_kinds_name_their_checkpoint_and_fp16_flags():
     assert {k: (s.path_flag, s.fp16_flag) for k, s in cli.MODEL_KINDS.items()} == {
         "unet": ("model_path", "use_fp16"),
+        "dit": ("model_path", "use_fp16"),
         "superres": ("model_path", "use_fp16"),
         "classifier": ("classifier_path", "classifier_use_fp16"),
     }
