@@ -17,6 +17,17 @@ Reading, checking, finding and writing them is `checkpoints`' job; its public na
 original kept here (`find_resume_checkpoint`, `parse_resume_step_from_filename`, ...) still import
 from this module.
 
+Resume is bit-exact: opt*.pt's "resume" entry also holds every rank's RNG states (torch CPU and
+CUDA, NumPy, Python `random`), every data stream's position (`image_datasets.ResumableLoader`),
+the schedule sampler's loss history and the count of skipped steps, so a run killed at any moment
+and restarted with `resume_checkpoint="auto"` ends with the weights, EMAs and optimizer state of an
+uninterrupted run (same number of ranks).
+
+A step whose loss or gradient is not finite is skipped (no optimizer or EMA update) and counted;
+`max_bad_steps` of them in a row stop training with `TrainingStopped`. A collective that fails (a
+peer died, or did not answer within the process group's timeout, `--dist_timeout`) raises
+`PeerLostError` on every surviving rank instead of waiting forever.
+
 One loop serves every training mode: a mode is a subclass that overrides `microbatch_loss` (and,
 if it has more to restore, `resume_state` / `load_resume_state`), as `ClassifierTrainLoop` does.
 """
@@ -25,7 +36,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import os
+import random
+import signal
 from typing import Iterator
 
 import blobfile as bf
@@ -36,6 +50,7 @@ from torch.nn.parallel.distributed import DistributedDataParallel as DDP
 from torch.optim import AdamW
 
 from . import dist_util, logger
+from .cli import ScriptError
 from .checkpoints import (  # noqa: F401 -- the original's public names, re-exported
     AUTO_RESUME,
     RESUME_KEY,
@@ -53,9 +68,17 @@ from .checkpoints import (  # noqa: F401 -- the original's public names, re-expo
     save_atomic,
     save_run_flags,
 )
-from .fp16_util import INITIAL_LOG_LOSS_SCALE, MixedPrecisionTrainer
+from .fp16_util import INITIAL_LOG_LOSS_SCALE, MixedPrecisionTrainer, _norm
 from .nn import update_ema
 from .resample import LossAwareSampler, UniformSampler
+
+
+class TrainingStopped(ScriptError):
+    """Training cannot go on (e.g. too many non-finite steps in a row); the message says why."""
+
+
+class PeerLostError(ScriptError):
+    """A collective failed or timed out: another rank died or stopped answering."""
 
 
 class TrainLoop:
@@ -80,6 +103,11 @@ class TrainLoop:
     :param weight_decay: AdamW weight decay.
     :param lr_anneal_steps: if > 0, decay the lr linearly to 0 and stop after this many steps.
     :param use_bf16: bf16 autocast for the forward pass (exclusive with use_fp16).
+    :param grad_clip: clip the global gradient norm to this (0: off, as the original).
+    :param lr_warmup_steps: raise the lr linearly from lr / n to lr over the first n steps (0: off).
+    :param max_bad_steps: stop after this many non-finite steps in a row (0: never stop).
+    :param init_checkpoint: a model state_dict (e.g. a released checkpoint) to start from at step
+        0 with a fresh optimizer (fine-tuning); ignored when a resume checkpoint is found.
     """
 
     # log2 of the first fp16 loss scale (subclasses may start elsewhere).
@@ -104,6 +132,10 @@ class TrainLoop:
         weight_decay: float = 0.0,
         lr_anneal_steps: int = 0,
         use_bf16: bool = False,
+        grad_clip: float = 0.0,
+        lr_warmup_steps: int = 0,
+        max_bad_steps: int = 10,
+        init_checkpoint: str = "",
     ):
         self.model = model
         self.diffusion = diffusion
@@ -120,6 +152,12 @@ class TrainLoop:
         self.schedule_sampler = schedule_sampler or UniformSampler(diffusion)
         self.weight_decay = weight_decay
         self.lr_anneal_steps = lr_anneal_steps
+        self.grad_clip = grad_clip
+        self.lr_warmup_steps = lr_warmup_steps
+        self.max_bad_steps = max_bad_steps
+        self.init_checkpoint = init_checkpoint
+        self.bad_steps = 0  # non-finite steps skipped, in all
+        self.bad_in_a_row = 0
         # Stop after this many steps in all (None: train until stopped). Subclasses may decouple
         # it from annealing (ClassifierTrainLoop: --iterations).
         self.total_steps: int | None = lr_anneal_steps or None
@@ -147,6 +185,8 @@ class TrainLoop:
         else:
             self.ema_params = [self._copy_master_params() for _ in self.ema_rate]
 
+        if resume_checkpoint == AUTO_RESUME:
+            _remove_partial_files(get_blob_logdir())
         self.ddp_model = wrap_ddp(self.model)
         self.use_ddp = self.ddp_model is not self.model
 
@@ -163,11 +203,45 @@ class TrainLoop:
             self.mp_trainer.state_dict(),  # lg_loss_scale, use_fp16, use_bf16
             step=self.step + self.resume_step,
             train_flags=self.train_flags(),
+            bad_steps=self.bad_steps,
+            # Identical on every rank (the losses are all-gathered before the update).
+            schedule_sampler=self.schedule_sampler.state_dict(),
+            # Each rank draws its own noise and reads its own shard: rank r resumes from ranks[r].
+            ranks=dist_util.all_gather_objects(self._rank_state()),
         )
 
     def load_resume_state(self, state: dict) -> None:
         """Restore what `resume_state` saved (called while the optimizer state is loaded)."""
         self.mp_trainer.load_state_dict(state)
+        self.bad_steps = int(state.get("bad_steps", 0))
+        self.schedule_sampler.load_state_dict(state.get("schedule_sampler", {}))
+        ranks = state.get("ranks")
+        if ranks is None:
+            return  # written before RNG states were saved, or by the original
+        if len(ranks) != dist_util.get_world_size():
+            logger.log(
+                f"the checkpoint was written by {len(ranks)} ranks, this run has "
+                f"{dist_util.get_world_size()}: RNG states and data positions start afresh "
+                "(training goes on, but not bit for bit as the earlier run would have)"
+            )
+            return
+        mine = ranks[dist_util.get_rank()]
+        for name, stream in self.data_streams().items():
+            if name in mine["data"] and hasattr(stream, "load_state_dict"):
+                stream.load_state_dict(mine["data"][name])
+        set_rng_state(mine["rng"])
+
+    def data_streams(self) -> dict:
+        """The data iterators whose positions a checkpoint records (name -> iterator)."""
+        return {"train": self.data}
+
+    def _rank_state(self) -> dict:
+        data = {
+            name: stream.state_dict()
+            for name, stream in self.data_streams().items()
+            if hasattr(stream, "state_dict")
+        }
+        return {"rng": get_rng_state(), "data": data}
 
     def _copy_master_params(self) -> list:
         return [p.detach().clone() for p in self.mp_trainer.master_params]
@@ -180,6 +254,15 @@ class TrainLoop:
             # into one message naming the flag instead of load_state_dict's list of every tensor.
             load_model_checkpoint(
                 self.model, self.resume_path, source=f"--resume_checkpoint {self.resume_path!r}"
+            )
+        elif self.init_checkpoint:
+            # Fine-tuning: the weights only; step, optimizer and EMAs start fresh (the EMAs
+            # from these weights). A resume checkpoint of the run itself wins, so a restarted
+            # fine-tuning run continues instead of starting over.
+            logger.log(f"initializing the model from {self.init_checkpoint} (step 0)...")
+            load_model_checkpoint(
+                self.model, self.init_checkpoint,
+                source=f"--init_checkpoint {self.init_checkpoint!r}",
             )
         dist_util.sync_params(self.model.parameters())
         dist_util.sync_params(self.model.buffers())
@@ -235,34 +318,100 @@ class TrainLoop:
     def run_loop(self) -> None:
         """Train until `total_steps` (forever when None), logging and saving on the way."""
         while self.total_steps is None or self.step + self.resume_step < self.total_steps:
-            batch, cond = next(self.data)
-            self.run_step(batch, cond)
-            self.step += 1
-            done = self.step + self.resume_step
-            if done % self.log_interval == 0:
-                logger.dumpkvs()
-            if done % self.save_interval == 0:
-                self.save()
-                # Run for a limited time (tests, smoke runs): stop after the first save.
-                if os.environ.get("DIFFUSION_TRAINING_TEST", ""):
-                    return
+            with self._collectives_guarded():
+                batch, cond = next(self.data)
+                self.run_step(batch, cond)
+                self.step += 1
+                done = self.step + self.resume_step
+                _inject_fault("step", done)
+                if done % self.log_interval == 0:
+                    logger.dumpkvs()
+                if done % self.save_interval == 0:
+                    self.save()
+                    # Run for a limited time (tests, smoke runs): stop after the first save.
+                    if os.environ.get("DIFFUSION_TRAINING_TEST", ""):
+                        return
         if logger.getkvs():  # values logged since the last dump (every rank has the same keys)
             logger.dumpkvs()
         # Save the last checkpoint if it wasn't already saved.
         if self.step > 0 and (self.step + self.resume_step) % self.save_interval != 0:
-            self.save()
+            with self._collectives_guarded():
+                self.save()
+
+    def _collectives_guarded(self):
+        """Turn a failed collective (dead or silent peer) into `PeerLostError` on this rank."""
+        return _guard_collectives()
 
     def run_step(self, batch: th.Tensor, cond: dict) -> None:
         self._anneal_lr()
-        self.forward_backward(batch, cond)
-        took_step = self.mp_trainer.optimize(self.opt)
+        loss_finite = self.forward_backward(batch, cond)
+        if self._step_is_finite(loss_finite):
+            self._clip_gradients()
+            took_step = self.mp_trainer.optimize(self.opt)
+            self.bad_in_a_row = 0
+        else:
+            took_step = False
+            self._skip_bad_step()
         if took_step:
             self._update_ema()
         self.log_step()
 
-    def forward_backward(self, batch: th.Tensor, cond: dict) -> None:
-        """Accumulate the gradient of the batch's mean loss, one microbatch at a time."""
+    def _step_is_finite(self, loss_finite: bool | None) -> bool:
+        """
+        False when a rank's loss or (outside fp16) the gradient is not finite. All ranks agree:
+        the flags are all-reduced, so no rank steps while another skips.
+        """
+        bad = loss_finite is False
+        if not self.use_fp16:
+            # fp16 has its own remedy for non-finite gradients: a smaller loss scale.
+            grads = [p.grad for p in self.mp_trainer.master_params if p.grad is not None]
+            bad = bad or (bool(grads) and not math.isfinite(_norm(grads).item()))
+        if dist_util.is_distributed():
+            flag = th.tensor([float(bad)], device=dist_util.comm_device())
+            th.distributed.all_reduce(flag, op=th.distributed.ReduceOp.MAX)
+            bad = bool(flag.item())
+        return not bad
+
+    def _skip_bad_step(self) -> None:
         self.mp_trainer.zero_grad()
+        self.bad_steps += 1
+        self.bad_in_a_row += 1
+        done = self.step + self.resume_step + 1
+        logger.log(
+            f"step {done}: non-finite loss or gradient, step skipped "
+            f"({self.bad_in_a_row} in a row, {self.bad_steps} in all)"
+        )
+        if self.max_bad_steps and self.bad_in_a_row >= self.max_bad_steps:
+            newest = find_resume_checkpoint(get_blob_logdir())
+            raise TrainingStopped(
+                f"{self.bad_in_a_row} non-finite steps in a row (--max_bad_steps "
+                f"{self.max_bad_steps}), the last at step {done}; newest good checkpoint: "
+                f"{newest or 'none'} (lower --lr, set --grad_clip, or check the data)"
+            )
+
+    def _clip_gradients(self) -> None:
+        """Scale the gradients so that their global norm is at most `grad_clip` (0: off)."""
+        if not self.grad_clip:
+            return
+        params = self.mp_trainer.model_params
+        grads = [p.grad for p in params if p.grad is not None]
+        # fp16 gradients are still multiplied by the loss scale here: compare like with like.
+        scale = 2**self.mp_trainer.lg_loss_scale if self.use_fp16 else 1.0
+        norm = _norm(grads).item() / scale
+        if math.isfinite(norm) and norm > self.grad_clip:
+            with th.no_grad():
+                for g in grads:
+                    g.mul_(self.grad_clip / norm)
+        logger.logkv_mean("grad_norm_unclipped", norm)
+
+    def forward_backward(self, batch: th.Tensor, cond: dict) -> bool:
+        """
+        Accumulate the gradient of the batch's mean loss, one microbatch at a time.
+
+        :return: True when every microbatch's loss was finite.
+        """
+        self.mp_trainer.zero_grad()
+        finite = th.tensor(True)
         n = batch.shape[0]
         for i in range(0, n, self.microbatch):
             micro = batch[i : i + self.microbatch].to(dist_util.dev())
@@ -274,9 +423,11 @@ class TrainLoop:
             sync = last_batch or not self.use_ddp
             with (th.enable_grad() if sync else self.ddp_model.no_sync()):
                 loss = self.microbatch_loss(micro, micro_cond)
+                finite &= th.isfinite(loss.detach()).all().cpu()
                 # Weight each microbatch by its share of the batch: the accumulated gradient is
                 # that of the batch mean (the original summed microbatch means instead).
                 self.mp_trainer.backward(loss * (micro.shape[0] / n))
+        return bool(finite)
 
     def microbatch_loss(self, micro: th.Tensor, micro_cond: dict) -> th.Tensor:
         """
@@ -305,11 +456,18 @@ class TrainLoop:
                 update_ema(params, self.mp_trainer.master_params, rate=rate)
 
     def _anneal_lr(self) -> None:
-        """Linear decay to 0 over lr_anneal_steps: step k (0-based) uses lr * (1 - k / total)."""
-        if not self.lr_anneal_steps:
+        """
+        Set the lr of step k (0-based): lr * (1 - k / lr_anneal_steps) with annealing (the
+        original), times min(1, (k + 1) / lr_warmup_steps) with warm-up.
+        """
+        if not self.lr_anneal_steps and not self.lr_warmup_steps:
             return
-        frac_done = (self.step + self.resume_step) / self.lr_anneal_steps
-        lr = self.lr * (1 - frac_done)
+        k = self.step + self.resume_step
+        lr = self.lr
+        if self.lr_anneal_steps:
+            lr *= 1 - k / self.lr_anneal_steps
+        if self.lr_warmup_steps:
+            lr *= min(1.0, (k + 1) / self.lr_warmup_steps)
         for param_group in self.opt.param_groups:
             param_group["lr"] = lr
 
@@ -318,6 +476,7 @@ class TrainLoop:
         logger.logkv("step", done)
         logger.logkv("samples", done * self.global_batch)
         logger.logkv("lr", self.opt.param_groups[0]["lr"])
+        logger.logkv("skipped_steps", self.bad_steps)
 
     # ------------------------------------------------------------------ saving
 
@@ -345,6 +504,7 @@ class TrainLoop:
             batch_size=self.batch_size, microbatch=self.microbatch, lr=self.lr,
             ema_rate=",".join(str(r) for r in self.ema_rate), weight_decay=self.weight_decay,
             lr_anneal_steps=self.lr_anneal_steps, fp16_scale_growth=self.fp16_scale_growth,
+            grad_clip=self.grad_clip, lr_warmup_steps=self.lr_warmup_steps,
             world_size=dist_util.get_world_size(),
             schedule_sampler=type(self.schedule_sampler).__name__,
         )
@@ -354,7 +514,13 @@ class TrainLoop:
             return
         path = bf.join(get_blob_logdir(), filename)
         logger.log(f"saving {path}...")
-        save_atomic(obj, path)
+
+        def write(f) -> None:
+            th.save(obj, f)
+            # Tests kill the process here: the bytes are written, the file not yet renamed.
+            _inject_fault("save", self.step + self.resume_step)
+
+        atomic_write(path, write)
 
 
 class ClassifierTrainLoop(TrainLoop):
@@ -400,6 +566,10 @@ class ClassifierTrainLoop(TrainLoop):
         schedule_sampler=None,
         weight_decay: float = 0.0,
         use_bf16: bool = False,
+        grad_clip: float = 0.0,
+        lr_warmup_steps: int = 0,
+        max_bad_steps: int = 10,
+        init_checkpoint: str = "",
     ):
         self.iterations = iterations
         self.anneal_lr = anneal_lr
@@ -412,7 +582,8 @@ class ClassifierTrainLoop(TrainLoop):
             save_interval=save_interval, resume_checkpoint=resume_checkpoint, use_fp16=use_fp16,
             fp16_scale_growth=fp16_scale_growth, schedule_sampler=schedule_sampler,
             weight_decay=weight_decay, lr_anneal_steps=iterations if anneal_lr else 0,
-            use_bf16=use_bf16,
+            use_bf16=use_bf16, grad_clip=grad_clip, lr_warmup_steps=lr_warmup_steps,
+            max_bad_steps=max_bad_steps, init_checkpoint=init_checkpoint,
         )
         self.total_steps = iterations
 
@@ -444,6 +615,12 @@ class ClassifierTrainLoop(TrainLoop):
         if self.val_data is not None and (self.step + self.resume_step) % self.eval_interval == 0:
             self.evaluate(*next(self.val_data))
 
+    def data_streams(self) -> dict:
+        streams = super().data_streams()
+        if self.val_data is not None:
+            streams["val"] = self.val_data
+        return streams
+
     def evaluate(self, batch: th.Tensor, cond: dict) -> None:
         """Log the `val_` losses and accuracies of one batch (no gradients, eval mode)."""
         self.model.eval()
@@ -461,6 +638,114 @@ class ClassifierTrainLoop(TrainLoop):
             super().train_flags(), iterations=self.iterations, anneal_lr=self.anneal_lr,
             noised=self.noised, eval_interval=self.eval_interval,
         )
+
+
+def get_rng_state() -> dict:
+    """
+    This process's random states (torch CPU and CUDA, NumPy's and Python's global generators) as
+    tensors and plain values, so that `torch.load(weights_only=True)` reads them back.
+    """
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, py_state, gauss_next = random.getstate()
+    return {
+        "torch": th.get_rng_state(),
+        "cuda": th.cuda.get_rng_state_all() if th.cuda.is_available() else [],
+        "numpy": {
+            "keys": th.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian),
+        },
+        "python": {
+            "version": version, "state": th.tensor(py_state, dtype=th.int64),
+            "gauss_next": gauss_next,
+        },
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `get_rng_state` returned (the CUDA states only when the GPU count matches)."""
+    th.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda") or []
+    if cuda and th.cuda.is_available() and len(cuda) == th.cuda.device_count():
+        th.cuda.set_rng_state_all([s.cpu() for s in cuda])
+    n = state["numpy"]
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+         n["cached_gaussian"])
+    )
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss_next"]))
+
+
+class _guard_collectives:
+    """
+    A context that turns a failed collective into `PeerLostError`. gloo and NCCL raise (gloo: at
+    once when the peer's socket closes, after the process group's timeout when it just stops
+    answering); without this the rank would print a long traceback, or, when the error hits
+    inside DDP, sometimes only a backend message without the rank or the timeout.
+    """
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is None or not dist_util.is_distributed():
+            return False
+        errors = tuple(
+            getattr(th.distributed, name)
+            for name in ("DistError", "DistBackendError", "DistNetworkError")
+            if hasattr(th.distributed, name)
+        )
+        text = str(exc)
+        looks_like_comm = isinstance(exc, errors) or any(
+            word in text for word in ("Gloo", "gloo", "NCCL", "Connection", "timed out",
+                                      "Timed out", "timeout")
+        )
+        if not isinstance(exc, RuntimeError) or not looks_like_comm:
+            return False
+        first = next((line for line in text.splitlines() if line.strip()), type(exc).__name__)
+        raise PeerLostError(
+            f"rank {dist_util.get_rank()} of {dist_util.get_world_size()}: a collective failed, "
+            f"a peer died or did not answer within --dist_timeout "
+            f"{dist_util.collective_timeout():g}s: {first[:300]}"
+        ) from exc
+
+
+def _remove_partial_files(log_dir: str) -> None:
+    """Delete the temporary files of checkpoint writes that a killed run left behind (rank 0)."""
+    if dist_util.get_rank() != 0 or "://" in log_dir or not os.path.isdir(log_dir):
+        return
+    for name in os.listdir(log_dir):
+        # atomic_write's temporary names: ".{final name}.{random}.tmp"
+        if name.startswith((".model", ".ema_", ".opt")) and name.endswith(".tmp"):
+            logger.log(f"removing {name}, a checkpoint write that did not finish")
+            os.remove(os.path.join(log_dir, name))
+
+
+def _inject_fault(where: str, step: int) -> None:
+    """
+    Test hook: GD_FAULT="kill@save:N" makes this process SIGKILL itself while it writes a
+    checkpoint file of step N (bytes written, not yet renamed); "kill@step:N" right after step N;
+    "stop@step:N" SIGSTOPs it instead (a peer that hangs). "kill@step:N/R" only on rank R; several
+    specs are comma-separated. With GD_FAULT_ONCE=FOLDER each fault happens once (a file there
+    marks it), so an elastic restart does not die at the same place again.
+    """
+    for spec in filter(None, os.environ.get("GD_FAULT", "").split(",")):
+        action, _, point = spec.partition("@")
+        point_where, _, point_step = point.partition(":")
+        point_step, _, rank = point_step.partition("/")
+        if point_where != where or int(point_step) != step:
+            continue
+        if rank and int(rank) != dist_util.get_rank():
+            continue
+        once = os.environ.get("GD_FAULT_ONCE")
+        if once:
+            os.makedirs(once, exist_ok=True)
+            marker = os.path.join(once, spec.replace("@", "_").replace(":", "_").replace("/", "_"))
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                continue
+        os.kill(os.getpid(), {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}[action])
 
 
 def wrap_ddp(model: th.nn.Module) -> th.nn.Module:

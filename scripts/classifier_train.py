@@ -38,13 +38,14 @@ def main():
     data = load_data(
         data_dir=args.data_dir, batch_size=args.batch_size, image_size=args.image_size,
         class_cond=True, random_crop=args.random_crop, random_flip=args.random_flip,
+        seed=cli.data_seed(args),
     )
     val_data = None
     if args.val_data_dir:
         cli.require_path(args.val_data_dir, "val_data_dir", kind="dir")
         val_data = load_data(
             data_dir=args.val_data_dir, batch_size=args.batch_size, image_size=args.image_size,
-            class_cond=True,
+            class_cond=True, seed=cli.data_seed(args, stream=1),
         )
 
     logger.log("training classifier...")
@@ -67,6 +68,7 @@ def main():
         schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion),
         weight_decay=args.weight_decay,
         use_bf16=fast_cfg.use_bf16,
+        **cli.resilience_kwargs(args),
     ).run_loop()
 
 

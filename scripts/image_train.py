@@ -39,6 +39,7 @@ def main():
         image_size=args.image_size,
         class_cond=args.class_cond,
         random_flip=args.random_flip,
+        seed=cli.data_seed(args),
     )
 
     cli.train_diffusion(args, model, diffusion, data, use_bf16=fast_cfg.use_bf16)
