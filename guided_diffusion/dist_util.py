@@ -95,7 +95,7 @@ def setup_dist(timeout: float | None = None) -> None:
     if _launched_by_torchrun():
         os.environ.setdefault("LOCAL_RANK", "0")
         _set_cuda_device()
-        dist.init_process_group(backend=backend, init_method="env://", timeout=pg_timeout)
+        _init_from_torchrun(backend, pg_timeout)
     elif _mpi_world_size_from_env() > 1:
         _init_from_mpi(backend, pg_timeout)
     else:
@@ -105,6 +105,25 @@ def setup_dist(timeout: float | None = None) -> None:
         dist.init_process_group(
             backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=pg_timeout
         )
+
+
+def _init_from_torchrun(backend: str, timeout: datetime.timedelta) -> None:
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
+        return
+    # After an elastic restart (--max-restarts) the workers meet again in the agent's store,
+    # which still holds the dead group's gloo/NCCL addresses under the same keys: a fast rank
+    # may read them and fail with "connection refused". A prefix per restart keeps the groups
+    # apart.
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+        int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout,
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(
+        backend=backend, store=dist.PrefixStore(f"guided_diffusion/attempt{attempt}", store),
+        rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout,
+    )
 
 
 def _init_from_mpi(backend: str, timeout: datetime.timedelta) -> None:

@@ -5,7 +5,7 @@ that stops answering makes the others exit within --dist_timeout with a message;
 are skipped, counted and finally stop the run; grad clipping and lr warm-up do what they say.
 
 The runs use real shuffling, random flips, diffusion noise, microbatches, two EMA rates and the
-LossSecondMomentResampler (4 diffusion steps: its history is full after a few steps, so its
+LossSecondMomentResampler (2 diffusion steps: its history is full after a few steps, so its
 non-uniform weights drive the later steps).
 """
 
@@ -33,7 +33,7 @@ SCRIPT = ROOT / "scripts" / "image_train.py"
 STEPS = 12
 FLAGS = [
     "--image_size", "16", "--num_channels", "32", "--num_res_blocks", "1", "--channel_mult", "1,2",
-    "--attention_resolutions", "8", "--num_heads", "1", "--diffusion_steps", "4",
+    "--attention_resolutions", "8", "--num_heads", "1", "--diffusion_steps", "2",
     "--noise_schedule", "cosine", "--class_cond", "True", "--batch_size", "4", "--microbatch", "2",
     "--lr", "1e-3", "--ema_rate", "0.9,0.5", "--schedule_sampler", "loss-second-moment",
     "--lr_anneal_steps", str(STEPS), "--save_interval", "3", "--log_interval", "3", "--seed", "3",
