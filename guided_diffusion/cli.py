@@ -199,6 +199,7 @@ def train_diffusion(args, model, diffusion, data, use_bf16: bool) -> None:
         weight_decay=args.weight_decay,
         lr_anneal_steps=args.lr_anneal_steps,
         use_bf16=use_bf16,
+        sample_interval=args.sample_interval,
         **resilience_kwargs(args),
     ).run_loop()
 

@@ -40,6 +40,7 @@ import math
 import os
 import random
 import signal
+import time
 from typing import Iterator
 
 import blobfile as bf
@@ -108,6 +109,8 @@ class TrainLoop:
     :param max_bad_steps: stop after this many non-finite steps in a row (0: never stop).
     :param init_checkpoint: a model state_dict (e.g. a released checkpoint) to start from at step
         0 with a fresh optimizer (fine-tuning); ignored when a resume checkpoint is found.
+    :param sample_interval: write `samples_{step:06d}.png`, a grid from the current weights, every
+        this many steps (0: off), on rank 0, without touching the training RNGs.
     """
 
     # log2 of the first fp16 loss scale (subclasses may start elsewhere).
@@ -136,6 +139,7 @@ class TrainLoop:
         lr_warmup_steps: int = 0,
         max_bad_steps: int = 10,
         init_checkpoint: str = "",
+        sample_interval: int = 0,
     ):
         self.model = model
         self.diffusion = diffusion
@@ -156,6 +160,8 @@ class TrainLoop:
         self.lr_warmup_steps = lr_warmup_steps
         self.max_bad_steps = max_bad_steps
         self.init_checkpoint = init_checkpoint
+        self.sample_interval = sample_interval
+        self._started = (time.time(), 0)  # (wall time, steps done) at the start of this run
         self.bad_steps = 0  # non-finite steps skipped, in all
         self.bad_in_a_row = 0
         # Stop after this many steps in all (None: train until stopped). Subclasses may decouple
@@ -326,6 +332,9 @@ class TrainLoop:
                 _inject_fault("step", done)
                 if done % self.log_interval == 0:
                     logger.dumpkvs()
+                    self._log_progress(done)
+                if self.sample_interval and done % self.sample_interval == 0:
+                    self.write_sample_grid(done)
                 if done % self.save_interval == 0:
                     self.save()
                     # Run for a limited time (tests, smoke runs): stop after the first save.
@@ -471,6 +480,64 @@ class TrainLoop:
         for param_group in self.opt.param_groups:
             param_group["lr"] = lr
 
+    def _log_progress(self, done: int) -> None:
+        """One line a person can follow: steps done, speed and, with a known end, the ETA."""
+        t0, step0 = self._started
+        if self.step == 0:
+            return
+        rate = self.step / max(time.time() - t0, 1e-9)
+        line = f"step {done}" + (f"/{self.total_steps}" if self.total_steps else "")
+        line += f" ({rate:.2f} steps/s"
+        if self.total_steps:
+            eta = int((self.total_steps - done) / rate)
+            line += f", ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}"
+        logger.log(line + ")")
+
+    def write_sample_grid(self, step: int, n: int = 16, steps: int = 20) -> str | None:
+        """
+        Sample `n` images from the current weights with DDIM over `steps` steps (the project's
+        sampler and grid writer) into `samples_{step:06d}.png` beside the checkpoints (rank 0).
+        The training RNGs are forked, so a run with samples trains exactly as one without.
+
+        :return: the PNG's path (None on other ranks).
+        """
+        from PIL import Image
+
+        from .sample_util import image_grid, to_uint8_nhwc
+        from .samplers import sample
+
+        if dist_util.get_rank() != 0:
+            return None
+        if "low_res" in inspect.signature(self.model.forward).parameters:
+            logger.log("--sample_interval: no grids for super-resolution models (they need "
+                       "low-resolution inputs); use super_res_sample.py on a checkpoint")
+            return None
+        model_kwargs = {}
+        num_classes = getattr(self.model, "num_classes", None)
+        if num_classes:
+            model_kwargs["y"] = th.arange(n, device=dist_util.dev()) % num_classes
+        shape = (n, self.model.in_channels, self.model.image_size, self.model.image_size)
+        path = bf.join(get_blob_logdir(), f"samples_{step:06d}.png")
+        np_state, py_state = np.random.get_state(), random.getstate()
+        devices = [dist_util.dev()] if dist_util.dev().type == "cuda" else []
+        self.model.eval()  # dropout off while sampling
+        try:
+            with th.random.fork_rng(devices=devices), th.no_grad():
+                th.manual_seed(step)
+                x = sample(self.diffusion, self.model, shape, model_kwargs=model_kwargs,
+                           device=dist_util.dev(), sampler="ddim",
+                           steps=min(steps, self.diffusion.num_timesteps))
+        finally:
+            self.model.train()
+            np.random.set_state(np_state)
+            random.setstate(py_state)
+        labels = model_kwargs["y"].cpu().numpy() if model_kwargs else None
+        grid = image_grid(to_uint8_nhwc(x).cpu().numpy(), labels)
+        img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+        atomic_write(path, lambda f: img.save(f, format="PNG"))
+        logger.log(f"wrote {path}")
+        return path
+
     def log_step(self) -> None:
         done = self.step + self.resume_step + 1  # counting the step just taken
         logger.logkv("step", done)
@@ -496,6 +563,8 @@ class TrainLoop:
             f"model{step:06d}.pt",
             self.mp_trainer.master_params_to_state_dict(self.mp_trainer.master_params),
         )
+        if dist_util.get_rank() == 0:
+            plot_losses(get_blob_logdir())
         dist_util.barrier()
 
     def train_flags(self) -> dict:
@@ -638,6 +707,41 @@ class ClassifierTrainLoop(TrainLoop):
             super().train_flags(), iterations=self.iterations, anneal_lr=self.anneal_lr,
             noised=self.noised, eval_interval=self.eval_interval,
         )
+
+
+def plot_losses(log_dir: str, key: str = "loss") -> str | None:
+    """
+    Plot `key` against `step` from the run's progress.csv into `loss.png` beside it (the whole
+    run, resumes included). matplotlib is optional: without it, one log line and no plot.
+
+    :return: the PNG's path, or None when there is nothing to plot or no matplotlib.
+    """
+    import csv
+
+    csv_path = os.path.join(log_dir, "progress.csv")
+    if "://" in log_dir or not os.path.exists(csv_path):
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display on a cluster node
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.log("matplotlib is not installed: no loss plot (pip install matplotlib)")
+        return None
+    with open(csv_path) as f:
+        rows = [r for r in csv.DictReader(f) if r.get(key) and r.get("step")]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([float(r["step"]) for r in rows], [float(r[key]) for r in rows])
+    ax.set_xlabel("step")
+    ax.set_ylabel(key)
+    ax.set_yscale("log" if all(float(r[key]) > 0 for r in rows) else "linear")
+    path = os.path.join(log_dir, f"{key}.png")
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+    return path
 
 
 def get_rng_state() -> dict:

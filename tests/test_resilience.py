@@ -243,6 +243,7 @@ def _loop(tmp_path, cls=TrainLoop, **kw):
     flags = model_and_diffusion_defaults()
     flags.update(TINY)
     th.manual_seed(0)
+    np.random.seed(0)  # the timestep draws
     model, diffusion = create_model_and_diffusion(**flags)
     args = dict(model=model, diffusion=diffusion, data=_batches(), batch_size=2, microbatch=-1,
                 lr=1e-3, ema_rate="0.9", log_interval=1, save_interval=2, resume_checkpoint="")
@@ -328,3 +329,15 @@ def test_loader_resumes_mid_epoch_without_reading_skipped_images(data_dir, monke
     assert len(reads) == 5 * 3  # only the batches it handed out were read
     with pytest.raises(ValueError, match="batches per epoch"):
         ResumableLoader(dataset, batch_size=4).load_state_dict(state.state_dict())
+
+
+def test_sample_grids_and_loss_plot_leave_training_unchanged(tmp_path, one_thread):
+    plain = _loop(tmp_path / "plain", lr_anneal_steps=2)
+    plain.run_loop()
+    watched = _loop(tmp_path / "watched", lr_anneal_steps=2, sample_interval=1)
+    watched.run_loop()
+    for p, q in zip(plain.model.parameters(), watched.model.parameters()):
+        assert th.equal(p, q)  # sampling forked the RNGs: the training draws are the same
+    grid = Image.open(tmp_path / "watched" / "samples_000002.png")
+    assert grid.size[0] >= 4 * 16 and (tmp_path / "watched" / "samples_000001.png").exists()
+    assert Image.open(tmp_path / "watched" / "loss.png").size[0] > 100  # written at the save
