@@ -709,6 +709,101 @@ class ClassifierTrainLoop(TrainLoop):
         )
 
 
+def training_cost(
+    model: th.nn.Module,
+    inputs: dict,
+    batch_size: int,
+    microbatch: int,
+    n_ema: int,
+    precision: str = "fp32",
+) -> dict:
+    """
+    What one training step costs, measured by running one microbatch forward and backward on
+    the meta device (shapes only: no memory, no arithmetic). Build `model` under
+    `torch.device("meta")` for big layouts.
+
+    :param model: the network (any device; its parameters are counted).
+    :param inputs: the forward's keyword arguments for ONE microbatch, e.g. {'x': [m x C x H x W],
+        'timesteps': [m]} (meta tensors are fine).
+    :param batch_size: images per rank per step; `microbatch` (<= 0: the batch) per pass.
+    :param n_ema: EMA copies kept.
+    :param precision: "fp32", "bf16" or "fp16" (memory of weights, grads and activations).
+    :return: dict with 'params', 'flops_per_step' (forward + backward, all passes of one rank),
+        'state_bytes' (weights, grads, AdamW, EMA, fp16 master copy), 'activation_bytes' (saved
+        for backward in one pass: an upper estimate) and 'total_bytes'.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    microbatch = microbatch if 0 < microbatch < batch_size else batch_size
+    passes = math.ceil(batch_size / microbatch)
+    params = sum(p.numel() for p in model.parameters())
+    saved = [0]
+    weights = {id(p) for p in model.parameters()}
+
+    def pack(t: th.Tensor):
+        if id(t) not in weights:  # the weights themselves are counted in the state
+            saved[0] += t.numel() * t.element_size()
+        return t
+
+    with FlopCounterMode(display=False) as counter:
+        with th.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(**inputs)
+        out.float().mean().backward()
+    # Mixed precision halves the activations; fp16 keeps fp16 weights and grads plus a float32
+    # master copy with its own grads; AdamW keeps two float32 moments; each EMA one copy.
+    half = precision in ("fp16", "bf16")
+    per_param = 4 + 4 + 8 + 4 * n_ema + (2 + 2 if precision == "fp16" else 0)
+    state = params * per_param
+    activations = saved[0] // 2 if half else saved[0]
+    return dict(
+        params=params, flops_per_step=counter.get_total_flops() * passes, passes=passes,
+        state_bytes=state, activation_bytes=activations, total_bytes=state + activations,
+    )
+
+
+def dry_run(args, kind: str) -> dict:
+    """
+    --dry_run: build the network of `kind` from the flags on the meta device, print its parameters,
+    FLOPs per step and estimated memory per rank for those flags, and train nothing.
+
+    :return: `training_cost`'s dict.
+    """
+    from . import cli
+
+    spec = cli.MODEL_KINDS[kind]
+    with th.device("meta"):
+        model, _ = spec.factory(**cli.args_to_dict(args, spec.defaults().keys()))
+        micro = args.microbatch if 0 < args.microbatch < args.batch_size else args.batch_size
+        size = args.large_size if kind == "superres" else args.image_size
+        channels = getattr(model, "in_channels", 3)
+        if kind == "superres":
+            channels = 3  # the low-res image is concatenated inside the model
+        inputs = {"x": th.zeros(micro, channels, size, size), "timesteps": th.zeros(micro).long()}
+        if kind == "superres":
+            inputs["low_res"] = th.zeros(micro, 3, args.small_size, args.small_size)
+        if getattr(model, "num_classes", None) and kind != "classifier":
+            inputs["y"] = th.zeros(micro).long()
+    precision = "fp16" if getattr(args, spec.fp16_flag, False) else (
+        "bf16" if getattr(args, "use_bf16", False) else "fp32")
+    if precision == "fp16" and hasattr(model, "convert_to_fp16"):
+        model.convert_to_fp16()  # as MixedPrecisionTrainer does before training
+    n_ema = len(parse_ema_rates(getattr(args, "ema_rate", "")))
+    cost = training_cost(model, inputs, args.batch_size, args.microbatch, n_ema, precision)
+    gib = 2.0**30
+    lines = [
+        f"dry run ({type(model).__name__}, {precision}): {cost['params']:,} parameters "
+        f"({cost['params'] / 1e6:.1f} M)",
+        f"per step on each rank: {cost['flops_per_step'] / 1e9:,.2f} GFLOPs forward + backward "
+        f"(batch {args.batch_size} in {cost['passes']} pass(es) of {micro})",
+        f"memory per rank: {cost['state_bytes'] / gib:.2f} GiB weights, grads, AdamW and "
+        f"{n_ema} EMA; {cost['activation_bytes'] / gib:.2f} GiB activations per pass; "
+        f"about {cost['total_bytes'] / gib:.2f} GiB in all, plus the CUDA context (~1 GiB)",
+    ]
+    for line in lines:
+        logger.log(line)
+    return cost
+
+
 def plot_losses(log_dir: str, key: str = "loss") -> str | None:
     """
     Plot `key` against `step` from the run's progress.csv into `loss.png` beside it (the whole

@@ -21,12 +21,15 @@ from guided_diffusion.config import (
     TrainingConfig,
     build_parser,
 )
-from guided_diffusion.train_util import ClassifierTrainLoop, save_run_flags
+from guided_diffusion.train_util import ClassifierTrainLoop, dry_run, save_run_flags
 
 
 def main():
     args = create_argparser().parse_args()
     cli.setup(args)
+    if args.dry_run:
+        dry_run(args, "classifier")
+        return
     save_run_flags(vars(args))
 
     logger.log("creating model and diffusion...")

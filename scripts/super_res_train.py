@@ -19,12 +19,15 @@ from guided_diffusion.config import (
     build_parser,
 )
 from guided_diffusion.image_datasets import load_data
-from guided_diffusion.train_util import save_run_flags
+from guided_diffusion.train_util import dry_run, save_run_flags
 
 
 def main():
     args = create_argparser().parse_args()
     cli.setup(args)
+    if args.dry_run:
+        dry_run(args, "superres")
+        return
     save_run_flags(vars(args))
 
     logger.log("creating model...")

@@ -341,3 +341,29 @@ def test_sample_grids_and_loss_plot_leave_training_unchanged(tmp_path, one_threa
     grid = Image.open(tmp_path / "watched" / "samples_000002.png")
     assert grid.size[0] >= 4 * 16 and (tmp_path / "watched" / "samples_000001.png").exists()
     assert Image.open(tmp_path / "watched" / "loss.png").size[0] > 100  # written at the save
+
+
+def test_training_cost_counts_parameters_and_scales_with_batch_and_microbatch(one_thread):
+    from guided_diffusion.train_util import training_cost
+
+    flags = model_and_diffusion_defaults()
+    flags.update(TINY)
+    model, _ = create_model_and_diffusion(**flags)
+    with th.device("meta"):
+        meta_model, _ = create_model_and_diffusion(**flags)
+
+    def cost(batch, micro):
+        inputs = {"x": th.zeros(micro, 3, 16, 16, device="meta"),
+                  "timesteps": th.zeros(micro, dtype=th.long, device="meta")}
+        return training_cost(meta_model, inputs, batch, micro, n_ema=2)
+
+    small, double, split = cost(2, 2), cost(4, 4), cost(4, 2)
+    assert small["params"] == sum(p.numel() for p in model.parameters())
+    # AdamW (2 moments), weights, grads and 2 EMAs: 4 bytes each, per parameter.
+    assert small["state_bytes"] == small["params"] * 4 * 6
+    assert double["flops_per_step"] == 2 * small["flops_per_step"] > 0
+    assert split["flops_per_step"] == double["flops_per_step"] and split["passes"] == 2
+    # Activations grow with the pass's images (a few saved tensors, e.g. transposed weights of
+    # the embedding layers, do not).
+    assert 1.8 * split["activation_bytes"] < double["activation_bytes"] < 2 * split[
+        "activation_bytes"]
