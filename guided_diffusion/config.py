@@ -189,7 +189,7 @@ class TrainingConfig:
     save_interval: int = flag(10000, "steps between checkpoints")
     resume_checkpoint: str = flag("", "a model*.pt to resume, or 'auto': newest in --output_dir")
     fp16_scale_growth: float = flag(1e-3, "log2 growth of the fp16 loss scale per step")
-    init_checkpoint: str = flag("", "fine-tune: start from these weights at step 0, fresh optimizer")
+    init_checkpoint: str = flag("", "fine-tune: these weights at step 0, fresh optimizer")
     grad_clip: float = flag(0.0, "clip the global gradient norm to this; 0: off (the original)")
     lr_warmup_steps: int = flag(0, "raise the lr linearly over this many steps; 0: off")
     max_bad_steps: int = flag(10, "stop after this many non-finite steps in a row; 0: never")

@@ -49,7 +49,7 @@ def load_data(
     Yield (images, kwargs) batches forever.
 
     :param data_dir: the folder searched recursively for images.
-    :param batch_size: images per batch (per rank); the last incomplete batch of each pass is dropped.
+    :param batch_size: images per batch (per rank); each epoch's incomplete last batch is dropped.
     :param image_size: the side of the square crops.
     :param class_cond: if True, kwargs holds "y", the [N] int64 class labels.
     :param deterministic: if True, the order is fixed (no shuffling), e.g. for evaluation.
@@ -60,7 +60,8 @@ def load_data(
     :param seed: the seed of the order and the augmentations (None: a random one, which the
         loader's `state_dict()` records so that a resume continues the same stream).
     :param num_workers: processes that read images (0: read in this process).
-    :return: a `ResumableLoader`, an iterator of ([N x 3 x image_size x image_size] float32 tensor in [-1, 1], dict).
+    :return: a `ResumableLoader`, an iterator of ([N x 3 x image_size x image_size] float32
+        tensor in [-1, 1], dict).
     """
     if not data_dir:
         raise ValueError("unspecified data directory (--data_dir)")
@@ -236,7 +237,8 @@ class ImageDataset(Dataset):
     One rank's shard of an image list.
 
     :param resolution: the side of the square crops.
-    :param image_paths: every image (all ranks); this dataset keeps `image_paths[shard::num_shards]`.
+    :param image_paths: every image (all ranks); this dataset keeps
+        `image_paths[shard::num_shards]`.
     :param classes: the class index of each path, or None.
     """
 

@@ -211,7 +211,8 @@ class TrainLoop:
             train_flags=self.train_flags(),
             bad_steps=self.bad_steps,
             # Identical on every rank (the losses are all-gathered before the update).
-            schedule_sampler=self.schedule_sampler.state_dict(),
+            # (A duck-typed sampler without state_dict has nothing to restore.)
+            schedule_sampler=getattr(self.schedule_sampler, "state_dict", dict)(),
             # Each rank draws its own noise and reads its own shard: rank r resumes from ranks[r].
             ranks=dist_util.all_gather_objects(self._rank_state()),
         )
@@ -220,7 +221,8 @@ class TrainLoop:
         """Restore what `resume_state` saved (called while the optimizer state is loaded)."""
         self.mp_trainer.load_state_dict(state)
         self.bad_steps = int(state.get("bad_steps", 0))
-        self.schedule_sampler.load_state_dict(state.get("schedule_sampler", {}))
+        if hasattr(self.schedule_sampler, "load_state_dict"):
+            self.schedule_sampler.load_state_dict(state.get("schedule_sampler", {}))
         ranks = state.get("ranks")
         if ranks is None:
             return  # written before RNG states were saved, or by the original

@@ -321,7 +321,8 @@ def test_loader_resumes_mid_epoch_without_reading_skipped_images(data_dir, monke
         next(state)
     reads = []
     read = ImageDataset.__getitem__
-    monkeypatch.setattr(ImageDataset, "__getitem__", lambda self, i: reads.append(i) or read(self, i))
+    monkeypatch.setattr(ImageDataset, "__getitem__",
+                        lambda self, i: reads.append(i) or read(self, i))
     resumed = ResumableLoader(dataset, batch_size=3, seed=99, num_workers=0)
     resumed.load_state_dict(state.state_dict())
     for k in range(4, 9):
