@@ -328,16 +328,19 @@ class TrainLoop:
         while self.total_steps is None or self.step + self.resume_step < self.total_steps:
             with self._collectives_guarded():
                 batch, cond = next(self.data)
+                _heartbeat(self.step + self.resume_step + 1, "training")
                 self.run_step(batch, cond)
                 self.step += 1
                 done = self.step + self.resume_step
                 _inject_fault("step", done)
                 if done % self.log_interval == 0:
+                    _heartbeat(done, "logging")
                     logger.dumpkvs()
                     self._log_progress(done)
                 if self.sample_interval and done % self.sample_interval == 0:
                     self.write_sample_grid(done)
                 if done % self.save_interval == 0:
+                    _heartbeat(done, "saving")
                     self.save()
                     # Run for a limited time (tests, smoke runs): stop after the first save.
                     if os.environ.get("DIFFUSION_TRAINING_TEST", ""):
@@ -907,8 +910,58 @@ class _guard_collectives:
         raise PeerLostError(
             f"rank {dist_util.get_rank()} of {dist_util.get_world_size()}: a collective failed, "
             f"a peer died or did not answer within --dist_timeout "
-            f"{dist_util.collective_timeout():g}s: {first[:300]}"
+            f"{dist_util.collective_timeout():g}s{_laggards()}: {first[:300]}"
         ) from exc
+
+
+_HEARTBEAT = "guided_diffusion/heartbeat/"
+
+
+_PHASES = ("training", "logging", "saving")
+
+
+def _heartbeat(step: int, phase: str) -> None:
+    """
+    Note in the process group's store where this rank is going next (one small write before each
+    part of a step that holds collectives), so that a rank left waiting can name the one that
+    never came.
+    """
+    if not dist_util.is_distributed():
+        return
+    try:
+        point = step * len(_PHASES) + _PHASES.index(phase)
+        store = th.distributed.distributed_c10d._get_default_store()
+        store.set(f"{_HEARTBEAT}{dist_util.get_rank()}", str(point))
+    except Exception:  # noqa: BLE001 -- a diagnostic only; the collectives report the failure
+        pass
+
+
+def _laggards() -> str:
+    """
+    Which ranks stopped answering, from the heartbeats (gloo and NCCL name only this rank): the
+    ranks that never reached the point where the others wait. '' when the store cannot tell.
+    """
+    try:
+        store = th.distributed.distributed_c10d._get_default_store()
+        points = {}
+        for r in range(dist_util.get_world_size()):
+            key = f"{_HEARTBEAT}{r}"
+            points[r] = int(store.get(key)) if store.check([key]) else -1
+    except Exception:  # noqa: BLE001 -- the store may have died with rank 0
+        return ""
+
+    def where(point: int) -> str:
+        if point < 0:
+            return "before the first step"
+        step, phase = divmod(point, len(_PHASES))
+        return f"step {step}, {_PHASES[phase]}"
+
+    newest = max(points.values())
+    behind = sorted(r for r, p in points.items() if p < newest)
+    if not behind:
+        return ""
+    named = ", ".join(f"rank {r} (last at {where(points[r])})" for r in behind)
+    return f"; stopped answering: {named}, while the others wait at {where(newest)}"
 
 
 def _remove_partial_files(log_dir: str) -> None:

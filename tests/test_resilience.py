@@ -197,6 +197,8 @@ def test_a_silent_peer_makes_the_others_exit_within_the_timeout(data_dir, tmp_pa
         lines = [line for line in err.splitlines() if line.startswith("error:")]
         assert len(lines) == 1, err[-3000:]
         assert "rank 0 of 2" in lines[0] and "--dist_timeout 5s" in lines[0], lines[0]
+        # The heartbeats in the store name the rank that never came to the collective.
+        assert "stopped answering: rank 1 (last at step 2, training)" in lines[0], lines[0]
     finally:
         for p in procs:
             if p.poll() is None:
