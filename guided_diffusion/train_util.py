@@ -161,7 +161,7 @@ class TrainLoop:
         self.max_bad_steps = max_bad_steps
         self.init_checkpoint = init_checkpoint
         self.sample_interval = sample_interval
-        self._started = (time.time(), 0)  # (wall time, steps done) at the start of this run
+        self._started = time.time()  # wall time at the start of this run (for the ETA)
         self.bad_steps = 0  # non-finite steps skipped, in all
         self.bad_in_a_row = 0
         # Stop after this many steps in all (None: train until stopped). Subclasses may decouple
@@ -487,10 +487,9 @@ class TrainLoop:
 
     def _log_progress(self, done: int) -> None:
         """One line a person can follow: steps done, speed and, with a known end, the ETA."""
-        t0, step0 = self._started
         if self.step == 0:
             return
-        rate = self.step / max(time.time() - t0, 1e-9)
+        rate = self.step / max(time.time() - self._started, 1e-9)
         line = f"step {done}" + (f"/{self.total_steps}" if self.total_steps else "")
         line += f" ({rate:.2f} steps/s"
         if self.total_steps:
