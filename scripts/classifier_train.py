@@ -81,7 +81,7 @@ def create_argparser() -> argparse.ArgumentParser:
     return build_parser(
         __doc__, DataConfig, ClassifierTrainConfig, TrainingConfig(lr=3e-4, batch_size=4),
         ClassifierConfig, DiffusionConfig, CommonConfig, FastConfig,
-        drop=("ema_rate", "lr_anneal_steps", "fp16_scale_growth"),
+        drop=("ema_rate", "lr_anneal_steps", "fp16_scale_growth", "sample_interval"),
     )
 
 if __name__ == "__main__":
