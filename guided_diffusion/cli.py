@@ -17,6 +17,7 @@ Sampling and its output (seeded noise, ranks, gathering, .npz and grids) live in
 from __future__ import annotations
 
 import os
+import random
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -68,13 +69,14 @@ def world() -> tuple[int, int]:
 
 def setup(args) -> None:
     """Start the process group, point the logger at `--output_dir`, and seed torch if asked."""
-    dist_util.setup_dist()
+    dist_util.setup_dist(timeout=getattr(args, "dist_timeout", None))
     output_dir = getattr(args, "output_dir", "") or None
     logger.configure(dir=output_dir)
     seed = getattr(args, "seed", -1)
     if seed is not None and seed >= 0:
         th.manual_seed(seed + world()[0])
         np.random.seed((seed + world()[0]) % 2**32)
+        random.seed(seed + world()[0])  # all three global generators: checkpoints save them
 
 
 def require_path(path: str, flag: str, kind: str = "file") -> None:
@@ -270,7 +272,29 @@ def train_diffusion(args, model, diffusion, data, use_bf16: bool) -> None:
         weight_decay=args.weight_decay,
         lr_anneal_steps=args.lr_anneal_steps,
         use_bf16=use_bf16,
+        sample_interval=args.sample_interval,
+        **resilience_kwargs(args),
     ).run_loop()
+
+
+def data_seed(args, stream: int = 0) -> int | None:
+    """
+    The seed of a training data stream (order, crops, flips): from --seed when it is >= 0, else
+    None (a random one, which checkpoints record so that a resume continues the same stream).
+    `stream` tells the streams of one run apart (1: validation data).
+    """
+    seed = getattr(args, "seed", -1)
+    if seed is None or seed < 0:
+        return None
+    return seed + 1_000_003 * stream
+
+
+def resilience_kwargs(args) -> dict:
+    """TrainLoop's guard flags (grad clip, warm-up, NaN stop, fine-tuning start) from `args`."""
+    return dict(
+        grad_clip=args.grad_clip, lr_warmup_steps=args.lr_warmup_steps,
+        max_bad_steps=args.max_bad_steps, init_checkpoint=args.init_checkpoint,
+    )
 
 
 # ------------------------------------------------------------------------------------------------

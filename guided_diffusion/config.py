@@ -230,6 +230,13 @@ class TrainingConfig:
     save_interval: int = flag(10000, "steps between checkpoints")
     resume_checkpoint: str = flag("", "a model*.pt to resume, or 'auto': newest in --output_dir")
     fp16_scale_growth: float = flag(1e-3, "log2 growth of the fp16 loss scale per step")
+    init_checkpoint: str = flag("", "fine-tune: these weights at step 0, fresh optimizer")
+    grad_clip: float = flag(0.0, "clip the global gradient norm to this; 0: off (the original)")
+    lr_warmup_steps: int = flag(0, "raise the lr linearly over this many steps; 0: off")
+    max_bad_steps: int = flag(10, "stop after this many non-finite steps in a row; 0: never")
+    dist_timeout: float = flag(1800.0, "seconds a rank waits for its peers before it fails")
+    sample_interval: int = flag(0, "steps between sample grids beside the checkpoints; 0: off")
+    dry_run: bool = flag(False, "print parameters, FLOPs and memory per step, then exit")
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,19 @@ The original ran every job under MPI (`mpiexec -n 8 python scripts/...`) and der
 * `python scripts/...`: a one-rank group on an in-memory store, so `torch.distributed` calls
   (`get_rank`, `barrier`, `all_gather`, ...) work unchanged in a single process.
 
+Across nodes, torchrun's rendezvous (`--nnodes 2 --rdzv_backend c10d --rdzv_endpoint HOST:PORT`)
+and mpiexec (rank 0's host name, or MASTER_ADDR, is the meeting point) both work.
+
+Every collective has a timeout (`setup_dist(timeout=...)`, the scripts' `--dist_timeout`): a rank
+whose peer died or stopped answering gets an error instead of waiting forever.
+
 NCCL is used when CUDA is available, gloo otherwise. Every helper below also works when
 `setup_dist()` was never called (as in unit tests): it then behaves as a single process.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 from typing import Any, Iterable
@@ -51,35 +58,75 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# The process group's timeout in seconds (torch's own default for gloo: 30 minutes).
+DEFAULT_TIMEOUT_S = 1800.0
+_timeout_s = DEFAULT_TIMEOUT_S
+
+
+def collective_timeout() -> float:
+    """The seconds a collective waits for its peers before it fails."""
+    return _timeout_s
+
+
 def _backend() -> str:
     return "nccl" if th.cuda.is_available() else "gloo"
 
 
-def setup_dist() -> None:
+def setup_dist(timeout: float | None = None) -> None:
     """
     Join (or create) the default process group; safe to call more than once.
+
+    :param timeout: seconds a collective waits for the other ranks before it raises (None: 30
+        minutes). Under NCCL the error also needs torch's async error handling, on by default.
 
     Under torchrun the environment describes the group; under mpiexec mpi4py does; a plain process
     becomes a group of one. Sets `LOCAL_RANK` in the environment when it was not set, so `dev()`
     picks this process's GPU.
     """
+    global _timeout_s
     if dist.is_initialized():
         return
+    if timeout is not None:
+        if timeout <= 0:
+            raise ValueError(f"--dist_timeout must be > 0 seconds, got {timeout}")
+        _timeout_s = float(timeout)
+    pg_timeout = datetime.timedelta(seconds=_timeout_s)
     backend = _backend()
     if _launched_by_torchrun():
         os.environ.setdefault("LOCAL_RANK", "0")
         _set_cuda_device()
-        dist.init_process_group(backend=backend, init_method="env://")
+        _init_from_torchrun(backend, pg_timeout)
     elif _mpi_world_size_from_env() > 1:
-        _init_from_mpi(backend)
+        _init_from_mpi(backend, pg_timeout)
     else:
         os.environ.setdefault("LOCAL_RANK", "0")
         _set_cuda_device()
         # An in-memory store: no port to pick, nothing for other processes to find.
-        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(
+            backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=pg_timeout
+        )
 
 
-def _init_from_mpi(backend: str) -> None:
+def _init_from_torchrun(backend: str, timeout: datetime.timedelta) -> None:
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
+        return
+    # After an elastic restart (--max-restarts) the workers meet again in the agent's store,
+    # which still holds the dead group's gloo/NCCL addresses under the same keys: a fast rank
+    # may read them and fail with "connection refused". A prefix per restart keeps the groups
+    # apart.
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+        int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout,
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(
+        backend=backend, store=dist.PrefixStore(f"guided_diffusion/attempt{attempt}", store),
+        rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout,
+    )
+
+
+def _init_from_mpi(backend: str, timeout: datetime.timedelta) -> None:
     try:
         from mpi4py import MPI
     except ImportError as e:
@@ -102,7 +149,8 @@ def _init_from_mpi(backend: str) -> None:
     host, port = comm.bcast(address, root=0)
     _set_cuda_device()
     dist.init_process_group(
-        backend=backend, init_method=f"tcp://{host}:{port}", rank=rank, world_size=world
+        backend=backend, init_method=f"tcp://{host}:{port}", rank=rank, world_size=world,
+        timeout=timeout,
     )
 
 

@@ -5,6 +5,11 @@ through blobfile). With `class_cond`, an image's class is the part of its file n
 first "_" (`n01440764_10026.JPEG` -> "n01440764"), or with `label_from="folder"` the name of its
 first subfolder under `data_dir`; classes are numbered in sorted order. Each rank reads a disjoint
 shard (`paths[rank::world_size]`). Pixels are scaled to [-1, 1] and returned as C x H x W float32.
+
+The stream is resumable (`ResumableLoader`): the order of an epoch is a function of (seed, epoch,
+rank) and each image's random crop and flip of (seed, epoch, index), so a loader restored with
+`load_state_dict` yields the batches an uninterrupted one would have, without reading the images
+it skips. The training loop stores that state in its checkpoints.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import random
 from typing import Iterator
 
+import torch as th
 import blobfile as bf
 import numpy as np
 from PIL import Image
@@ -36,12 +42,14 @@ def load_data(
     random_crop: bool = False,
     random_flip: bool = True,
     label_from: str = "filename",
-) -> Iterator[tuple]:
+    seed: int | None = None,
+    num_workers: int = 1,
+) -> "ResumableLoader":
     """
     Yield (images, kwargs) batches forever.
 
     :param data_dir: the folder searched recursively for images.
-    :param batch_size: images per batch (per rank); the last incomplete batch of each pass is dropped.
+    :param batch_size: images per batch (per rank); each epoch's incomplete last batch is dropped.
     :param image_size: the side of the square crops.
     :param class_cond: if True, kwargs holds "y", the [N] int64 class labels.
     :param deterministic: if True, the order is fixed (no shuffling), e.g. for evaluation.
@@ -49,7 +57,11 @@ def load_data(
     :param random_flip: if True, flip each image left-right with probability 1/2.
     :param label_from: "filename" (the original: prefix before the first "_") or "folder" (the
         first subfolder under data_dir, for ImageFolder-style trees).
-    :return: an iterator of ([N x 3 x image_size x image_size] float32 tensor in [-1, 1], dict).
+    :param seed: the seed of the order and the augmentations (None: a random one, which the
+        loader's `state_dict()` records so that a resume continues the same stream).
+    :param num_workers: processes that read images (0: read in this process).
+    :return: a `ResumableLoader`, an iterator of ([N x 3 x image_size x image_size] float32
+        tensor in [-1, 1], dict).
     """
     if not data_dir:
         raise ValueError("unspecified data directory (--data_dir)")
@@ -81,15 +93,117 @@ def load_data(
             f"({len(all_files)} in total over {dist_util.get_world_size()} ranks), fewer than "
             f"the batch size {batch_size}"
         )
-    loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=not deterministic, num_workers=1, drop_last=True
+    return ResumableLoader(
+        dataset, batch_size, seed=seed, shuffle=not deterministic, rank=dist_util.get_rank(),
+        num_workers=num_workers,
     )
-    return _forever(loader)
 
 
-def _forever(loader: DataLoader) -> Iterator[tuple]:
-    while True:
-        yield from loader
+def _item_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one image's augmentations: independent of workers, batch size and rank."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+class _ResumableBatches:
+    """
+    Batches of (index, item seed) pairs, forever, from batch `start` (counted from epoch 0).
+
+    Epoch e visits the indices in the order `default_rng([seed, e, rank]).permutation(n)` (or in
+    order without shuffling) and drops the incomplete last batch, as `drop_last=True` did. Skipped
+    batches cost an index permutation, not image reads.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool, rank: int, start: int):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.shuffle, self.rank, self.start = shuffle, rank, start
+        self.per_epoch = n // batch_size
+
+    def __iter__(self) -> Iterator[list]:
+        epoch, position = divmod(self.start, self.per_epoch)
+        while True:
+            if self.shuffle:
+                order = np.random.default_rng([self.seed, epoch, self.rank]).permutation(self.n)
+            else:
+                order = np.arange(self.n)
+            for b in range(position, self.per_epoch):
+                indices = order[b * self.batch_size : (b + 1) * self.batch_size]
+                yield [(int(i), _item_seed(self.seed, epoch, int(i))) for i in indices]
+            epoch, position = epoch + 1, 0
+
+
+class ResumableLoader:
+    """
+    An endless iterator of (images, kwargs) batches whose position can be saved and restored.
+
+    :param dataset: an `ImageDataset` (items are read as `dataset[(index, item_seed)]`).
+    :param batch_size: images per batch.
+    :param seed: the seed of the order and the augmentations (None: a random one).
+    :param shuffle: a new order every epoch (False: file order).
+    :param rank: this process's rank (each rank shuffles its own shard differently).
+    :param num_workers: DataLoader worker processes.
+    """
+
+    def __init__(
+        self,
+        dataset: "ImageDataset",
+        batch_size: int,
+        seed: int | None = None,
+        shuffle: bool = True,
+        rank: int = 0,
+        num_workers: int = 1,
+    ):
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = int(seed) if seed is not None else random.SystemRandom().randrange(2**31)
+        self.shuffle = shuffle
+        self.rank = rank
+        self.num_workers = num_workers
+        self.batches_done = 0  # batches handed out, counted over all epochs
+        self._it = None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.dataset) // self.batch_size
+
+    def __iter__(self) -> "ResumableLoader":
+        return self
+
+    def __next__(self) -> tuple:
+        if self._it is None:
+            batches = _ResumableBatches(
+                len(self.dataset), self.batch_size, self.seed, self.shuffle, self.rank,
+                start=self.batches_done,
+            )
+            # A private generator: creating the iterator draws the workers' base seed from it,
+            # which would otherwise consume the global torch RNG that the checkpoint restores.
+            loader = DataLoader(
+                self.dataset, batch_sampler=batches, num_workers=self.num_workers,
+                generator=th.Generator().manual_seed(self.seed),
+            )
+            self._it = iter(loader)
+        batch = next(self._it)
+        self.batches_done += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        """Where the stream stands: plain ints (saved in the training checkpoints)."""
+        return {
+            "seed": self.seed, "batches_done": self.batches_done,
+            "batches_per_epoch": self.batches_per_epoch, "shuffle": self.shuffle,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the stream that `state` describes (the next batch is the one it would give)."""
+        if state.get("batches_per_epoch") != self.batches_per_epoch:
+            raise ValueError(
+                f"the data loader state is for {state.get('batches_per_epoch')} batches per "
+                f"epoch, this data gives {self.batches_per_epoch} (was --data_dir, --batch_size "
+                "or the number of ranks changed?)"
+            )
+        self.seed = int(state["seed"])
+        self.shuffle = bool(state["shuffle"])
+        self.batches_done = int(state["batches_done"])
+        self._it = None
 
 
 def _class_name(path: str, data_dir: str, label_from: str) -> str:
@@ -123,7 +237,8 @@ class ImageDataset(Dataset):
     One rank's shard of an image list.
 
     :param resolution: the side of the square crops.
-    :param image_paths: every image (all ranks); this dataset keeps `image_paths[shard::num_shards]`.
+    :param image_paths: every image (all ranks); this dataset keeps
+        `image_paths[shard::num_shards]`.
     :param classes: the class index of each path, or None.
     """
 
@@ -147,14 +262,22 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.local_images)
 
-    def __getitem__(self, idx: int) -> tuple:
+    def __getitem__(self, idx: int | tuple) -> tuple:
+        """
+        :param idx: an index, or (index, seed): the seed makes the crop and flip reproducible
+            (the plain index uses the global `random` state, as the original).
+        """
+        rng = random
+        if isinstance(idx, tuple):
+            idx, item_seed = idx
+            rng = random.Random(item_seed)
         path = self.local_images[idx]
         pil_image = read_image(path)
         if self.random_crop:
-            arr = random_crop_arr(pil_image, self.resolution)
+            arr = random_crop_arr(pil_image, self.resolution, rng=rng)
         else:
             arr = center_crop_arr(pil_image, self.resolution)
-        if self.random_flip and random.random() < 0.5:
+        if self.random_flip and rng.random() < 0.5:
             arr = arr[:, ::-1]
         arr = arr.astype(np.float32) / 127.5 - 1
         out_dict = {}

@@ -38,16 +38,23 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
 
 
 def random_crop_arr(
-    pil_image: Image.Image, image_size: int, min_crop_frac: float = 0.8, max_crop_frac: float = 1.0
+    pil_image: Image.Image,
+    image_size: int,
+    min_crop_frac: float = 0.8,
+    max_crop_frac: float = 1.0,
+    rng: random.Random | None = None,
 ) -> np.ndarray:
     """
     Resize the shorter side to a random length so that the crop covers `min_crop_frac` to
     `max_crop_frac` of it, then cut a square at a random position: [H x W x 3] uint8.
+
+    :param rng: the random source (default: the `random` module's global one).
     """
+    rng = rng or random
     min_smaller_dim_size = math.ceil(image_size / max_crop_frac)
     max_smaller_dim_size = math.ceil(image_size / min_crop_frac)
-    smaller_dim_size = random.randrange(min_smaller_dim_size, max_smaller_dim_size + 1)
+    smaller_dim_size = rng.randrange(min_smaller_dim_size, max_smaller_dim_size + 1)
     arr = _resize_short_side(pil_image, smaller_dim_size)
-    crop_y = random.randrange(arr.shape[0] - image_size + 1)
-    crop_x = random.randrange(arr.shape[1] - image_size + 1)
+    crop_y = rng.randrange(arr.shape[0] - image_size + 1)
+    crop_x = rng.randrange(arr.shape[1] - image_size + 1)
     return arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size]

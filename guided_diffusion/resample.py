@@ -59,6 +59,13 @@ class ScheduleSampler(ABC):
         weights = th.from_numpy(weights_np).float().to(device)
         return indices, weights
 
+    def state_dict(self) -> dict:
+        """What a training resume must restore (tensors and plain values); {} when stateless."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`'s result."""
+
 
 class UniformSampler(ScheduleSampler):
     """Every timestep equally likely; all importance weights are 1."""
@@ -154,6 +161,24 @@ class LossSecondMomentResampler(LossAwareSampler):
             else:
                 self._loss_history[t, self._loss_counts[t]] = loss
                 self._loss_counts[t] += 1
+
+    def state_dict(self) -> dict:
+        return {
+            "loss_history": th.from_numpy(self._loss_history.copy()),
+            "loss_counts": th.from_numpy(self._loss_counts.copy()),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        history = state["loss_history"].numpy().astype(np.float64)
+        if history.shape != self._loss_history.shape:
+            raise ValueError(
+                f"the saved loss history has shape {tuple(history.shape)}, this sampler "
+                f"{self._loss_history.shape} (other --diffusion_steps?)"
+            )
+        self._loss_history = history.copy()
+        self._loss_counts = state["loss_counts"].numpy().astype(np.int64).copy()
 
     def _warmed_up(self) -> bool:
         return bool((self._loss_counts == self.history_per_term).all())

@@ -17,6 +17,17 @@ Reading, checking, finding and writing them is `checkpoints`' job; its public na
 original kept here (`find_resume_checkpoint`, `parse_resume_step_from_filename`, ...) still import
 from this module.
 
+Resume is bit-exact: opt*.pt's "resume" entry also holds every rank's RNG states (torch CPU and
+CUDA, NumPy, Python `random`), every data stream's position (`image_datasets.ResumableLoader`),
+the schedule sampler's loss history and the count of skipped steps, so a run killed at any moment
+and restarted with `resume_checkpoint="auto"` ends with the weights, EMAs and optimizer state of an
+uninterrupted run (same number of ranks).
+
+A step whose loss or gradient is not finite is skipped (no optimizer or EMA update) and counted;
+`max_bad_steps` of them in a row stop training with `TrainingStopped`. A collective that fails (a
+peer died, or did not answer within the process group's timeout, `--dist_timeout`) raises
+`PeerLostError` on every surviving rank instead of waiting forever.
+
 One loop serves every training mode: a mode is a subclass that overrides `microbatch_loss` (and,
 if it has more to restore, `resume_state` / `load_resume_state`), as `ClassifierTrainLoop` does.
 """
@@ -25,7 +36,11 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import os
+import random
+import signal
+import time
 from typing import Iterator
 
 import blobfile as bf
@@ -36,6 +51,7 @@ from torch.nn.parallel.distributed import DistributedDataParallel as DDP
 from torch.optim import AdamW
 
 from . import dist_util, logger
+from .cli import ScriptError
 from .checkpoints import (  # noqa: F401 -- the original's public names, re-exported
     AUTO_RESUME,
     RESUME_KEY,
@@ -53,9 +69,17 @@ from .checkpoints import (  # noqa: F401 -- the original's public names, re-expo
     save_atomic,
     save_run_flags,
 )
-from .fp16_util import INITIAL_LOG_LOSS_SCALE, MixedPrecisionTrainer
+from .fp16_util import INITIAL_LOG_LOSS_SCALE, MixedPrecisionTrainer, _norm
 from .nn import update_ema
 from .resample import LossAwareSampler, UniformSampler
+
+
+class TrainingStopped(ScriptError):
+    """Training cannot go on (e.g. too many non-finite steps in a row); the message says why."""
+
+
+class PeerLostError(ScriptError):
+    """A collective failed or timed out: another rank died or stopped answering."""
 
 
 class TrainLoop:
@@ -80,6 +104,13 @@ class TrainLoop:
     :param weight_decay: AdamW weight decay.
     :param lr_anneal_steps: if > 0, decay the lr linearly to 0 and stop after this many steps.
     :param use_bf16: bf16 autocast for the forward pass (exclusive with use_fp16).
+    :param grad_clip: clip the global gradient norm to this (0: off, as the original).
+    :param lr_warmup_steps: raise the lr linearly from lr / n to lr over the first n steps (0: off).
+    :param max_bad_steps: stop after this many non-finite steps in a row (0: never stop).
+    :param init_checkpoint: a model state_dict (e.g. a released checkpoint) to start from at step
+        0 with a fresh optimizer (fine-tuning); ignored when a resume checkpoint is found.
+    :param sample_interval: write `samples_{step:06d}.png`, a grid from the current weights, every
+        this many steps (0: off), on rank 0, without touching the training RNGs.
     """
 
     # log2 of the first fp16 loss scale (subclasses may start elsewhere).
@@ -104,6 +135,11 @@ class TrainLoop:
         weight_decay: float = 0.0,
         lr_anneal_steps: int = 0,
         use_bf16: bool = False,
+        grad_clip: float = 0.0,
+        lr_warmup_steps: int = 0,
+        max_bad_steps: int = 10,
+        init_checkpoint: str = "",
+        sample_interval: int = 0,
     ):
         self.model = model
         self.diffusion = diffusion
@@ -120,6 +156,14 @@ class TrainLoop:
         self.schedule_sampler = schedule_sampler or UniformSampler(diffusion)
         self.weight_decay = weight_decay
         self.lr_anneal_steps = lr_anneal_steps
+        self.grad_clip = grad_clip
+        self.lr_warmup_steps = lr_warmup_steps
+        self.max_bad_steps = max_bad_steps
+        self.init_checkpoint = init_checkpoint
+        self.sample_interval = sample_interval
+        self._started = time.time()  # wall time at the start of this run (for the ETA)
+        self.bad_steps = 0  # non-finite steps skipped, in all
+        self.bad_in_a_row = 0
         # Stop after this many steps in all (None: train until stopped). Subclasses may decouple
         # it from annealing (ClassifierTrainLoop: --iterations).
         self.total_steps: int | None = lr_anneal_steps or None
@@ -147,6 +191,8 @@ class TrainLoop:
         else:
             self.ema_params = [self._copy_master_params() for _ in self.ema_rate]
 
+        if resume_checkpoint == AUTO_RESUME:
+            _remove_partial_files(get_blob_logdir())
         self.ddp_model = wrap_ddp(self.model)
         self.use_ddp = self.ddp_model is not self.model
 
@@ -163,11 +209,47 @@ class TrainLoop:
             self.mp_trainer.state_dict(),  # lg_loss_scale, use_fp16, use_bf16
             step=self.step + self.resume_step,
             train_flags=self.train_flags(),
+            bad_steps=self.bad_steps,
+            # Identical on every rank (the losses are all-gathered before the update).
+            # (A duck-typed sampler without state_dict has nothing to restore.)
+            schedule_sampler=getattr(self.schedule_sampler, "state_dict", dict)(),
+            # Each rank draws its own noise and reads its own shard: rank r resumes from ranks[r].
+            ranks=dist_util.all_gather_objects(self._rank_state()),
         )
 
     def load_resume_state(self, state: dict) -> None:
         """Restore what `resume_state` saved (called while the optimizer state is loaded)."""
         self.mp_trainer.load_state_dict(state)
+        self.bad_steps = int(state.get("bad_steps", 0))
+        if hasattr(self.schedule_sampler, "load_state_dict"):
+            self.schedule_sampler.load_state_dict(state.get("schedule_sampler", {}))
+        ranks = state.get("ranks")
+        if ranks is None:
+            return  # written before RNG states were saved, or by the original
+        if len(ranks) != dist_util.get_world_size():
+            logger.log(
+                f"the checkpoint was written by {len(ranks)} ranks, this run has "
+                f"{dist_util.get_world_size()}: RNG states and data positions start afresh "
+                "(training goes on, but not bit for bit as the earlier run would have)"
+            )
+            return
+        mine = ranks[dist_util.get_rank()]
+        for name, stream in self.data_streams().items():
+            if name in mine["data"] and hasattr(stream, "load_state_dict"):
+                stream.load_state_dict(mine["data"][name])
+        set_rng_state(mine["rng"])
+
+    def data_streams(self) -> dict:
+        """The data iterators whose positions a checkpoint records (name -> iterator)."""
+        return {"train": self.data}
+
+    def _rank_state(self) -> dict:
+        data = {
+            name: stream.state_dict()
+            for name, stream in self.data_streams().items()
+            if hasattr(stream, "state_dict")
+        }
+        return {"rng": get_rng_state(), "data": data}
 
     def _copy_master_params(self) -> list:
         return [p.detach().clone() for p in self.mp_trainer.master_params]
@@ -180,6 +262,15 @@ class TrainLoop:
             # into one message naming the flag instead of load_state_dict's list of every tensor.
             load_model_checkpoint(
                 self.model, self.resume_path, source=f"--resume_checkpoint {self.resume_path!r}"
+            )
+        elif self.init_checkpoint:
+            # Fine-tuning: the weights only; step, optimizer and EMAs start fresh (the EMAs
+            # from these weights). A resume checkpoint of the run itself wins, so a restarted
+            # fine-tuning run continues instead of starting over.
+            logger.log(f"initializing the model from {self.init_checkpoint} (step 0)...")
+            load_model_checkpoint(
+                self.model, self.init_checkpoint,
+                source=f"--init_checkpoint {self.init_checkpoint!r}",
             )
         dist_util.sync_params(self.model.parameters())
         dist_util.sync_params(self.model.buffers())
@@ -235,34 +326,106 @@ class TrainLoop:
     def run_loop(self) -> None:
         """Train until `total_steps` (forever when None), logging and saving on the way."""
         while self.total_steps is None or self.step + self.resume_step < self.total_steps:
-            batch, cond = next(self.data)
-            self.run_step(batch, cond)
-            self.step += 1
-            done = self.step + self.resume_step
-            if done % self.log_interval == 0:
-                logger.dumpkvs()
-            if done % self.save_interval == 0:
-                self.save()
-                # Run for a limited time (tests, smoke runs): stop after the first save.
-                if os.environ.get("DIFFUSION_TRAINING_TEST", ""):
-                    return
+            with self._collectives_guarded():
+                batch, cond = next(self.data)
+                _heartbeat(self.step + self.resume_step + 1, "training")
+                self.run_step(batch, cond)
+                self.step += 1
+                done = self.step + self.resume_step
+                _inject_fault("step", done)
+                if done % self.log_interval == 0:
+                    _heartbeat(done, "logging")
+                    logger.dumpkvs()
+                    self._log_progress(done)
+                if self.sample_interval and done % self.sample_interval == 0:
+                    self.write_sample_grid(done)
+                if done % self.save_interval == 0:
+                    _heartbeat(done, "saving")
+                    self.save()
+                    # Run for a limited time (tests, smoke runs): stop after the first save.
+                    if os.environ.get("DIFFUSION_TRAINING_TEST", ""):
+                        return
         if logger.getkvs():  # values logged since the last dump (every rank has the same keys)
             logger.dumpkvs()
         # Save the last checkpoint if it wasn't already saved.
         if self.step > 0 and (self.step + self.resume_step) % self.save_interval != 0:
-            self.save()
+            with self._collectives_guarded():
+                self.save()
+
+    def _collectives_guarded(self):
+        """Turn a failed collective (dead or silent peer) into `PeerLostError` on this rank."""
+        return _guard_collectives()
 
     def run_step(self, batch: th.Tensor, cond: dict) -> None:
         self._anneal_lr()
-        self.forward_backward(batch, cond)
-        took_step = self.mp_trainer.optimize(self.opt)
+        loss_finite = self.forward_backward(batch, cond)
+        if self._step_is_finite(loss_finite):
+            self._clip_gradients()
+            took_step = self.mp_trainer.optimize(self.opt)
+            self.bad_in_a_row = 0
+        else:
+            took_step = False
+            self._skip_bad_step()
         if took_step:
             self._update_ema()
         self.log_step()
 
-    def forward_backward(self, batch: th.Tensor, cond: dict) -> None:
-        """Accumulate the gradient of the batch's mean loss, one microbatch at a time."""
+    def _step_is_finite(self, loss_finite: bool | None) -> bool:
+        """
+        False when a rank's loss or (outside fp16) the gradient is not finite. All ranks agree:
+        the flags are all-reduced, so no rank steps while another skips.
+        """
+        bad = loss_finite is False
+        if not self.use_fp16:
+            # fp16 has its own remedy for non-finite gradients: a smaller loss scale.
+            grads = [p.grad for p in self.mp_trainer.master_params if p.grad is not None]
+            bad = bad or (bool(grads) and not math.isfinite(_norm(grads).item()))
+        if dist_util.is_distributed():
+            flag = th.tensor([float(bad)], device=dist_util.comm_device())
+            th.distributed.all_reduce(flag, op=th.distributed.ReduceOp.MAX)
+            bad = bool(flag.item())
+        return not bad
+
+    def _skip_bad_step(self) -> None:
         self.mp_trainer.zero_grad()
+        self.bad_steps += 1
+        self.bad_in_a_row += 1
+        done = self.step + self.resume_step + 1
+        logger.log(
+            f"step {done}: non-finite loss or gradient, step skipped "
+            f"({self.bad_in_a_row} in a row, {self.bad_steps} in all)"
+        )
+        if self.max_bad_steps and self.bad_in_a_row >= self.max_bad_steps:
+            newest = find_resume_checkpoint(get_blob_logdir())
+            raise TrainingStopped(
+                f"{self.bad_in_a_row} non-finite steps in a row (--max_bad_steps "
+                f"{self.max_bad_steps}), the last at step {done}; newest good checkpoint: "
+                f"{newest or 'none'} (lower --lr, set --grad_clip, or check the data)"
+            )
+
+    def _clip_gradients(self) -> None:
+        """Scale the gradients so that their global norm is at most `grad_clip` (0: off)."""
+        if not self.grad_clip:
+            return
+        params = self.mp_trainer.model_params
+        grads = [p.grad for p in params if p.grad is not None]
+        # fp16 gradients are still multiplied by the loss scale here: compare like with like.
+        scale = 2**self.mp_trainer.lg_loss_scale if self.use_fp16 else 1.0
+        norm = _norm(grads).item() / scale
+        if math.isfinite(norm) and norm > self.grad_clip:
+            with th.no_grad():
+                for g in grads:
+                    g.mul_(self.grad_clip / norm)
+        logger.logkv_mean("grad_norm_unclipped", norm)
+
+    def forward_backward(self, batch: th.Tensor, cond: dict) -> bool:
+        """
+        Accumulate the gradient of the batch's mean loss, one microbatch at a time.
+
+        :return: True when every microbatch's loss was finite.
+        """
+        self.mp_trainer.zero_grad()
+        finite = th.tensor(True)
         n = batch.shape[0]
         for i in range(0, n, self.microbatch):
             micro = batch[i : i + self.microbatch].to(dist_util.dev())
@@ -274,9 +437,11 @@ class TrainLoop:
             sync = last_batch or not self.use_ddp
             with (th.enable_grad() if sync else self.ddp_model.no_sync()):
                 loss = self.microbatch_loss(micro, micro_cond)
+                finite &= th.isfinite(loss.detach()).all().cpu()
                 # Weight each microbatch by its share of the batch: the accumulated gradient is
                 # that of the batch mean (the original summed microbatch means instead).
                 self.mp_trainer.backward(loss * (micro.shape[0] / n))
+        return bool(finite)
 
     def microbatch_loss(self, micro: th.Tensor, micro_cond: dict) -> th.Tensor:
         """
@@ -305,19 +470,84 @@ class TrainLoop:
                 update_ema(params, self.mp_trainer.master_params, rate=rate)
 
     def _anneal_lr(self) -> None:
-        """Linear decay to 0 over lr_anneal_steps: step k (0-based) uses lr * (1 - k / total)."""
-        if not self.lr_anneal_steps:
+        """
+        Set the lr of step k (0-based): lr * (1 - k / lr_anneal_steps) with annealing (the
+        original), times min(1, (k + 1) / lr_warmup_steps) with warm-up.
+        """
+        if not self.lr_anneal_steps and not self.lr_warmup_steps:
             return
-        frac_done = (self.step + self.resume_step) / self.lr_anneal_steps
-        lr = self.lr * (1 - frac_done)
+        k = self.step + self.resume_step
+        lr = self.lr
+        if self.lr_anneal_steps:
+            lr *= 1 - k / self.lr_anneal_steps
+        if self.lr_warmup_steps:
+            lr *= min(1.0, (k + 1) / self.lr_warmup_steps)
         for param_group in self.opt.param_groups:
             param_group["lr"] = lr
+
+    def _log_progress(self, done: int) -> None:
+        """One line a person can follow: steps done, speed and, with a known end, the ETA."""
+        if self.step == 0:
+            return
+        rate = self.step / max(time.time() - self._started, 1e-9)
+        line = f"step {done}" + (f"/{self.total_steps}" if self.total_steps else "")
+        line += f" ({rate:.2f} steps/s"
+        if self.total_steps:
+            eta = int((self.total_steps - done) / rate)
+            line += f", ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}"
+        logger.log(line + ")")
+
+    def write_sample_grid(self, step: int, n: int = 16, steps: int = 20) -> str | None:
+        """
+        Sample `n` images from the current weights with DDIM over `steps` steps (the project's
+        sampler and grid writer) into `samples_{step:06d}.png` beside the checkpoints (rank 0).
+        The training RNGs are forked, so a run with samples trains exactly as one without.
+
+        :return: the PNG's path (None on other ranks).
+        """
+        from PIL import Image
+
+        from .sample_util import image_grid, to_uint8_nhwc
+        from .samplers import sample
+
+        if dist_util.get_rank() != 0:
+            return None
+        if "low_res" in inspect.signature(self.model.forward).parameters:
+            logger.log("--sample_interval: no grids for super-resolution models (they need "
+                       "low-resolution inputs); use super_res_sample.py on a checkpoint")
+            return None
+        model_kwargs = {}
+        num_classes = getattr(self.model, "num_classes", None)
+        if num_classes:
+            model_kwargs["y"] = th.arange(n, device=dist_util.dev()) % num_classes
+        shape = (n, self.model.in_channels, self.model.image_size, self.model.image_size)
+        path = bf.join(get_blob_logdir(), f"samples_{step:06d}.png")
+        np_state, py_state = np.random.get_state(), random.getstate()
+        devices = [dist_util.dev()] if dist_util.dev().type == "cuda" else []
+        self.model.eval()  # dropout off while sampling
+        try:
+            with th.random.fork_rng(devices=devices), th.no_grad():
+                th.manual_seed(step)
+                x = sample(self.diffusion, self.model, shape, model_kwargs=model_kwargs,
+                           device=dist_util.dev(), sampler="ddim",
+                           steps=min(steps, self.diffusion.num_timesteps))
+        finally:
+            self.model.train()
+            np.random.set_state(np_state)
+            random.setstate(py_state)
+        labels = model_kwargs["y"].cpu().numpy() if model_kwargs else None
+        grid = image_grid(to_uint8_nhwc(x).cpu().numpy(), labels)
+        img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+        atomic_write(path, lambda f: img.save(f, format="PNG"))
+        logger.log(f"wrote {path}")
+        return path
 
     def log_step(self) -> None:
         done = self.step + self.resume_step + 1  # counting the step just taken
         logger.logkv("step", done)
         logger.logkv("samples", done * self.global_batch)
         logger.logkv("lr", self.opt.param_groups[0]["lr"])
+        logger.logkv("skipped_steps", self.bad_steps)
 
     # ------------------------------------------------------------------ saving
 
@@ -337,6 +567,8 @@ class TrainLoop:
             f"model{step:06d}.pt",
             self.mp_trainer.master_params_to_state_dict(self.mp_trainer.master_params),
         )
+        if dist_util.get_rank() == 0:
+            plot_losses(get_blob_logdir())
         dist_util.barrier()
 
     def train_flags(self) -> dict:
@@ -345,6 +577,7 @@ class TrainLoop:
             batch_size=self.batch_size, microbatch=self.microbatch, lr=self.lr,
             ema_rate=",".join(str(r) for r in self.ema_rate), weight_decay=self.weight_decay,
             lr_anneal_steps=self.lr_anneal_steps, fp16_scale_growth=self.fp16_scale_growth,
+            grad_clip=self.grad_clip, lr_warmup_steps=self.lr_warmup_steps,
             world_size=dist_util.get_world_size(),
             schedule_sampler=type(self.schedule_sampler).__name__,
         )
@@ -354,7 +587,13 @@ class TrainLoop:
             return
         path = bf.join(get_blob_logdir(), filename)
         logger.log(f"saving {path}...")
-        save_atomic(obj, path)
+
+        def write(f) -> None:
+            th.save(obj, f)
+            # Tests kill the process here: the bytes are written, the file not yet renamed.
+            _inject_fault("save", self.step + self.resume_step)
+
+        atomic_write(path, write)
 
 
 class ClassifierTrainLoop(TrainLoop):
@@ -400,6 +639,10 @@ class ClassifierTrainLoop(TrainLoop):
         schedule_sampler=None,
         weight_decay: float = 0.0,
         use_bf16: bool = False,
+        grad_clip: float = 0.0,
+        lr_warmup_steps: int = 0,
+        max_bad_steps: int = 10,
+        init_checkpoint: str = "",
     ):
         self.iterations = iterations
         self.anneal_lr = anneal_lr
@@ -412,7 +655,8 @@ class ClassifierTrainLoop(TrainLoop):
             save_interval=save_interval, resume_checkpoint=resume_checkpoint, use_fp16=use_fp16,
             fp16_scale_growth=fp16_scale_growth, schedule_sampler=schedule_sampler,
             weight_decay=weight_decay, lr_anneal_steps=iterations if anneal_lr else 0,
-            use_bf16=use_bf16,
+            use_bf16=use_bf16, grad_clip=grad_clip, lr_warmup_steps=lr_warmup_steps,
+            max_bad_steps=max_bad_steps, init_checkpoint=init_checkpoint,
         )
         self.total_steps = iterations
 
@@ -444,6 +688,12 @@ class ClassifierTrainLoop(TrainLoop):
         if self.val_data is not None and (self.step + self.resume_step) % self.eval_interval == 0:
             self.evaluate(*next(self.val_data))
 
+    def data_streams(self) -> dict:
+        streams = super().data_streams()
+        if self.val_data is not None:
+            streams["val"] = self.val_data
+        return streams
+
     def evaluate(self, batch: th.Tensor, cond: dict) -> None:
         """Log the `val_` losses and accuracies of one batch (no gradients, eval mode)."""
         self.model.eval()
@@ -461,6 +711,294 @@ class ClassifierTrainLoop(TrainLoop):
             super().train_flags(), iterations=self.iterations, anneal_lr=self.anneal_lr,
             noised=self.noised, eval_interval=self.eval_interval,
         )
+
+
+def training_cost(
+    model: th.nn.Module,
+    inputs: dict,
+    batch_size: int,
+    microbatch: int,
+    n_ema: int,
+    precision: str = "fp32",
+) -> dict:
+    """
+    What one training step costs, measured by running one microbatch forward and backward on
+    the meta device (shapes only: no memory, no arithmetic). Build `model` under
+    `torch.device("meta")` for big layouts.
+
+    :param model: the network (any device; its parameters are counted).
+    :param inputs: the forward's keyword arguments for ONE microbatch, e.g. {'x': [m x C x H x W],
+        'timesteps': [m]} (meta tensors are fine).
+    :param batch_size: images per rank per step; `microbatch` (<= 0: the batch) per pass.
+    :param n_ema: EMA copies kept.
+    :param precision: "fp32", "bf16" or "fp16" (memory of weights, grads and activations).
+    :return: dict with 'params', 'flops_per_step' (forward + backward, all passes of one rank),
+        'state_bytes' (weights, grads, AdamW, EMA, fp16 master copy), 'activation_bytes' (saved
+        for backward in one pass: an upper estimate) and 'total_bytes'.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    microbatch = microbatch if 0 < microbatch < batch_size else batch_size
+    passes = math.ceil(batch_size / microbatch)
+    params = sum(p.numel() for p in model.parameters())
+    saved = [0]
+    weights = {id(p) for p in model.parameters()}
+
+    def pack(t: th.Tensor):
+        if id(t) not in weights:  # the weights themselves are counted in the state
+            saved[0] += t.numel() * t.element_size()
+        return t
+
+    with FlopCounterMode(display=False) as counter:
+        with th.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(**inputs)
+        out.float().mean().backward()
+    # Mixed precision halves the activations; fp16 keeps fp16 weights and grads plus a float32
+    # master copy with its own grads; AdamW keeps two float32 moments; each EMA one copy.
+    half = precision in ("fp16", "bf16")
+    per_param = 4 + 4 + 8 + 4 * n_ema + (2 + 2 if precision == "fp16" else 0)
+    state = params * per_param
+    activations = saved[0] // 2 if half else saved[0]
+    return dict(
+        params=params, flops_per_step=counter.get_total_flops() * passes, passes=passes,
+        state_bytes=state, activation_bytes=activations, total_bytes=state + activations,
+    )
+
+
+def dry_run(args, kind: str) -> dict:
+    """
+    --dry_run: build the network of `kind` from the flags on the meta device, print its parameters,
+    FLOPs per step and estimated memory per rank for those flags, and train nothing.
+
+    :return: `training_cost`'s dict.
+    """
+    from . import cli
+
+    spec = cli.MODEL_KINDS[kind]
+    with th.device("meta"):
+        model, _ = spec.factory(**cli.args_to_dict(args, spec.defaults().keys()))
+        micro = args.microbatch if 0 < args.microbatch < args.batch_size else args.batch_size
+        size = args.large_size if kind == "superres" else args.image_size
+        channels = getattr(model, "in_channels", 3)
+        if kind == "superres":
+            channels = 3  # the low-res image is concatenated inside the model
+        inputs = {"x": th.zeros(micro, channels, size, size), "timesteps": th.zeros(micro).long()}
+        if kind == "superres":
+            inputs["low_res"] = th.zeros(micro, 3, args.small_size, args.small_size)
+        if getattr(model, "num_classes", None) and kind != "classifier":
+            inputs["y"] = th.zeros(micro).long()
+    precision = "fp16" if getattr(args, spec.fp16_flag, False) else (
+        "bf16" if getattr(args, "use_bf16", False) else "fp32")
+    if precision == "fp16" and hasattr(model, "convert_to_fp16"):
+        model.convert_to_fp16()  # as MixedPrecisionTrainer does before training
+    n_ema = len(parse_ema_rates(getattr(args, "ema_rate", "")))
+    cost = training_cost(model, inputs, args.batch_size, args.microbatch, n_ema, precision)
+    gib = 2.0**30
+    lines = [
+        f"dry run ({type(model).__name__}, {precision}): {cost['params']:,} parameters "
+        f"({cost['params'] / 1e6:.1f} M)",
+        f"per step on each rank: {cost['flops_per_step'] / 1e9:,.2f} GFLOPs forward + backward "
+        f"(batch {args.batch_size} in {cost['passes']} pass(es) of {micro})",
+        f"memory per rank: {cost['state_bytes'] / gib:.2f} GiB weights, grads, AdamW and "
+        f"{n_ema} EMA; {cost['activation_bytes'] / gib:.2f} GiB activations per pass; "
+        f"about {cost['total_bytes'] / gib:.2f} GiB in all, plus the CUDA context (~1 GiB)",
+    ]
+    for line in lines:
+        logger.log(line)
+    return cost
+
+
+def plot_losses(log_dir: str, key: str = "loss") -> str | None:
+    """
+    Plot `key` against `step` from the run's progress.csv into `loss.png` beside it (the whole
+    run, resumes included). matplotlib is optional: without it, one log line and no plot.
+
+    :return: the PNG's path, or None when there is nothing to plot or no matplotlib.
+    """
+    import csv
+
+    csv_path = os.path.join(log_dir, "progress.csv")
+    if "://" in log_dir or not os.path.exists(csv_path):
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display on a cluster node
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.log("matplotlib is not installed: no loss plot (pip install matplotlib)")
+        return None
+    with open(csv_path) as f:
+        rows = [r for r in csv.DictReader(f) if r.get(key) and r.get("step")]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([float(r["step"]) for r in rows], [float(r[key]) for r in rows])
+    ax.set_xlabel("step")
+    ax.set_ylabel(key)
+    ax.set_yscale("log" if all(float(r[key]) > 0 for r in rows) else "linear")
+    path = os.path.join(log_dir, f"{key}.png")
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+    return path
+
+
+def get_rng_state() -> dict:
+    """
+    This process's random states (torch CPU and CUDA, NumPy's and Python's global generators) as
+    tensors and plain values, so that `torch.load(weights_only=True)` reads them back.
+    """
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, py_state, gauss_next = random.getstate()
+    return {
+        "torch": th.get_rng_state(),
+        "cuda": th.cuda.get_rng_state_all() if th.cuda.is_available() else [],
+        "numpy": {
+            "keys": th.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian),
+        },
+        "python": {
+            "version": version, "state": th.tensor(py_state, dtype=th.int64),
+            "gauss_next": gauss_next,
+        },
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `get_rng_state` returned (the CUDA states only when the GPU count matches)."""
+    th.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda") or []
+    if cuda and th.cuda.is_available() and len(cuda) == th.cuda.device_count():
+        th.cuda.set_rng_state_all([s.cpu() for s in cuda])
+    n = state["numpy"]
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+         n["cached_gaussian"])
+    )
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss_next"]))
+
+
+class _guard_collectives:
+    """
+    A context that turns a failed collective into `PeerLostError`. gloo and NCCL raise (gloo: at
+    once when the peer's socket closes, after the process group's timeout when it just stops
+    answering); without this the rank would print a long traceback, or, when the error hits
+    inside DDP, sometimes only a backend message without the rank or the timeout.
+    """
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is None or not dist_util.is_distributed():
+            return False
+        errors = tuple(
+            getattr(th.distributed, name)
+            for name in ("DistError", "DistBackendError", "DistNetworkError")
+            if hasattr(th.distributed, name)
+        )
+        text = str(exc)
+        looks_like_comm = isinstance(exc, errors) or any(
+            word in text for word in ("Gloo", "gloo", "NCCL", "Connection", "timed out",
+                                      "Timed out", "timeout")
+        )
+        if not isinstance(exc, RuntimeError) or not looks_like_comm:
+            return False
+        first = next((line for line in text.splitlines() if line.strip()), type(exc).__name__)
+        raise PeerLostError(
+            f"rank {dist_util.get_rank()} of {dist_util.get_world_size()}: a collective failed, "
+            f"a peer died or did not answer within --dist_timeout "
+            f"{dist_util.collective_timeout():g}s{_laggards()}: {first[:300]}"
+        ) from exc
+
+
+_HEARTBEAT = "guided_diffusion/heartbeat/"
+
+
+_PHASES = ("training", "logging", "saving")
+
+
+def _heartbeat(step: int, phase: str) -> None:
+    """
+    Note in the process group's store where this rank is going next (one small write before each
+    part of a step that holds collectives), so that a rank left waiting can name the one that
+    never came.
+    """
+    if not dist_util.is_distributed():
+        return
+    try:
+        point = step * len(_PHASES) + _PHASES.index(phase)
+        store = th.distributed.distributed_c10d._get_default_store()
+        store.set(f"{_HEARTBEAT}{dist_util.get_rank()}", str(point))
+    except Exception:  # noqa: BLE001 -- a diagnostic only; the collectives report the failure
+        pass
+
+
+def _laggards() -> str:
+    """
+    Which ranks stopped answering, from the heartbeats (gloo and NCCL name only this rank): the
+    ranks that never reached the point where the others wait. '' when the store cannot tell.
+    """
+    try:
+        store = th.distributed.distributed_c10d._get_default_store()
+        points = {}
+        for r in range(dist_util.get_world_size()):
+            key = f"{_HEARTBEAT}{r}"
+            points[r] = int(store.get(key)) if store.check([key]) else -1
+    except Exception:  # noqa: BLE001 -- the store may have died with rank 0
+        return ""
+
+    def where(point: int) -> str:
+        if point < 0:
+            return "before the first step"
+        step, phase = divmod(point, len(_PHASES))
+        return f"step {step}, {_PHASES[phase]}"
+
+    newest = max(points.values())
+    behind = sorted(r for r, p in points.items() if p < newest)
+    if not behind:
+        return ""
+    named = ", ".join(f"rank {r} (last at {where(points[r])})" for r in behind)
+    return f"; stopped answering: {named}, while the others wait at {where(newest)}"
+
+
+def _remove_partial_files(log_dir: str) -> None:
+    """Delete the temporary files of checkpoint writes that a killed run left behind (rank 0)."""
+    if dist_util.get_rank() != 0 or "://" in log_dir or not os.path.isdir(log_dir):
+        return
+    for name in os.listdir(log_dir):
+        # atomic_write's temporary names: ".{final name}.{random}.tmp"
+        if name.startswith((".model", ".ema_", ".opt")) and name.endswith(".tmp"):
+            logger.log(f"removing {name}, a checkpoint write that did not finish")
+            os.remove(os.path.join(log_dir, name))
+
+
+def _inject_fault(where: str, step: int) -> None:
+    """
+    Test hook: GD_FAULT="kill@save:N" makes this process SIGKILL itself while it writes a
+    checkpoint file of step N (bytes written, not yet renamed); "kill@step:N" right after step N;
+    "stop@step:N" SIGSTOPs it instead (a peer that hangs). "kill@step:N/R" only on rank R; several
+    specs are comma-separated. With GD_FAULT_ONCE=FOLDER each fault happens once (a file there
+    marks it), so an elastic restart does not die at the same place again.
+    """
+    for spec in filter(None, os.environ.get("GD_FAULT", "").split(",")):
+        action, _, point = spec.partition("@")
+        point_where, _, point_step = point.partition(":")
+        point_step, _, rank = point_step.partition("/")
+        if point_where != where or int(point_step) != step:
+            continue
+        if rank and int(rank) != dist_util.get_rank():
+            continue
+        once = os.environ.get("GD_FAULT_ONCE")
+        if once:
+            os.makedirs(once, exist_ok=True)
+            marker = os.path.join(once, spec.replace("@", "_").replace(":", "_").replace("/", "_"))
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                continue
+        os.kill(os.getpid(), {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}[action])
 
 
 def wrap_ddp(model: th.nn.Module) -> th.nn.Module:

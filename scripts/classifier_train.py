@@ -21,12 +21,15 @@ from guided_diffusion.config import (
     TrainingConfig,
     build_parser,
 )
-from guided_diffusion.train_util import ClassifierTrainLoop, save_run_flags
+from guided_diffusion.train_util import ClassifierTrainLoop, dry_run, save_run_flags
 
 
 def main():
     args = create_argparser().parse_args()
     cli.setup(args)
+    if args.dry_run:
+        dry_run(args, "classifier")
+        return
     save_run_flags(vars(args))
 
     logger.log("creating model and diffusion...")
@@ -38,13 +41,14 @@ def main():
     data = load_data(
         data_dir=args.data_dir, batch_size=args.batch_size, image_size=args.image_size,
         class_cond=True, random_crop=args.random_crop, random_flip=args.random_flip,
+        seed=cli.data_seed(args),
     )
     val_data = None
     if args.val_data_dir:
         cli.require_path(args.val_data_dir, "val_data_dir", kind="dir")
         val_data = load_data(
             data_dir=args.val_data_dir, batch_size=args.batch_size, image_size=args.image_size,
-            class_cond=True,
+            class_cond=True, seed=cli.data_seed(args, stream=1),
         )
 
     logger.log("training classifier...")
@@ -67,6 +71,7 @@ def main():
         schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion),
         weight_decay=args.weight_decay,
         use_bf16=fast_cfg.use_bf16,
+        **cli.resilience_kwargs(args),
     ).run_loop()
 
 
@@ -76,7 +81,7 @@ def create_argparser() -> argparse.ArgumentParser:
     return build_parser(
         __doc__, DataConfig, ClassifierTrainConfig, TrainingConfig(lr=3e-4, batch_size=4),
         ClassifierConfig, DiffusionConfig, CommonConfig, FastConfig,
-        drop=("ema_rate", "lr_anneal_steps", "fp16_scale_growth"),
+        drop=("ema_rate", "lr_anneal_steps", "fp16_scale_growth", "sample_interval"),
     )
 
 if __name__ == "__main__":

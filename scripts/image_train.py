@@ -22,12 +22,15 @@ from guided_diffusion.config import (
     build_parser,
 )
 from guided_diffusion.image_datasets import load_data
-from guided_diffusion.train_util import save_run_flags
+from guided_diffusion.train_util import dry_run, save_run_flags
 
 
 def main():
     args = create_argparser().parse_args()
     cli.setup(args)
+    if args.dry_run:
+        dry_run(args, "unet")
+        return
     save_run_flags(vars(args))
 
     logger.log("creating model and diffusion...")
@@ -44,7 +47,7 @@ def main():
         cache_dir = args.latent_cache or os.path.join(logger.get_dir(), "latent_cache")
         data = latent.load_latent_data(space=space, cache_dir=cache_dir, **data_kwargs)
     else:
-        data = load_data(**data_kwargs)
+        data = load_data(**data_kwargs, seed=cli.data_seed(args))  # resumable order
 
     cli.train_diffusion(args, model, diffusion, data, use_bf16=fast_cfg.use_bf16)
 

@@ -19,12 +19,15 @@ from guided_diffusion.config import (
     build_parser,
 )
 from guided_diffusion.image_datasets import load_data
-from guided_diffusion.train_util import save_run_flags
+from guided_diffusion.train_util import dry_run, save_run_flags
 
 
 def main():
     args = create_argparser().parse_args()
     cli.setup(args)
+    if args.dry_run:
+        dry_run(args, "superres")
+        return
     save_run_flags(vars(args))
 
     logger.log("creating model...")
@@ -35,23 +38,39 @@ def main():
     cli.require_path(args.data_dir, "data_dir", kind="dir")
     data = load_superres_data(
         args.data_dir, args.batch_size, large_size=args.large_size, small_size=args.small_size,
-        class_cond=args.class_cond, random_flip=args.random_flip,
+        class_cond=args.class_cond, random_flip=args.random_flip, seed=cli.data_seed(args),
     )
 
     cli.train_diffusion(args, model, diffusion, data, use_bf16=fast_cfg.use_bf16)
 
 
 def load_superres_data(data_dir: str, batch_size: int, large_size: int, small_size: int,
-                       class_cond: bool = False, random_flip: bool = True) -> Iterator[tuple]:
+                       class_cond: bool = False, random_flip: bool = True,
+                       seed: int | None = None) -> Iterator[tuple]:
     """
     Yield (large [N x 3 x large x large], kwargs) batches where kwargs['low_res'] is the same
     batch downsampled to small_size by area averaging (box filter), as the original trains.
+    The iterator's `state_dict` is the image loader's, so checkpoints record its position.
     """
     data = load_data(data_dir=data_dir, batch_size=batch_size, image_size=large_size,
-                     class_cond=class_cond, random_flip=random_flip)
-    for large_batch, model_kwargs in data:
-        model_kwargs["low_res"] = F.interpolate(large_batch, small_size, mode="area")
-        yield large_batch, model_kwargs
+                     class_cond=class_cond, random_flip=random_flip, seed=seed)
+    return _WithLowRes(data, small_size)
+
+
+class _WithLowRes:
+    """The batches of a resumable image loader with their low-resolution copies added."""
+
+    def __init__(self, data, small_size: int):
+        self.data, self.small_size = data, small_size
+        self.state_dict, self.load_state_dict = data.state_dict, data.load_state_dict
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple:
+        large_batch, model_kwargs = next(self.data)
+        model_kwargs["low_res"] = F.interpolate(large_batch, self.small_size, mode="area")
+        return large_batch, model_kwargs
 
 
 def create_argparser() -> argparse.ArgumentParser:

@@ -441,33 +441,47 @@ def run_classifier_train(monkeypatch, *flags: str) -> None:
 def test_classifier_train_script_auto_resumes_to_the_uninterrupted_weights(
     tmp_path, monkeypatch, capsys
 ):
-    # One image, batch 1, no crop/flip/noise: every batch is the same, so the data order (which a
-    # checkpoint does not store yet) cannot tell the runs apart; model, Adam moments, step count
-    # and the loss scale must.
-    Image.fromarray(np.full((16, 16, 3), 200, dtype=np.uint8)).save(tmp_path / "c3_000.png")
+    # Real shuffling, random crops and flips, noised inputs at random timesteps, and validation
+    # batches: the checkpoint must carry the data positions and every RNG for this to match.
+    rng = np.random.default_rng(0)
+    for d in ("train", "val"):
+        (tmp_path / d).mkdir()
+        for i in range(6):
+            pixels = rng.integers(0, 256, (20, 18, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / d / f"c{i % 3}_{i:03d}.png")
     flags = ["--image_size", "16", "--classifier_width", "32", "--classifier_depth", "1",
              "--classifier_channel_mult", "1,2", "--classifier_attention_resolutions", "8",
-             "--num_classes", "10", "--diffusion_steps", "100", "--data_dir", str(tmp_path),
-             "--batch_size", "1", "--noised", "False", "--random_crop", "False",
-             "--random_flip", "False", "--seed", "0", "--save_interval", "2"]
-    for out, runs in [("whole", ["4"]), ("split", ["2", "4"])]:
+             "--num_classes", "10", "--diffusion_steps", "100", "--data_dir",
+             str(tmp_path / "train"), "--val_data_dir", str(tmp_path / "val"), "--eval_interval",
+             "2", "--batch_size", "2", "--seed", "0", "--save_interval", "2"]
+    for out, runs in [("whole", ["5"]), ("split", ["2", "5"])]:
         for iterations in runs:
             run_classifier_train(monkeypatch, *flags, "--iterations", iterations,
                                  "--output_dir", str(tmp_path / out), "--resume_checkpoint", "auto")
+        th.manual_seed(123)  # whatever the process did in between does not matter
     assert "loading model from checkpoint" in (tmp_path / "split" / "log.txt").read_text()
-    whole, split = (load(tmp_path / out / "model000004.pt") for out in ("whole", "split"))
+    whole, split = (load(tmp_path / out / "model000005.pt") for out in ("whole", "split"))
     start = load(tmp_path / "split" / "model000002.pt")
-    assert any(not th.equal(whole[k], start[k]) for k in whole)  # steps 3-4 did train
+    assert any(not th.equal(whole[k], start[k]) for k in whole)  # steps 3-5 did train
     for k in whole:
         assert th.equal(whole[k], split[k]), k
+    whole_opt, split_opt = (load(tmp_path / out / "opt000005.pt") for out in ("whole", "split"))
+    for i, state in whole_opt["state"].items():
+        assert all(th.equal(v, split_opt["state"][i][k]) for k, v in state.items()), i
+    # 6 images, batch 2: 3 batches per epoch, so 5 steps crossed into a second shuffled epoch.
+    ranks = [o["resume"]["ranks"][0] for o in (whole_opt, split_opt)]
+    assert ranks[0]["data"] == ranks[1]["data"]
+    assert ranks[0]["data"]["train"]["batches_done"] == 5
+    assert ranks[0]["data"]["val"]["batches_done"] == 3  # after steps 1, 3 and 5
+    assert th.equal(ranks[0]["rng"]["torch"], ranks[1]["rng"]["torch"])
 
     # Resuming under other model flags: one line naming the flag, no traceback.
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
         run_classifier_train(monkeypatch, *flags, "--classifier_use_scale_shift_norm", "False",
-                             "--iterations", "5", "--output_dir", str(tmp_path / "split"),
+                             "--iterations", "6", "--output_dir", str(tmp_path / "split"),
                              "--resume_checkpoint", "auto")
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 1 and len(lines) == 1 and lines[0].startswith("error:"), lines
-    assert "--resume_checkpoint" in lines[0] and "model000004.pt" in lines[0]
+    assert "--resume_checkpoint" in lines[0] and "model000005.pt" in lines[0]
     assert "--classifier_use_scale_shift_norm True?" in lines[0]
