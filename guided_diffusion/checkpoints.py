@@ -89,6 +89,11 @@ def load_file(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     """
     path = str(path)
     data = _broadcast_bytes(path) if dist_util.is_distributed() else _read_bytes(path)
+    return _torch_load(data, path, map_location)
+
+
+def _torch_load(data: bytes, path: str, map_location: Any) -> Any:
+    """`torch.load(weights_only=True)` of a file's bytes; every failure a `CheckpointError`."""
     if not data:
         raise CheckpointError(f"checkpoint {path!r} is empty (0 bytes): an interrupted copy or "
                               "write? Use another checkpoint")
@@ -98,14 +103,16 @@ def load_file(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     try:
         return th.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()
+        # Name the offending class, not torch's advice (which offers weights_only=False).
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        reason = [f"it holds a {found.group(1)}"] if found else []
         raise CheckpointError(
             f"refusing to load checkpoint {path!r}: it cannot be read with "
             "torch.load(weights_only=True) because it contains pickled Python objects besides "
             "tensors (e.g. a whole model saved with torch.save(model)), and unpickling those can "
             "run arbitrary code. If you trust the file, load it yourself and save only "
             "model.state_dict()."
-            + (f" (torch said: {reason[0]})" if reason else "")
+            + (f" ({reason[0]})" if reason else "")
         ) from e
     except (RuntimeError, EOFError, OSError, KeyError, ValueError) as e:
         # torch's messages for a cut-off archive run on for lines: keep the first sentence.
@@ -508,13 +515,7 @@ def checkpoint_problem(model_checkpoint: str) -> str | None:
 
 def _load_local(path: str) -> Any:
     """`load_file` on this rank only (no broadcast)."""
-    data = _read_bytes(path)
-    if not data.startswith((_ZIP_MAGIC, _LEGACY_MAGIC)):
-        raise CheckpointError(f"{path!r} is empty or not a torch checkpoint")
-    try:
-        return th.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- any failure means "cannot resume from it"
-        raise CheckpointError(f"cannot read {path!r}: {type(e).__name__}") from e
+    return _torch_load(_read_bytes(path), path, "cpu")
 
 
 def find_complete_checkpoint(log_dir: str | None = None) -> str | None:

@@ -261,6 +261,8 @@ class DataConfig:
 
     data_dir: str = flag("", "folder of images (label = file-name prefix before '_')")
     random_flip: bool = flag(True, "random horizontal flips (the original always flips)")
+    skip_bad_images: bool = flag(False, "leave out unreadable images (logged) instead of "
+                                        "refusing the folder (beyond)")
 
 
 @dataclass(frozen=True)
@@ -535,6 +537,15 @@ def _classifier_sizes(ns: argparse.Namespace) -> None:
                     "--classifier_channel_mult", "classifier")
     _check_attention(ns.classifier_attention_resolutions, ns.image_size,
                      "classifier_attention_resolutions")
+
+
+@cross_check("DiffusionConfig")
+def _linear_betas(ns: argparse.Namespace) -> None:
+    # The linear schedule scales beta_T = 0.02 * 1000 / T (Ho et al. 2020, rescaled as the
+    # original does): at T <= 20 it reaches 1, alpha_bar_T = 0, and every 1/alpha_bar is inf.
+    if ns.noise_schedule == "linear" and ns.diffusion_steps <= 20:
+        raise ValueError(f"--diffusion_steps {ns.diffusion_steps} with --noise_schedule linear "
+                         "makes beta_T = 20 / T >= 1; use more than 20 steps or 'cosine'")
 
 
 @cross_check("DiffusionConfig")

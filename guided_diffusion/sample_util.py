@@ -24,7 +24,7 @@ import torch as th
 import torch.distributed as dist
 
 from . import dist_util, fast, logger, samplers
-from .cli import fast_config, world
+from .cli import fast_config, require_finite_samples, world
 from .config import SamplerOptions, from_flags
 from .checkpoints import atomic_write
 
@@ -164,6 +164,7 @@ def make_sample_fn(
                 model, diffusion, args, (n, *shape), model_kwargs=model_kwargs, cond_fn=cond_fn,
                 noise=noise, noise_fn=noise_src, progress=bool(args.progress) and rank == 0,
             )
+        require_finite_samples(sample, indices)  # not black images from NaN
         return to_uint8_nhwc(sample), model_kwargs.get("y")
 
     return sample_fn

@@ -26,7 +26,7 @@ from guided_diffusion.train_util import ClassifierTrainLoop, save_run_flags
 
 def main():
     args = create_argparser().parse_args()
-    cli.setup(args)
+    cli.setup(args, training=True)
     save_run_flags(vars(args))
 
     logger.log("creating model and diffusion...")
@@ -38,13 +38,14 @@ def main():
     data = load_data(
         data_dir=args.data_dir, batch_size=args.batch_size, image_size=args.image_size,
         class_cond=True, random_crop=args.random_crop, random_flip=args.random_flip,
+        num_classes=args.num_classes, skip_bad_images=args.skip_bad_images,
     )
     val_data = None
     if args.val_data_dir:
         cli.require_path(args.val_data_dir, "val_data_dir", kind="dir")
         val_data = load_data(
             data_dir=args.val_data_dir, batch_size=args.batch_size, image_size=args.image_size,
-            class_cond=True,
+            class_cond=True, num_classes=args.num_classes, skip_bad_images=args.skip_bad_images,
         )
 
     logger.log("training classifier...")

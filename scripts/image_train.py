@@ -24,7 +24,7 @@ from guided_diffusion.train_util import save_run_flags
 
 def main():
     args = create_argparser().parse_args()
-    cli.setup(args)
+    cli.setup(args, training=True)
     save_run_flags(vars(args))
 
     logger.log("creating model and diffusion...")
@@ -39,6 +39,7 @@ def main():
         image_size=args.image_size,
         class_cond=args.class_cond,
         random_flip=args.random_flip,
+        num_classes=args.num_classes, skip_bad_images=args.skip_bad_images,
     )
 
     cli.train_diffusion(args, model, diffusion, data, use_bf16=fast_cfg.use_bf16)

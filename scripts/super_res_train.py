@@ -24,7 +24,7 @@ from guided_diffusion.train_util import save_run_flags
 
 def main():
     args = create_argparser().parse_args()
-    cli.setup(args)
+    cli.setup(args, training=True)
     save_run_flags(vars(args))
 
     logger.log("creating model...")
@@ -36,19 +36,21 @@ def main():
     data = load_superres_data(
         args.data_dir, args.batch_size, large_size=args.large_size, small_size=args.small_size,
         class_cond=args.class_cond, random_flip=args.random_flip,
+        num_classes=args.num_classes, skip_bad_images=args.skip_bad_images,
     )
 
     cli.train_diffusion(args, model, diffusion, data, use_bf16=fast_cfg.use_bf16)
 
 
 def load_superres_data(data_dir: str, batch_size: int, large_size: int, small_size: int,
-                       class_cond: bool = False, random_flip: bool = True) -> Iterator[tuple]:
+                       class_cond: bool = False, random_flip: bool = True,
+                       **scan) -> Iterator[tuple]:
     """
     Yield (large [N x 3 x large x large], kwargs) batches where kwargs['low_res'] is the same
     batch downsampled to small_size by area averaging (box filter), as the original trains.
     """
     data = load_data(data_dir=data_dir, batch_size=batch_size, image_size=large_size,
-                     class_cond=class_cond, random_flip=random_flip)
+                     class_cond=class_cond, random_flip=random_flip, **scan)
     for large_batch, model_kwargs in data:
         model_kwargs["low_res"] = F.interpolate(large_batch, small_size, mode="area")
         yield large_batch, model_kwargs
