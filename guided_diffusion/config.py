@@ -78,7 +78,8 @@ def int_list(allow_empty: bool = True, min_value: int = 1) -> Check:
             values = []
         if values and min(values) >= min_value:
             return None
-        return f"must be comma-separated integers >= {min_value}" + (" or ''" if allow_empty else "")
+        empty = " or ''" if allow_empty else ""
+        return f"must be comma-separated integers >= {min_value}{empty}"
     return check
 
 
