@@ -495,17 +495,18 @@ def _checked(name: str, kind: Callable[[str], Any], check: Check | None) -> Call
 # Checks across flags
 
 
-def _levels(channel_mult: str, image_size: int, kind: str) -> int:
-    from .script_util import _parse_channel_mult  # the one table of default multipliers
-
-    return len(_parse_channel_mult(channel_mult, image_size, kind))
-
-
 def _check_halvable(size: int, size_flag: str, channel_mult: str, mult_flag: str,
                     kind: str) -> None:
+    from .script_util import _parse_channel_mult  # the one table of default multipliers
+
+    try:
+        levels = len(_parse_channel_mult(channel_mult, size, kind))
+    except ValueError as e:  # no default multipliers for this size
+        hint = (f"pass {mult_flag} explicitly, e.g. '1,2,2,2'" if mult_flag.startswith("--")
+                else str(e).split("or use ")[-1])
+        raise ValueError(f"--{size_flag} {size}: {str(e).split(':')[0]}: {hint}") from None
     # The U-Net halves the image once per level but the last; an odd size on the way breaks the
     # skip connections (shape error deep in the forward pass).
-    levels = _levels(channel_mult, size, kind)
     if size % 2 ** (levels - 1):
         raise ValueError(
             f"--{size_flag} {size}: the network halves it {levels - 1} times ({mult_flag} has "
@@ -529,7 +530,7 @@ def _superres_sizes(ns: argparse.Namespace) -> None:
     if ns.small_size > ns.large_size:
         raise ValueError(f"--small_size {ns.small_size} is larger than --large_size "
                          f"{ns.large_size}: the model upsamples small to large")
-    _check_halvable(ns.large_size, "large_size", "", "the default for --large_size", "superres")
+    _check_halvable(ns.large_size, "large_size", "", "the defaults for --large_size", "superres")
 
 
 @cross_check("ClassifierConfig")
