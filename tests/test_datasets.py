@@ -8,7 +8,7 @@ import pytest
 import torch as th
 from PIL import Image
 
-from guided_diffusion import image_datasets
+from guided_diffusion import image_datasets, logger
 from guided_diffusion.image_datasets import (
     DataError,
     ImageDataset,
@@ -141,9 +141,11 @@ def test_corrupt_image_is_found_at_start_naming_the_file(tmp_path):
     # The scan decodes every image before the first batch, not when the loader reaches it.
     with pytest.raises(DataError, match=r"1 of 3 images cannot be read: .*bad_1.png"):
         load_data(data_dir=str(tmp_path), batch_size=2, image_size=8, deterministic=True)
-    data = load_data(data_dir=str(tmp_path), batch_size=2, image_size=8, deterministic=True,
-                     skip_bad_images=True)
+    with logger.scoped_configure(dir=str(tmp_path / "log"), format_strs=["log"]):
+        data = load_data(data_dir=str(tmp_path), batch_size=2, image_size=8,
+                         deterministic=True, skip_bad_images=True)
     assert next(data)[0].shape == (2, 3, 8, 8)  # the two readable images
+    assert "leaving out 1 of 3 images" in (tmp_path / "log" / "log.txt").read_text()
 
 
 def test_labels_beyond_num_classes_are_refused_at_start(tmp_path):
