@@ -597,9 +597,22 @@ def create_argparser() -> argparse.ArgumentParser:
     return parser
 
 
+def checked_device(name: str) -> th.device:
+    """`--device` as a torch device that exists here (a ValueError naming the flag if not)."""
+    try:
+        device = th.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, ...)")
+    if device.type == "cuda" and (not th.cuda.is_available()
+                                  or (device.index or 0) >= th.cuda.device_count()):
+        raise ValueError(f"--device {name}: this machine has {th.cuda.device_count()} CUDA "
+                         "device(s); use --device cpu")
+    return device
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = create_argparser().parse_args(argv)
-    device = th.device(args.device) if args.device else _default_device()
+    device = checked_device(args.device) if args.device else _default_device()
     model = load_fid_inception(args.inception_path or None, device=device,
                                preprocessing=args.preprocessing)
     evaluator = Evaluator(model, batch_size=args.batch_size, device=device)

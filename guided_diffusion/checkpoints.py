@@ -25,7 +25,7 @@ import pickle
 import re
 import tempfile
 from collections.abc import Mapping
-from typing import IO, Any, Callable, Union
+from typing import IO, Any, Callable, Iterable, Union
 
 import blobfile as bf
 import torch as th
@@ -57,6 +57,19 @@ class CheckpointMismatchError(ValueError):
     """A state_dict's names or shapes do not fit the model built from the given flags."""
 
 
+class WriteError(OSError):
+    """A file could not be written (full disk, read-only folder): names the path; the previous
+    version of the file, if any, is untouched."""
+
+
+class RunFlagsError(ValueError):
+    """This command's flags differ from the run's `args.json` in a flag that changes results."""
+
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6
+_LEGACY_MAGIC = b"\x80"  # the older format is a pickle stream (protocol >= 2)
+
+
 # ------------------------------------------------------------------------------------------------
 # Read
 
@@ -76,20 +89,36 @@ def load_file(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     """
     path = str(path)
     data = _broadcast_bytes(path) if dist_util.is_distributed() else _read_bytes(path)
+    return _torch_load(data, path, map_location)
+
+
+def _torch_load(data: bytes, path: str, map_location: Any) -> Any:
+    """`torch.load(weights_only=True)` of a file's bytes; every failure a `CheckpointError`."""
+    if not data:
+        raise CheckpointError(f"checkpoint {path!r} is empty (0 bytes): an interrupted copy or "
+                              "write? Use another checkpoint")
+    if not data.startswith((_ZIP_MAGIC, _LEGACY_MAGIC)):
+        raise CheckpointError(f"{path!r} is not a torch checkpoint: it starts with {data[:12]!r}, "
+                              "not a torch.save archive")
     try:
         return th.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()
+        # Name the offending class, not torch's advice (which offers weights_only=False).
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        reason = [f"it holds a {found.group(1)}"] if found else []
         raise CheckpointError(
             f"refusing to load checkpoint {path!r}: it cannot be read with "
             "torch.load(weights_only=True) because it contains pickled Python objects besides "
             "tensors (e.g. a whole model saved with torch.save(model)), and unpickling those can "
             "run arbitrary code. If you trust the file, load it yourself and save only "
             "model.state_dict()."
-            + (f" (torch said: {reason[0]})" if reason else "")
+            + (f" ({reason[0]})" if reason else "")
         ) from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"cannot read checkpoint {path!r} as a torch file: {e}") from e
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError) as e:
+        # torch's messages for a cut-off archive run on for lines: keep the first sentence.
+        reason = (str(e).strip().split(". ")[0] or type(e).__name__).splitlines()[0]
+        raise CheckpointError(f"cannot read checkpoint {path!r} ({len(data)} bytes): truncated or "
+                              f"corrupt ({reason})") from e
 
 
 def _read_bytes(path: str) -> bytes:
@@ -139,7 +168,8 @@ def read_state_dict(path_or_state_dict: PathOrStateDict) -> dict[str, th.Tensor]
     :raises CheckpointError: if the file needs unsafe unpickling or holds no state_dict.
     """
     if isinstance(path_or_state_dict, Mapping):
-        return _unwrap(path_or_state_dict, "the given state_dict")
+        return check_finite(_unwrap(path_or_state_dict, "the given state_dict"),
+                            "the given state_dict")
     path = str(path_or_state_dict)
     obj = load_file(path)
     if not isinstance(obj, Mapping):
@@ -147,7 +177,24 @@ def read_state_dict(path_or_state_dict: PathOrStateDict) -> dict[str, th.Tensor]
             f"checkpoint {path!r} holds a {type(obj).__name__}, "
             "not a state_dict (a dict of tensors)"
         )
-    return _unwrap(obj, repr(path))
+    return check_finite(_unwrap(obj, repr(path)), repr(path))
+
+
+def check_finite(state_dict: dict[str, th.Tensor], source: str) -> dict[str, th.Tensor]:
+    """
+    Return `state_dict` if every floating tensor is finite, else raise `CheckpointError` naming
+    the tensors with NaN/inf: such weights (a diverged run) sample black images and train on NaN.
+    """
+    bad = [k for k, v in state_dict.items()
+           if v.is_floating_point() and v.numel() and not v.is_meta  # meta: shapes only
+           and not bool(th.isfinite(v).all())]
+    if bad:
+        shown = ", ".join(map(repr, bad[:_SHOWN])) + (
+            f", ... ({len(bad) - _SHOWN} more)" if len(bad) > _SHOWN else "")
+        raise CheckpointError(f"checkpoint {source} has non-finite (NaN/inf) weights in "
+                              f"{len(bad)} of {len(state_dict)} tensors: {shown} (the run "
+                              "diverged before it was saved; use an earlier checkpoint)")
+    return state_dict
 
 
 def _unwrap(obj: Mapping, source: str) -> dict[str, th.Tensor]:
@@ -435,17 +482,53 @@ def parse_resume_step_from_filename(filename: str) -> int:
     return int(match.group(1)) if match else 0
 
 
+def _model_checkpoints(log_dir: str) -> list[str]:
+    """The `model*.pt` files in `log_dir`, newest (highest step) first."""
+    if not bf.isdir(log_dir):
+        return []
+    found = [(int(m.group(1)), name) for name in bf.listdir(log_dir)
+             if (m := _MODEL_CKPT_RE.match(name))]
+    return [bf.join(log_dir, name) for _, name in sorted(found, reverse=True)]
+
+
 def find_resume_checkpoint(log_dir: str | None = None) -> str | None:
     """The `model*.pt` with the highest step in `log_dir` (default: the log directory), or None."""
-    log_dir = log_dir or get_blob_logdir()
-    if not bf.isdir(log_dir):
-        return None
-    best = None
-    for name in bf.listdir(log_dir):
-        match = _MODEL_CKPT_RE.match(name)
-        if match and (best is None or int(match.group(1)) > best[0]):
-            best = (int(match.group(1)), name)
-    return bf.join(log_dir, best[1]) if best else None
+    found = _model_checkpoints(log_dir or get_blob_logdir())
+    return found[0] if found else None
+
+
+def checkpoint_problem(model_checkpoint: str) -> str | None:
+    """
+    Why the checkpoint `model_checkpoint` cannot be resumed from (None when it can): its model
+    file and the `opt*.pt` beside it must both load, with finite weights. Reads both files.
+    """
+    step = parse_resume_step_from_filename(model_checkpoint)
+    for path in (model_checkpoint, opt_checkpoint_path(model_checkpoint, step)):
+        try:
+            obj = _load_local(path)
+            if path == model_checkpoint:
+                check_finite(_unwrap(obj, repr(path)), repr(path))
+        except (CheckpointError, OSError) as e:
+            return str(e)
+    return None
+
+
+def _load_local(path: str) -> Any:
+    """`load_file` on this rank only (no broadcast)."""
+    return _torch_load(_read_bytes(path), path, "cpu")
+
+
+def find_complete_checkpoint(log_dir: str | None = None) -> str | None:
+    """
+    The newest `model*.pt` in `log_dir` that can be resumed from (`checkpoint_problem`), logging
+    each newer one it skips and why (a run killed while writing, a full disk, a diverged run).
+    """
+    for path in _model_checkpoints(log_dir or get_blob_logdir()):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        logger.log(f"--resume_checkpoint auto: skipping {path}: {problem}")
+    return None
 
 
 def find_ema_checkpoint(main_checkpoint: str, step: int, rate: float) -> str | None:
@@ -466,8 +549,15 @@ def resolve_resume_checkpoint(resume_checkpoint: str) -> str:
         return resume_checkpoint or ""
     found = None
     if dist_util.get_rank() == 0:
-        found = find_resume_checkpoint()
-        if found is None:
+        found = find_complete_checkpoint()
+        newest = find_resume_checkpoint()
+        if found is not None and found != newest:
+            logger.log(f"--resume_checkpoint auto: the newest checkpoint {newest} is incomplete "
+                       f"or unreadable; resuming from {found}, the newest complete one")
+        if found is None and newest is not None:
+            logger.log(f"--resume_checkpoint auto: no complete, loadable model*.pt in "
+                       f"{get_blob_logdir()}; starting fresh (the files are left in place)")
+        elif found is None:
             logger.log(f"--resume_checkpoint auto: no model*.pt in {get_blob_logdir()}; "
                        "starting fresh")
     return dist_util.broadcast_object(found) or ""
@@ -493,9 +583,11 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], Any]) -> None:
             write(f)
         return
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.",
+                                   suffix=TEMP_SUFFIX)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -505,15 +597,90 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], Any]) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        # Only our temporary file goes: the previous `path` (a good checkpoint) is never touched.
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            reason = e.strerror or str(e)
+            raise WriteError(e.errno, f"cannot write {path!r}: {reason} (the previous version, "
+                                      "if any, is kept)") from e
         raise
+
+
+TEMP_SUFFIX = ".tmp"
+# atomic_write's temporary names: "." + the file's name + "." + mkstemp's 8 random characters.
+_TEMP_RE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+def remove_stale_temp_files(folder: str) -> list[str]:
+    """
+    Remove the temporary files `atomic_write` leaves behind when a process is killed mid-write.
+    Call it only while no other process writes to `folder` (the training run's lock is held).
+
+    :return: the removed paths.
+    """
+    if "://" in folder or not os.path.isdir(folder):
+        return []
+    removed = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if _TEMP_RE.match(name) and os.path.isfile(path):
+            os.remove(path)
+            removed.append(path)
+    if removed:
+        logger.log(f"removed {len(removed)} stale temporary file(s) of killed writes in {folder}")
+    return removed
 
 
 def save_atomic(obj: Any, path: str) -> None:
     """`torch.save` through `atomic_write`."""
     atomic_write(path, lambda f: th.save(obj, f))
+
+
+def read_run_flags(run_dir: str, filename: str = "args.json") -> dict | None:
+    """The flags a run saved (`save_run_flags`) in `run_dir`; None when there is no such file or
+    it is not a JSON object (an older run)."""
+    path = bf.join(run_dir, filename)
+    if not bf.exists(path):
+        return None
+    try:
+        with bf.BlobFile(path, "r") as f:
+            old = json.load(f)
+    except (ValueError, OSError):
+        return None
+    return old if isinstance(old, dict) else None
+
+
+def compare_run_flags(flags: Mapping[str, Any], run_dir: str, refuse: Iterable[str],
+                      warn: Iterable[str], source: str) -> list[str]:
+    """
+    Compare this command's flags with the run's `args.json` in `run_dir` (resuming it, or sampling
+    from one of its checkpoints): a differing flag in `refuse` (it changes what the weights mean:
+    --predict_xstart, --noise_schedule, ... change no tensor shape, so the checkpoint would load)
+    raises `RunFlagsError` naming each; one in `warn` is logged. Flags that only one side has are
+    skipped (runs of older versions).
+
+    :param source: how the message names the run, e.g. "--model_path 'run/model000100.pt'".
+    :return: the names of the differing flags in `warn`.
+    """
+    old = read_run_flags(run_dir)
+    if old is None:
+        return []
+
+    def differs(k):
+        return k in old and k in flags and old[k] != flags[k]
+
+    bad = [k for k in refuse if differs(k)]
+    if bad:
+        shown = ", ".join(f"--{k} {flags[k]!r} (the run: {old[k]!r})" for k in bad)
+        raise RunFlagsError(f"{source}: flags differ from the run's args.json in {run_dir}: "
+                            f"{shown}; pass the run's values")
+    changed = [k for k in warn if differs(k)]
+    if changed:
+        shown = ", ".join(f"--{k} {flags[k]!r} (the run: {old[k]!r})" for k in changed)
+        logger.log(f"warning: {source}: flags differ from the run's args.json: {shown}")
+    return changed
 
 
 def save_run_flags(flags: dict, log_dir: str | None = None, filename: str = "args.json") -> str:

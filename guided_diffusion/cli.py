@@ -19,17 +19,22 @@ from __future__ import annotations
 import os
 import random
 import sys
+import tempfile
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch as th
 
-from . import dist_util, fast, logger
+from . import dist_util, fast, logger, run_lock
 from .checkpoints import (
+    AUTO_RESUME,
     CheckpointError,
     CheckpointMismatchError,
+    RunFlagsError,
+    compare_run_flags,
     load_model_checkpoint,
+    remove_stale_temp_files,
 )
 from .config import (
     DIT_SHARED_FLAGS,
@@ -42,6 +47,7 @@ from .config import (
 )
 from .dit import DiT, DiT_models
 from .respace import SpacedDiffusion
+from .image_datasets import DataError
 from .script_util import (
     args_to_dict,
     classifier_and_diffusion_defaults,
@@ -67,16 +73,88 @@ def world() -> tuple[int, int]:
     return dist_util.get_rank(), dist_util.get_world_size()
 
 
-def setup(args) -> None:
-    """Start the process group, point the logger at `--output_dir`, and seed torch if asked."""
+def setup(args, training: bool = False) -> None:
+    """
+    Start the process group, point the logger at `--output_dir`, and seed torch if asked.
+
+    With `training`, also: take the output folder's lock (one training run per folder, see
+    `run_lock`), remove the temporary files of killed writes there, and when resuming compare the
+    flags with the run's `args.json` (`check_resume_flags`).
+    """
     dist_util.setup_dist(timeout=getattr(args, "dist_timeout", None))
     output_dir = getattr(args, "output_dir", "") or None
+    folder = output_dir or os.getenv("OPENAI_LOGDIR")  # None: logger makes a new temp folder
+    if folder:
+        check_output_dir(folder)
+    if training and folder:
+        _lock_run_folder(folder)  # before the logger opens (and appends to) its files there
     logger.configure(dir=output_dir)
     seed = getattr(args, "seed", -1)
     if seed is not None and seed >= 0:
         th.manual_seed(seed + world()[0])
         np.random.seed((seed + world()[0]) % 2**32)
         random.seed(seed + world()[0])  # all three global generators: checkpoints save them
+    if training:
+        if not folder:
+            _lock_run_folder(logger.get_dir())
+        if world()[0] == 0:
+            # Safe: we hold the lock, no one else writes here.
+            remove_stale_temp_files(logger.get_dir())
+        check_resume_flags(args)
+
+
+def _lock_run_folder(folder: str) -> None:
+    if world()[0] != 0 or "://" in folder:
+        return
+    try:
+        run_lock.acquire(os.path.expanduser(folder))
+    except run_lock.LockedError as e:
+        raise ScriptError(str(e)) from e
+
+
+def check_output_dir(path: str) -> None:
+    """Refuse an `--output_dir` that is a file, cannot be created or is not writable."""
+    if "://" in path:
+        return
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ScriptError(f"--output_dir {path!r} is a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ScriptError(f"--output_dir {path!r}: cannot create it: {e.strerror}") from e
+    try:  # a real write: os.access says yes to root on read-only folders
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ScriptError(f"--output_dir {path!r} is not writable: {e.strerror}") from e
+
+
+# Flags that change what a checkpoint's weights mean but no tensor shape (so the checkpoint
+# loads under other values): a run's args.json must agree on them when sampling or resuming.
+# Flags that change shapes are refused by the checkpoint's fit check, which names the flag.
+MEANING_FLAGS = (
+    "image_size", "large_size", "small_size", "num_heads", "num_head_channels",
+    "num_heads_upsample", "use_new_attention_order", "diffusion_steps", "noise_schedule",
+    "predict_xstart", "rescale_timesteps",
+)
+# Model/diffusion flags that are free choices at sampling time (not compared).
+SAMPLING_CHOICES = ("timestep_respacing", "use_fp16", "classifier_use_fp16", "use_checkpoint",
+                    "dropout", "use_kl", "rescale_learned_sigmas")
+
+
+def check_resume_flags(args) -> None:
+    """Resuming: refuse flags in `MEANING_FLAGS` that differ from the run's args.json."""
+    resume = getattr(args, "resume_checkpoint", "")
+    if not resume:
+        return
+    run_dir = logger.get_dir() if resume == AUTO_RESUME else os.path.dirname(resume)
+    if "://" in run_dir:
+        return
+    try:
+        compare_run_flags(vars(args), run_dir, MEANING_FLAGS, (),
+                          f"--resume_checkpoint {resume!r}")
+    except RunFlagsError as e:
+        raise ScriptError(str(e)) from e
 
 
 def require_path(path: str, flag: str, kind: str = "file") -> None:
@@ -212,7 +290,19 @@ def load_model_and_diffusion(args, kind: str = "unet"):
     """
     spec = MODEL_KINDS[model_kind(args, kind)]
     model, diffusion = build_model_and_diffusion(args, kind)
-    load_checkpoint(model, getattr(args, spec.path_flag), spec.path_flag)
+    path = getattr(args, spec.path_flag)
+    load_checkpoint(model, path, spec.path_flag)
+    if "://" not in path:  # sampling from a run folder: its args.json must agree
+        names = [k for k in spec.defaults() if k not in SAMPLING_CHOICES]
+        if kind == "classifier":  # its diffusion flags were for training it only
+            names = [k for k in names if k.startswith("classifier_") or k == "image_size"]
+        try:
+            compare_run_flags(vars(args), os.path.dirname(os.path.abspath(path)),
+                              [k for k in names if k in MEANING_FLAGS],
+                              [k for k in names if k not in MEANING_FLAGS],
+                              f"--{spec.path_flag} {path!r}")
+        except RunFlagsError as e:
+            raise ScriptError(str(e)) from e
     model.to(dist_util.dev())
     if getattr(args, spec.fp16_flag):
         model.convert_to_fp16()
@@ -297,6 +387,26 @@ def resilience_kwargs(args) -> dict:
     )
 
 
+def require_finite_samples(samples: th.Tensor, indices: Sequence[int]) -> None:
+    """
+    Raise `ScriptError` naming the samples that hold NaN/inf (instead of writing black images).
+
+    Checked once per batch at the end, not per step: NaN and inf propagate through every later
+    step of every sampler (each step reads the previous x), so the end sees them all, and a
+    per-step check would add a device-to-host sync per step. With --seed, the indices named
+    reproduce the samples.
+
+    :param samples: [N x ...] the batch's final samples; `indices` their global indices.
+    """
+    bad = ~th.isfinite(samples.reshape(len(samples), -1)).all(dim=1)
+    if bool(bad.any()):
+        which = [int(indices[i]) for i in th.nonzero(bad).flatten().tolist()]
+        shown = ", ".join(map(str, which[:10])) + (" ..." if len(which) > 10 else "")
+        raise ScriptError(f"sampling produced non-finite values (NaN/inf) in {len(which)} of "
+                          f"{len(samples)} samples (indices {shown}); nothing was written. Check "
+                          "--cfg_scale / --classifier_scale and the checkpoint")
+
+
 # ------------------------------------------------------------------------------------------------
 # Entry point
 
@@ -308,7 +418,8 @@ def run_main(main: Callable[[], None]) -> None:
     """
     try:
         main()
-    except (ScriptError, CheckpointError, CheckpointMismatchError, FileNotFoundError) as e:
+    except (ScriptError, CheckpointError, CheckpointMismatchError, DataError, OSError) as e:
+        # OSError: files and devices (missing, unreadable, full disk, read-only), never our bugs.
         if os.environ.get("GD_TRACEBACK"):
             raise
         # Multi-line messages (e.g. a mismatch's list of causes) become one "; "-joined line.

@@ -13,15 +13,88 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import sys
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 NUM_CLASSES = 1000  # ImageNet, as the original hard-codes
 
+# A flag's domain: value -> None when allowed, else what is allowed ("must be > 0").
+Check = Callable[[Any], "str | None"]
 
-def flag(default: Any, help: str) -> Any:  # noqa: A002 - argparse's own name for it
-    """A dataclass field that is a command-line flag: its default and the line `--help` shows."""
-    return dataclasses.field(default=default, metadata={"help": help})
+
+def flag(default: Any, help: str, check: Check | None = None) -> Any:  # noqa: A002
+    """
+    A dataclass field that is a command-line flag: its default, the line `--help` shows and
+    optionally its domain `check` (run on every value given on the command line).
+    """
+    return dataclasses.field(default=default, metadata={"help": help, "check": check})
+
+
+# ------------------------------------------------------------------------------------------------
+# Flag domains: each returns None for an allowed value, else the allowed values in words.
+
+
+def positive(v: Any) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+def non_negative(v: Any) -> str | None:
+    return None if v >= 0 and v == v else "must be >= 0"
+
+
+def positive_or_minus_one(v: int) -> str | None:
+    return None if v > 0 or v == -1 else "must be > 0, or -1"
+
+
+def finite(v: float) -> str | None:
+    return None if math.isfinite(v) else "must be a finite number"
+
+
+def finite_non_negative(v: float) -> str | None:
+    return None if math.isfinite(v) and v >= 0 else "must be a finite number >= 0"
+
+
+def rate(v: float) -> str | None:
+    """A probability or decay rate in [0, 1)."""
+    return None if 0 <= v < 1 else "must be in [0, 1)"
+
+
+def one_of(*allowed: str) -> Check:
+    def check(v: str) -> str | None:
+        return None if v in allowed else f"must be one of {', '.join(map(repr, allowed))}"
+    return check
+
+
+def int_list(allow_empty: bool = True, min_value: int = 1) -> Check:
+    """Comma-separated integers >= min_value (e.g. '32,16,8')."""
+    def check(v: str) -> str | None:
+        if v == "" and allow_empty:
+            return None
+        try:
+            values = [int(x) for x in v.split(",")]
+        except ValueError:
+            values = []
+        if values and min(values) >= min_value:
+            return None
+        empty = " or ''" if allow_empty else ""
+        return f"must be comma-separated integers >= {min_value}{empty}"
+    return check
+
+
+def rate_list(v: str) -> str | None:
+    """Comma-separated EMA rates, each in [0, 1)."""
+    try:
+        values = [float(x) for x in v.split(",")]
+    except ValueError:
+        values = []
+    if values and all(0 <= x < 1 for x in values):
+        return None
+    return "must be comma-separated rates in [0, 1), e.g. '0.9999' or '0.999,0.9999'"
+
+
+SAMPLER_NAMES = ("", "ddpm", "ddim", "plms", "heun", "dpm++2m", "dpm++3m", "dpm++2m-sde")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -32,24 +105,30 @@ def flag(default: Any, help: str) -> Any:  # noqa: A002 - argparse's own name fo
 class UNetConfig:
     """The image U-Net (image_* scripts); learn_sigma lives in DiffusionConfig."""
 
-    image_size: int = flag(64, "height = width of the images in pixels")
-    num_channels: int = flag(128, "channels of the first resolution level")
-    num_res_blocks: int = flag(2, "residual blocks per resolution level")
-    num_heads: int = flag(4, "attention heads (ignored when num_head_channels is set)")
-    num_heads_upsample: int = flag(-1, "attention heads in the decoder; -1: num_heads")
-    num_head_channels: int = flag(-1, "channels per attention head; -1: use num_heads")
-    attention_resolutions: str = flag("16,8", "resolutions in pixels with self-attention")
-    channel_mult: str = flag("", "channel multiplier per level, e.g. '1,2,2,2'; '': by image_size")
-    dropout: float = flag(0.0, "dropout rate in the residual blocks")
+    image_size: int = flag(64, "height = width of the images in pixels", positive)
+    num_channels: int = flag(128, "channels of the first resolution level", positive)
+    num_res_blocks: int = flag(2, "residual blocks per resolution level", positive)
+    num_heads: int = flag(4, "attention heads (ignored when num_head_channels is set)",
+                          positive)
+    num_heads_upsample: int = flag(-1, "attention heads in the decoder; -1: num_heads",
+                                   positive_or_minus_one)
+    num_head_channels: int = flag(-1, "channels per attention head; -1: use num_heads",
+                                  positive_or_minus_one)
+    attention_resolutions: str = flag("16,8", "resolutions in pixels with self-attention",
+                                      int_list())
+    channel_mult: str = flag("", "channel multiplier per level, e.g. '1,2,2,2'; '': by "
+                                 "image_size", int_list())
+    dropout: float = flag(0.0, "dropout rate in the residual blocks", rate)
     class_cond: bool = flag(False, "condition on class labels (label_emb)")
     use_checkpoint: bool = flag(False, "gradient checkpointing: less memory, more compute")
     use_scale_shift_norm: bool = flag(True, "FiLM-like timestep conditioning (AdaGN)")
     resblock_updown: bool = flag(False, "residual blocks (BigGAN style) for up/downsampling")
     use_fp16: bool = flag(False, "the original's fp16 weights and loss scaling (CUDA)")
     use_new_attention_order: bool = flag(False, "split heads before qkv (the 'new' order)")
-    num_classes: int = flag(NUM_CLASSES, "number of class labels (beyond the original)")
+    num_classes: int = flag(NUM_CLASSES, "number of class labels (beyond the original)",
+                            positive)
     class_dropout_prob: float = flag(
-        0.0, "label dropout for classifier-free guidance; 0: the original's model (beyond)")
+        0.0, "label dropout for classifier-free guidance; 0: the original's model (beyond)", rate)
 
 
 @dataclass(frozen=True)
@@ -57,8 +136,9 @@ class DiffusionConfig:
     """The Gaussian diffusion every network is trained and sampled with."""
 
     learn_sigma: bool = flag(False, "learn the variance (6 output channels, L_hybrid)")
-    diffusion_steps: int = flag(1000, "T, the number of diffusion steps")
-    noise_schedule: str = flag("linear", "beta schedule: 'linear' or 'cosine'")
+    diffusion_steps: int = flag(1000, "T, the number of diffusion steps", positive)
+    noise_schedule: str = flag("linear", "beta schedule: 'linear' or 'cosine'",
+                               one_of("linear", "cosine"))
     timestep_respacing: str = flag("", "sample on fewer steps: '250', 'ddim50', '10,10,5'; '': all")
     use_kl: bool = flag(False, "train on the variational bound instead of the MSE")
     predict_xstart: bool = flag(False, "the model predicts x_0 instead of epsilon")
@@ -70,16 +150,20 @@ class DiffusionConfig:
 class ClassifierConfig:
     """The noisy-image classifier of classifier guidance (the U-Net's encoder half)."""
 
-    image_size: int = flag(64, "height = width of the images in pixels")
+    image_size: int = flag(64, "height = width of the images in pixels", positive)
     classifier_use_fp16: bool = flag(False, "the original's fp16 weights for the classifier")
-    classifier_width: int = flag(128, "channels of the classifier's first level")
-    classifier_depth: int = flag(2, "residual blocks per level of the classifier")
-    classifier_attention_resolutions: str = flag("32,16,8", "classifier attention resolutions")
+    classifier_width: int = flag(128, "channels of the classifier's first level", positive)
+    classifier_depth: int = flag(2, "residual blocks per level of the classifier", positive)
+    classifier_attention_resolutions: str = flag("32,16,8", "classifier attention resolutions",
+                                                 int_list())
     classifier_use_scale_shift_norm: bool = flag(True, "AdaGN timestep conditioning")
     classifier_resblock_updown: bool = flag(True, "residual blocks for downsampling")
-    classifier_pool: str = flag("attention", "head: adaptive, attention, spatial, spatial_v2")
-    classifier_channel_mult: str = flag("", "channel multipliers; '': by image_size (beyond)")
-    num_classes: int = flag(NUM_CLASSES, "number of class labels (beyond the original)")
+    classifier_pool: str = flag("attention", "head: adaptive, attention, spatial, spatial_v2",
+                                one_of("adaptive", "attention", "spatial", "spatial_v2"))
+    classifier_channel_mult: str = flag("", "channel multipliers; '': by image_size (beyond)",
+                                        int_list())
+    num_classes: int = flag(NUM_CLASSES, "number of class labels (beyond the original)",
+                            positive)
 
 
 # The super-resolution model takes the image U-Net's flags except these (its size is large_size,
@@ -89,8 +173,8 @@ _SR_UNUSED = ("image_size", "channel_mult", "use_new_attention_order", "class_dr
 
 def _sr_fields() -> list:
     fields = [
-        ("large_size", int, flag(256, "output (high) resolution in pixels")),
-        ("small_size", int, flag(64, "input (low) resolution in pixels")),
+        ("large_size", int, flag(256, "output (high) resolution in pixels", positive)),
+        ("small_size", int, flag(64, "input (low) resolution in pixels", positive)),
     ]
     for f in dataclasses.fields(UNetConfig):
         if f.name not in _SR_UNUSED:
@@ -170,12 +254,17 @@ class FastConfig:
 class SamplerOptions:
     """How to sample (beyond the original); `samplers.sample(**options)` takes these fields."""
 
-    sampler: str = flag("", "ddpm ddim plms heun dpm++2m dpm++3m dpm++2m-sde; '': per use_ddim")
-    steps: int = flag(0, "N grid timesteps for any sampler; 0: the grid of --timestep_respacing")
+    sampler: str = flag("", "ddpm ddim plms heun dpm++2m dpm++3m dpm++2m-sde; '': per use_ddim",
+                        one_of(*SAMPLER_NAMES))
+    steps: int = flag(0, "N grid timesteps for any sampler; 0: the grid of --timestep_respacing",
+                      non_negative)
     sampler_spacing: str = flag(
-        "logsnr", "how --steps picks timesteps: 'logsnr' or 'uniform' (= --timestep_respacing N)")
-    cfg_scale: float = flag(1.0, "classifier-free guidance weight; 1: conditional, 0: uncond.")
-    eta: float = flag(0.0, "DDIM's eta; 0: deterministic DDIM as the original")
+        "logsnr", "how --steps picks timesteps: 'logsnr' or 'uniform' (= --timestep_respacing N)",
+        one_of("logsnr", "uniform"))
+    cfg_scale: float = flag(1.0, "classifier-free guidance weight; 1: conditional, 0: uncond.",
+                            finite)
+    eta: float = flag(0.0, "DDIM's eta; 0: deterministic DDIM as the original",
+                      finite_non_negative)
 
 
 @dataclass(frozen=True)
@@ -183,13 +272,15 @@ class SampleConfig:
     """What the sampling scripts produce and from which checkpoint."""
 
     clip_denoised: bool = flag(True, "clip the predicted x_0 to [-1, 1]")
-    num_samples: int = flag(10000, "number of samples to write")
-    batch_size: int = flag(16, "samples per batch on each rank")
+    num_samples: int = flag(10000, "number of samples to write", positive)
+    batch_size: int = flag(16, "samples per batch on each rank", positive)
     use_ddim: bool = flag(False, "DDIM instead of DDPM (the original's switch)")
     model_path: str = flag("", "the model checkpoint (.pt)")
     progress: bool = flag(True, "progress bars on rank 0 (beyond the original)")
-    grid_size: int = flag(100, "samples in the PNG grid beside the .npz; 0: no grid (beyond)")
-    shard_size: int = flag(1000, "samples per file of {output_dir}/samples_shards/ (beyond)")
+    grid_size: int = flag(100, "samples in the PNG grid beside the .npz; 0: no grid (beyond)",
+                          non_negative)
+    shard_size: int = flag(1000, "samples per file of {output_dir}/samples_shards/ (beyond)",
+                           positive)
 
 
 @dataclass(frozen=True)
@@ -197,7 +288,7 @@ class GuidanceConfig:
     """classifier_sample.py: the classifier that guides."""
 
     classifier_path: str = flag("", "the noisy classifier's checkpoint (.pt)")
-    classifier_scale: float = flag(1.0, "multiplier of the classifier's gradient")
+    classifier_scale: float = flag(1.0, "multiplier of the classifier's gradient", finite)
 
 
 @dataclass(frozen=True)
@@ -213,29 +304,41 @@ class DataConfig:
 
     data_dir: str = flag("", "folder of images (label = file-name prefix before '_')")
     random_flip: bool = flag(True, "random horizontal flips (the original always flips)")
+    skip_bad_images: bool = flag(False, "leave out unreadable images (logged) instead of "
+                                        "refusing the folder (beyond)")
 
 
 @dataclass(frozen=True)
 class TrainingConfig:
     """The original's TrainLoop flags (image_train.py, super_res_train.py)."""
 
-    schedule_sampler: str = flag("uniform", "timestep sampler: 'uniform' or 'loss-second-moment'")
-    lr: float = flag(1e-4, "AdamW learning rate")
-    weight_decay: float = flag(0.0, "AdamW weight decay")
-    lr_anneal_steps: int = flag(0, "> 0: decay lr linearly to 0 over this many steps, then stop")
-    batch_size: int = flag(1, "images per step on each rank")
-    microbatch: int = flag(-1, "split batches into microbatches of this size; -1: off")
-    ema_rate: str = flag("0.9999", "comma-separated EMA rates")
-    log_interval: int = flag(10, "steps between log lines")
-    save_interval: int = flag(10000, "steps between checkpoints")
+    schedule_sampler: str = flag("uniform", "timestep sampler: 'uniform' or "
+                                            "'loss-second-moment'",
+                                 one_of("uniform", "loss-second-moment"))
+    lr: float = flag(1e-4, "AdamW learning rate", finite_non_negative)
+    weight_decay: float = flag(0.0, "AdamW weight decay", finite_non_negative)
+    lr_anneal_steps: int = flag(0, "> 0: decay lr linearly to 0 over this many steps, then stop",
+                                non_negative)
+    batch_size: int = flag(1, "images per step on each rank", positive)
+    microbatch: int = flag(-1, "split batches into microbatches of this size; -1: off",
+                           positive_or_minus_one)
+    ema_rate: str = flag("0.9999", "comma-separated EMA rates", rate_list)
+    log_interval: int = flag(10, "steps between log lines", positive)
+    save_interval: int = flag(10000, "steps between checkpoints", positive)
     resume_checkpoint: str = flag("", "a model*.pt to resume, or 'auto': newest in --output_dir")
-    fp16_scale_growth: float = flag(1e-3, "log2 growth of the fp16 loss scale per step")
+    fp16_scale_growth: float = flag(1e-3, "log2 growth of the fp16 loss scale per step",
+                                    finite_non_negative)
     init_checkpoint: str = flag("", "fine-tune: these weights at step 0, fresh optimizer")
-    grad_clip: float = flag(0.0, "clip the global gradient norm to this; 0: off (the original)")
-    lr_warmup_steps: int = flag(0, "raise the lr linearly over this many steps; 0: off")
-    max_bad_steps: int = flag(10, "stop after this many non-finite steps in a row; 0: never")
-    dist_timeout: float = flag(1800.0, "seconds a rank waits for its peers before it fails")
-    sample_interval: int = flag(0, "steps between sample grids beside the checkpoints; 0: off")
+    grad_clip: float = flag(0.0, "clip the global gradient norm to this; 0: off (the original)",
+                            finite_non_negative)
+    lr_warmup_steps: int = flag(0, "raise the lr linearly over this many steps; 0: off",
+                                non_negative)
+    max_bad_steps: int = flag(10, "stop after this many non-finite steps in a row; 0: never",
+                              non_negative)
+    dist_timeout: float = flag(1800.0, "seconds a rank waits for its peers before it fails",
+                               positive)
+    sample_interval: int = flag(0, "steps between sample grids beside the checkpoints; 0: off",
+                                non_negative)
     dry_run: bool = flag(False, "print parameters, FLOPs and memory per step, then exit")
 
 
@@ -245,9 +348,9 @@ class ClassifierTrainConfig:
 
     val_data_dir: str = flag("", "held-out images for evaluation; '': none")
     noised: bool = flag(True, "train on noisy x_t at random t (False: clean images)")
-    iterations: int = flag(150000, "training steps")
+    iterations: int = flag(150000, "training steps", positive)
     anneal_lr: bool = flag(False, "decay lr linearly to 0 over --iterations")
-    eval_interval: int = flag(5, "steps between evaluations on --val_data_dir")
+    eval_interval: int = flag(5, "steps between evaluations on --val_data_dir", positive)
     random_crop: bool = flag(True, "random crops, as the original trains its classifiers")
 
 
@@ -330,33 +433,91 @@ def defaults(*groups: Group, drop: Iterable[str] = ()) -> dict[str, Any]:
     return {k: v for k, (v, _) in flag_fields(*groups, drop=drop).items()}
 
 
+def flag_checks(*groups: Group) -> dict[str, Check]:
+    """name -> the domain check of each flag of `groups` that has one."""
+    out: dict[str, Check] = {}
+    for group in groups:
+        for f in dataclasses.fields(group):
+            if f.metadata.get("check") is not None and f.name not in out:
+                out[f.name] = f.metadata["check"]
+    return out
+
+
+# Checks across flags, per config class: namespace -> None, or raise ValueError("--flag ...").
+# Each runs only when every flag it reads is in the parser (see `FlagParser.parse_known_args`).
+CROSS_CHECKS: dict[str, list[Callable[[argparse.Namespace], None]]] = {}
+
+
+def cross_check(*class_names: str) -> Callable:
+    """Register a check across flags for the config classes named (by `__name__`)."""
+    def register(fn: Callable[[argparse.Namespace], None]) -> Callable:
+        for name in class_names:
+            CROSS_CHECKS.setdefault(name, []).append(fn)
+        return fn
+    return register
+
+
+class FlagParser(argparse.ArgumentParser):
+    """
+    argparse with the scripts' error format: one line `error: ...` on stderr and exit status 2
+    (no usage block), and the cross-flag checks of its config groups run after parsing.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cross_checks: list[Callable[[argparse.Namespace], None]] = []
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, extra = super().parse_known_args(args, namespace)
+        for check in self.cross_checks:
+            try:
+                check(ns)
+            except AttributeError:  # a flag this check reads is not in this parser
+                continue
+            except ValueError as e:
+                self.error(str(e))
+        return ns, extra
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def build_parser(description: str | None, *groups: Group,
                  drop: Iterable[str] = ()) -> argparse.ArgumentParser:
     """
     One argparse parser with a `--name` per field of `groups` (one `--help` section per group),
     typed by its default (booleans parse as the original's str2bool), the field's comment as its
     `--help` line. A name in several groups is taken from the first; `drop` leaves names out.
+    Every value given is checked against its flag's domain, then the groups' cross-flag checks
+    run; a failure is one line `error: --flag: ...` and exit status 2.
     """
-    parser = argparse.ArgumentParser(
+    parser = FlagParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     seen = set(drop)
     for group in groups:
+        cls = group if isinstance(group, type) else type(group)
+        for check in CROSS_CHECKS.get(cls.__name__, []):
+            if check not in parser.cross_checks:
+                parser.cross_checks.append(check)
         fields = {k: v for k, v in flag_fields(group).items() if k not in seen}
         if not fields:
             continue
         seen.update(fields)
-        cls = group if isinstance(group, type) else type(group)
         title = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else None
-        add_flags(parser.add_argument_group(cls.__name__, title), fields)
+        add_flags(parser.add_argument_group(cls.__name__, title), fields,
+                  checks=flag_checks(group))
     return parser
 
 
 def add_flags(parser: argparse.ArgumentParser | Any, fields: Mapping[str, tuple[Any, str]],
-              suppress: bool = False) -> None:
+              suppress: bool = False, checks: Mapping[str, Check] | None = None) -> None:
     """
     Add `--name` flags for name -> (default, help) to a parser or argument group. With
     `suppress`, a flag not given is absent from the parsed namespace (to tell given from default).
+    `checks` (name -> domain check) refuse a given value outside the flag's domain.
     """
+    checks = checks or {}
     for name, (default, help_text) in fields.items():
         if default is None:
             kind = str
@@ -366,7 +527,104 @@ def add_flags(parser: argparse.ArgumentParser | Any, fields: Mapping[str, tuple[
             kind = type(default)
         shown = f"{help_text} (default: {default!r})" if help_text else f"default: {default!r}"
         parser.add_argument(f"--{name}", default=argparse.SUPPRESS if suppress else default,
-                            type=kind, help=shown.replace("%", "%%"))
+                            type=_checked(name, kind, checks.get(name)),
+                            help=shown.replace("%", "%%"))
+
+
+def _checked(name: str, kind: Callable[[str], Any], check: Check | None) -> Callable[[str], Any]:
+    """The argparse `type` of a flag: parse with `kind`, then refuse values outside its domain."""
+    if check is None:
+        return kind
+
+    def parse(text: str) -> Any:
+        value = kind(text)
+        problem = check(value)
+        if problem:
+            raise argparse.ArgumentTypeError(f"{problem}, got {text!r}")
+        return value
+
+    # argparse names the type in "invalid <type> value" messages.
+    parse.__name__ = getattr(kind, "__name__", "value")
+    return parse
+
+
+# ------------------------------------------------------------------------------------------------
+# Checks across flags
+
+
+def _check_halvable(size: int, size_flag: str, channel_mult: str, mult_flag: str,
+                    kind: str) -> None:
+    from .script_util import _parse_channel_mult  # the one table of default multipliers
+
+    try:
+        levels = len(_parse_channel_mult(channel_mult, size, kind))
+    except ValueError as e:  # no default multipliers for this size
+        hint = (f"pass {mult_flag} explicitly, e.g. '1,2,2,2'" if mult_flag.startswith("--")
+                else str(e).split("or use ")[-1])
+        raise ValueError(f"--{size_flag} {size}: {str(e).split(':')[0]}: {hint}") from None
+    # The U-Net halves the image once per level but the last; an odd size on the way breaks the
+    # skip connections (shape error deep in the forward pass).
+    if size % 2 ** (levels - 1):
+        raise ValueError(
+            f"--{size_flag} {size}: the network halves it {levels - 1} times ({mult_flag} has "
+            f"{levels} levels), so it must be a multiple of {2 ** (levels - 1)}")
+
+
+def _check_attention(resolutions: str, size: int, flag_name: str) -> None:
+    for res in filter(None, resolutions.split(",")):
+        if size % int(res):
+            raise ValueError(f"--{flag_name}: {res} does not divide the image size {size}")
+
+
+@cross_check("UNetConfig")
+def _unet_sizes(ns: argparse.Namespace) -> None:
+    # A DiT has no U-Net sizes; in latent space the U-Net's size is the VAE's latent size, known
+    # only once the VAE's config is read (latent.space_from_flags checks it then).
+    if getattr(ns, "model", "unet") != "unet" or getattr(ns, "latent_vae", ""):
+        return
+    _check_halvable(ns.image_size, "image_size", ns.channel_mult, "--channel_mult", "unet")
+    _check_attention(ns.attention_resolutions, ns.image_size, "attention_resolutions")
+
+
+@cross_check("SuperResConfig")
+def _superres_sizes(ns: argparse.Namespace) -> None:
+    if ns.small_size > ns.large_size:
+        raise ValueError(f"--small_size {ns.small_size} is larger than --large_size "
+                         f"{ns.large_size}: the model upsamples small to large")
+    _check_halvable(ns.large_size, "large_size", "", "the defaults for --large_size", "superres")
+
+
+@cross_check("ClassifierConfig")
+def _classifier_sizes(ns: argparse.Namespace) -> None:
+    _check_halvable(ns.image_size, "image_size", ns.classifier_channel_mult,
+                    "--classifier_channel_mult", "classifier")
+    _check_attention(ns.classifier_attention_resolutions, ns.image_size,
+                     "classifier_attention_resolutions")
+
+
+@cross_check("DiffusionConfig")
+def _linear_betas(ns: argparse.Namespace) -> None:
+    # The linear schedule scales beta_T = 0.02 * 1000 / T (Ho et al. 2020, rescaled as the
+    # original does): at T <= 20 it reaches 1, alpha_bar_T = 0, and every 1/alpha_bar is inf.
+    if ns.noise_schedule == "linear" and ns.diffusion_steps <= 20:
+        raise ValueError(f"--diffusion_steps {ns.diffusion_steps} with --noise_schedule linear "
+                         "makes beta_T = 20 / T >= 1; use more than 20 steps or 'cosine'")
+
+
+@cross_check("DiffusionConfig")
+def _respacing(ns: argparse.Namespace) -> None:
+    from .respace import space_timesteps
+
+    if not ns.timestep_respacing:
+        return
+    try:
+        kept = space_timesteps(ns.diffusion_steps, ns.timestep_respacing)
+    except ValueError as e:
+        raise ValueError(f"--timestep_respacing: {e}") from None
+    if len(kept) < 2:
+        # One step cannot go from x_T to x_0 through the posterior the respaced betas define.
+        raise ValueError(f"--timestep_respacing {ns.timestep_respacing!r} keeps {len(kept)} "
+                         "step(s); use at least 2")
 
 
 def from_flags(cls: type, flags: Mapping[str, Any] | argparse.Namespace) -> Any:

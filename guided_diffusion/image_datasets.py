@@ -30,6 +30,12 @@ from .image_util import center_crop_arr, random_crop_arr  # noqa: F401
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")
 LABEL_SOURCES = ("filename", "folder")
+_SHOWN = 10  # unreadable files named per message
+
+
+class DataError(ValueError):
+    """The data folder cannot be trained on (empty, unreadable images, labels beyond
+    --num_classes): reported as one line before training starts."""
 
 
 def load_data(
@@ -44,6 +50,8 @@ def load_data(
     label_from: str = "filename",
     seed: int | None = None,
     num_workers: int = 1,
+    num_classes: int | None = None,
+    skip_bad_images: bool = False,
 ) -> "ResumableLoader":
     """
     Yield (images, kwargs) batches forever.
@@ -57,6 +65,10 @@ def load_data(
     :param random_flip: if True, flip each image left-right with probability 1/2.
     :param label_from: "filename" (the original: prefix before the first "_") or "folder" (the
         first subfolder under data_dir, for ImageFolder-style trees).
+    :param num_classes: with class_cond, the model's --num_classes: more classes in the data is
+        an error (their labels would index past the label embedding, or be read as the
+        classifier-free null label).
+    :param skip_bad_images: leave out unreadable images (logged) instead of refusing the folder.
     :param seed: the seed of the order and the augmentations (None: a random one, which the
         loader's `state_dict()` records so that a resume continues the same stream).
     :param num_workers: processes that read images (0: read in this process).
@@ -64,15 +76,22 @@ def load_data(
         tensor in [-1, 1], dict).
     """
     if not data_dir:
-        raise ValueError("unspecified data directory (--data_dir)")
+        raise DataError("unspecified data directory (--data_dir)")
     if label_from not in LABEL_SOURCES:
         raise ValueError(f"label_from must be one of {LABEL_SOURCES}, got {label_from!r}")
+    if not bf.isdir(data_dir):
+        raise DataError(f"--data_dir {data_dir!r}: no such folder")
     all_files = _list_image_files_recursively(data_dir)
     if not all_files:
-        raise ValueError(
-            f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under data directory {data_dir!r}"
+        raise DataError(
+            f"--data_dir {data_dir!r}: no images ({', '.join(IMAGE_EXTENSIONS)}) found in it"
         )
     classes = None
+    if class_cond:
+        # Labels first (cheap, no decoding): a wrong --num_classes fails in a second.
+        names = [_class_name(path, data_dir, label_from) for path in all_files]
+        check_num_classes(sorted(set(names)), num_classes, data_dir)
+    all_files = scan_images(all_files, data_dir, skip_bad_images)
     if class_cond:
         names = [_class_name(path, data_dir, label_from) for path in all_files]
         sorted_classes = {name: i for i, name in enumerate(sorted(set(names)))}
@@ -88,8 +107,8 @@ def load_data(
     )
     if len(dataset) < batch_size:
         # drop_last would leave no batch at all and the loop below would spin forever.
-        raise ValueError(
-            f"{data_dir!r}: this rank's shard has {len(dataset)} images "
+        raise DataError(
+            f"--data_dir {data_dir!r}: this rank's shard has {len(dataset)} images "
             f"({len(all_files)} in total over {dist_util.get_world_size()} ranks), fewer than "
             f"the batch size {batch_size}"
         )
@@ -206,6 +225,51 @@ class ResumableLoader:
         self._it = None
 
 
+def check_num_classes(class_names: list[str], num_classes: int | None, data_dir: str) -> None:
+    """Refuse data with more classes than the model's `--num_classes` (labels 0..K-1 sorted)."""
+    if num_classes is not None and len(class_names) > num_classes:
+        first = class_names[num_classes]
+        raise DataError(
+            f"--data_dir {data_dir!r} has {len(class_names)} classes but --num_classes is "
+            f"{num_classes}: class {first!r} (label {num_classes}) and later ones are out of "
+            f"range; pass --num_classes {len(class_names)} or fewer classes")
+
+
+def scan_images(paths: list[str], data_dir: str, skip_bad: bool = False) -> list[str]:
+    """
+    Decode every image once before training (each rank a disjoint share, the findings shared),
+    so that a corrupt file is found now, not hours in when the loader reaches it.
+
+    :return: `paths`, without the unreadable ones when `skip_bad` (they are logged).
+    :raises DataError: naming the unreadable files (all of them counted) unless `skip_bad`.
+    """
+    rank, world = dist_util.get_rank(), dist_util.get_world_size()
+    bad = []
+    for path in paths[rank::world]:
+        try:
+            read_image(path)
+        except OSError as e:
+            bad.append((path, str(e.__cause__ or e).splitlines()[0][:120]))
+    if world > 1:
+        bad = [item for part in dist_util.all_gather_objects(bad) for item in part]
+    if not bad:
+        return paths
+    shown = "; ".join(f"{p} ({why})" for p, why in sorted(bad)[:_SHOWN])
+    more = f"; ... ({len(bad) - _SHOWN} more)" if len(bad) > _SHOWN else ""
+    if not skip_bad:
+        raise DataError(f"--data_dir {data_dir!r}: {len(bad)} of {len(paths)} images cannot be "
+                        f"read: {shown}{more} (remove them, or pass --skip_bad_images True)")
+    from . import logger
+
+    logger.log(f"--skip_bad_images: leaving out {len(bad)} of {len(paths)} images: "
+               f"{shown}{more}")
+    dropped = {p for p, _ in bad}
+    kept = [p for p in paths if p not in dropped]
+    if not kept:
+        raise DataError(f"--data_dir {data_dir!r}: none of its {len(paths)} images can be read")
+    return kept
+
+
 def _class_name(path: str, data_dir: str, label_from: str) -> str:
     if label_from == "filename":
         return bf.basename(path).split("_")[0]
@@ -298,4 +362,10 @@ def read_image(path: str) -> Image.Image:
             pil_image.load()
     except Exception as e:  # noqa: BLE001 -- PIL raises several types; name the file in one
         raise OSError(f"cannot read image {path!r}: {type(e).__name__}: {e}") from e
+    if pil_image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        # 16-bit PNGs open as 32-bit integer images; convert("RGB") would clip every value
+        # above 255 to white. Scale the 16-bit range to 8 bits (65535 -> 255).
+        arr = np.asarray(pil_image, dtype=np.float64)
+        arr = np.clip(np.round(arr / 257.0), 0, 255).astype(np.uint8)
+        pil_image = Image.fromarray(arr)  # 2-D uint8: mode "L"
     return pil_image.convert("RGB")

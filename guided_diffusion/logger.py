@@ -18,6 +18,7 @@ import contextlib
 import csv
 import datetime
 import functools
+import io
 import json
 import os
 import sys
@@ -410,6 +411,45 @@ def configure(
     Logger.CURRENT = Logger(dir=dir, output_formats=output_formats, comm=comm)
     if output_formats:
         log(f"Logging to {dir}")
+
+
+def drop_rows_after(key: str, value: float) -> int:
+    """
+    Drop the rows of the current logger's CSV file (progress.csv) whose `key` column exceeds
+    `value`, atomically: on resume from step S the rows of steps after S were logged by the killed
+    run and are logged again. Rows without the key are kept.
+
+    :return: the number of rows dropped.
+    """
+    from .checkpoints import atomic_write  # the one atomic writer (it imports this module)
+
+    dropped = 0
+    for fmt in get_current().output_formats:
+        if not isinstance(fmt, CSVOutputFormat) or not os.path.exists(fmt.filename):
+            continue
+        with open(fmt.filename, newline="") as f:
+            rows = list(csv.reader(f))
+        if not rows or key not in rows[0]:
+            continue
+        col = rows[0].index(key)
+
+        def keep(row: list[str]) -> bool:
+            try:
+                return float(row[col]) <= value
+            except (IndexError, ValueError):
+                return True
+
+        kept = [rows[0]] + [r for r in rows[1:] if keep(r)]
+        if len(kept) == len(rows):
+            continue
+        dropped += len(rows) - len(kept)
+        text = io.StringIO()
+        csv.writer(text).writerows(kept)
+        atomic_write(fmt.filename, lambda f, t=text.getvalue(): f.write(t.encode("utf-8")))
+    if dropped:
+        log(f"dropped {dropped} row(s) with {key} > {value} from progress.csv: those steps are "
+            "redone from the checkpoint")
+    return dropped
 
 
 def _configure_default_logger() -> None:

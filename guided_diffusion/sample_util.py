@@ -33,7 +33,7 @@ import torch as th
 from evaluations import npz_io  # the one definition of the shard-folder format
 
 from . import dist_util, fast, logger, samplers
-from .cli import ScriptError, fast_config, world
+from .cli import ScriptError, fast_config, require_finite_samples, world
 from .config import SamplerOptions, from_flags
 from .checkpoints import atomic_write
 
@@ -160,6 +160,7 @@ def make_sample_fn(
                 model, diffusion, args, (n, *shape), model_kwargs=model_kwargs, cond_fn=cond_fn,
                 noise=noise, noise_fn=noise_src, progress=bool(args.progress) and rank == 0,
             )
+        require_finite_samples(sample, indices)  # not black images from NaN
         if decode is not None:
             sample = decode(sample)
         return to_uint8_nhwc(sample), model_kwargs.get("y")

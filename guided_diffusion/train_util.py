@@ -58,6 +58,7 @@ from .checkpoints import (  # noqa: F401 -- the original's public names, re-expo
     atomic_write,
     check_state_dict_fits,
     find_ema_checkpoint,
+    check_finite,
     find_resume_checkpoint,
     get_blob_logdir,
     load_file,
@@ -175,6 +176,8 @@ class TrainLoop:
         self.resume_path = resolve_resume_checkpoint(resume_checkpoint)
         if self.resume_path:
             self.resume_step = parse_resume_step_from_filename(self.resume_path)
+            if dist_util.get_rank() == 0:  # the killed run's rows of the steps redone now
+                logger.drop_rows_after("step", self.resume_step)
         self._load_and_sync_parameters()
 
         self.mp_trainer = MixedPrecisionTrainer(
@@ -325,6 +328,11 @@ class TrainLoop:
 
     def run_loop(self) -> None:
         """Train until `total_steps` (forever when None), logging and saving on the way."""
+        if self.total_steps is not None and self.resume_step >= self.total_steps:
+            # A requeued job of a finished run: nothing to do, and nothing is written.
+            logger.log(f"the run is already finished: {self.resume_path} is step "
+                       f"{self.resume_step} of {self.total_steps}; nothing to do")
+            return
         while self.total_steps is None or self.step + self.resume_step < self.total_steps:
             with self._collectives_guarded():
                 batch, cond = next(self.data)
@@ -554,6 +562,10 @@ class TrainLoop:
     def save(self) -> None:
         """Write the EMA, optimizer and model checkpoints for the current step (rank 0)."""
         step = self.step + self.resume_step
+        # Diverged (NaN) weights are refused before any file is written: the last good
+        # checkpoint stays the newest.
+        model_state = self.mp_trainer.master_params_to_state_dict(self.mp_trainer.master_params)
+        check_finite(model_state, f"of step {step} (training diverged; not saved)")
         # Every rank builds the state dicts (cheap); only rank 0 writes.
         for rate, params in zip(self.ema_rate, self.ema_params):
             self._save_file(
@@ -563,10 +575,7 @@ class TrainLoop:
         opt_state[RESUME_KEY] = self.resume_state()
         self._save_file(f"opt{step:06d}.pt", opt_state)
         # The model file last: it marks the checkpoint as complete for auto-resume.
-        self._save_file(
-            f"model{step:06d}.pt",
-            self.mp_trainer.master_params_to_state_dict(self.mp_trainer.master_params),
-        )
+        self._save_file(f"model{step:06d}.pt", model_state)
         if dist_util.get_rank() == 0:
             plot_losses(get_blob_logdir())
         dist_util.barrier()

@@ -26,7 +26,7 @@ from guided_diffusion.train_util import ClassifierTrainLoop, dry_run, save_run_f
 
 def main():
     args = create_argparser().parse_args()
-    cli.setup(args)
+    cli.setup(args, training=not args.dry_run)  # a dry run takes no lock, writes nothing
     if args.dry_run:
         dry_run(args, "classifier")
         return
@@ -42,6 +42,7 @@ def main():
         data_dir=args.data_dir, batch_size=args.batch_size, image_size=args.image_size,
         class_cond=True, random_crop=args.random_crop, random_flip=args.random_flip,
         seed=cli.data_seed(args),
+        num_classes=args.num_classes, skip_bad_images=args.skip_bad_images,
     )
     val_data = None
     if args.val_data_dir:
@@ -49,6 +50,7 @@ def main():
         val_data = load_data(
             data_dir=args.val_data_dir, batch_size=args.batch_size, image_size=args.image_size,
             class_cond=True, seed=cli.data_seed(args, stream=1),
+            num_classes=args.num_classes, skip_bad_images=args.skip_bad_images,
         )
 
     logger.log("training classifier...")

@@ -39,6 +39,7 @@ def main():
         image_size=args.image_size,
         class_cond=args.class_cond,
         deterministic=True,
+        num_classes=args.num_classes,
     )
 
     logger.log("evaluating...")

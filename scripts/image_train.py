@@ -27,7 +27,7 @@ from guided_diffusion.train_util import dry_run, save_run_flags
 
 def main():
     args = create_argparser().parse_args()
-    cli.setup(args)
+    cli.setup(args, training=not args.dry_run)  # a dry run takes no lock, writes nothing
     if args.dry_run:
         dry_run(args, "unet")
         return
@@ -47,7 +47,8 @@ def main():
         cache_dir = args.latent_cache or os.path.join(logger.get_dir(), "latent_cache")
         data = latent.load_latent_data(space=space, cache_dir=cache_dir, **data_kwargs)
     else:
-        data = load_data(**data_kwargs, seed=cli.data_seed(args))  # resumable order
+        data = load_data(**data_kwargs, seed=cli.data_seed(args),  # resumable order
+                         num_classes=args.num_classes, skip_bad_images=args.skip_bad_images)
 
     cli.train_diffusion(args, model, diffusion, data, use_bf16=fast_cfg.use_bf16)
 

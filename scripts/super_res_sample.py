@@ -6,6 +6,7 @@ Sample i upsamples base sample i mod N; the output is `samples_{num_samples}x{la
 """
 
 import argparse
+import zipfile
 
 import numpy as np
 import torch as th
@@ -33,11 +34,19 @@ def load_base_samples(path: str, small_size: int,
     import blobfile as bf
 
     cli.require_path(path, "base_samples")
-    with bf.BlobFile(path, "rb") as f, np.load(f, allow_pickle=False) as obj:
-        if "arr_0" not in obj:
-            raise cli.ScriptError(f"--base_samples {path}: no 'arr_0' array of images")
-        images = obj["arr_0"]
-        labels = obj["arr_1"] if class_cond and "arr_1" in obj else None
+    try:
+        with bf.BlobFile(path, "rb") as f, np.load(f, allow_pickle=False) as obj:
+            if "arr_0" not in obj:
+                raise cli.ScriptError(f"--base_samples {path}: no 'arr_0' array of images")
+            images = obj["arr_0"]
+            labels = obj["arr_1"] if class_cond and "arr_1" in obj else None
+    except (OSError, ValueError, EOFError, TypeError, zipfile.BadZipFile) as e:
+        # Not an .npz (np.load of a .npy gives a bare array), truncated, or object arrays.
+        raise cli.ScriptError(f"--base_samples {path}: not a readable .npz of arrays "
+                              f"({type(e).__name__}: {e})") from e
+    if len(images) == 0 or (labels is not None and labels.shape != (len(images),)):
+        raise cli.ScriptError(f"--base_samples {path}: {len(images)} images and labels of shape "
+                              f"{None if labels is None else list(labels.shape)}")
     expected = (small_size, small_size, 3)
     if images.ndim != 4 or images.shape[1:] != expected or images.dtype != np.uint8:
         raise cli.ScriptError(

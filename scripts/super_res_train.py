@@ -24,7 +24,7 @@ from guided_diffusion.train_util import dry_run, save_run_flags
 
 def main():
     args = create_argparser().parse_args()
-    cli.setup(args)
+    cli.setup(args, training=not args.dry_run)  # a dry run takes no lock, writes nothing
     if args.dry_run:
         dry_run(args, "superres")
         return
@@ -39,6 +39,7 @@ def main():
     data = load_superres_data(
         args.data_dir, args.batch_size, large_size=args.large_size, small_size=args.small_size,
         class_cond=args.class_cond, random_flip=args.random_flip, seed=cli.data_seed(args),
+        num_classes=args.num_classes, skip_bad_images=args.skip_bad_images,
     )
 
     cli.train_diffusion(args, model, diffusion, data, use_bf16=fast_cfg.use_bf16)
@@ -46,14 +47,14 @@ def main():
 
 def load_superres_data(data_dir: str, batch_size: int, large_size: int, small_size: int,
                        class_cond: bool = False, random_flip: bool = True,
-                       seed: int | None = None) -> Iterator[tuple]:
+                       seed: int | None = None, **scan) -> Iterator[tuple]:
     """
     Yield (large [N x 3 x large x large], kwargs) batches where kwargs['low_res'] is the same
     batch downsampled to small_size by area averaging (box filter), as the original trains.
     The iterator's `state_dict` is the image loader's, so checkpoints record its position.
     """
     data = load_data(data_dir=data_dir, batch_size=batch_size, image_size=large_size,
-                     class_cond=class_cond, random_flip=random_flip, seed=seed)
+                     class_cond=class_cond, random_flip=random_flip, seed=seed, **scan)
     return _WithLowRes(data, small_size)
 
 

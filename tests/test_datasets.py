@@ -8,8 +8,9 @@ import pytest
 import torch as th
 from PIL import Image
 
-from guided_diffusion import image_datasets
+from guided_diffusion import image_datasets, logger
 from guided_diffusion.image_datasets import (
+    DataError,
     ImageDataset,
     _list_image_files_recursively,
     center_crop_arr,
@@ -133,12 +134,29 @@ def test_grayscale_and_rgba_become_rgb(image_dir):
     np.testing.assert_array_equal(gray[0], gray[1])
 
 
-def test_corrupt_image_error_names_the_file(tmp_path):
+def test_corrupt_image_is_found_at_start_naming_the_file(tmp_path):
     gradient_image(8, 8).save(tmp_path / "ok_0.png")
+    gradient_image(8, 8).save(tmp_path / "ok_2.png")
     (tmp_path / "bad_1.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    data = load_data(data_dir=str(tmp_path), batch_size=2, image_size=8, deterministic=True)
-    with pytest.raises(Exception, match="bad_1.png"):
-        next(data)
+    # The scan decodes every image before the first batch, not when the loader reaches it.
+    with pytest.raises(DataError, match=r"1 of 3 images cannot be read: .*bad_1.png"):
+        load_data(data_dir=str(tmp_path), batch_size=2, image_size=8, deterministic=True)
+    with logger.scoped_configure(dir=str(tmp_path / "log"), format_strs=["log"]):
+        data = load_data(data_dir=str(tmp_path), batch_size=2, image_size=8,
+                         deterministic=True, skip_bad_images=True)
+    assert next(data)[0].shape == (2, 3, 8, 8)  # the two readable images
+    assert "leaving out 1 of 3 images" in (tmp_path / "log" / "log.txt").read_text()
+
+
+def test_labels_beyond_num_classes_are_refused_at_start(tmp_path):
+    for name in ("a_0.png", "b_0.png", "c_0.png"):
+        gradient_image(8, 8).save(tmp_path / name)
+    with pytest.raises(DataError, match=r"3 classes but --num_classes is 2: class 'c' \(label 2\)"):
+        load_data(data_dir=str(tmp_path), batch_size=1, image_size=8, class_cond=True,
+                  num_classes=2)
+    data = load_data(data_dir=str(tmp_path), batch_size=3, image_size=8, class_cond=True,
+                     num_classes=3, deterministic=True)
+    assert next(data)[1]["y"].tolist() == [0, 1, 2]
 
 
 def test_errors_for_missing_or_too_few_images(tmp_path):
