@@ -131,7 +131,8 @@ class FastConfig:
 class SamplerOptions:
     """How to sample (beyond the original); `samplers.sample(**options)` takes these fields."""
 
-    sampler: str = flag("", "ddpm ddim plms heun dpm++2m dpm++3m dpm++2m-sde; '': per use_ddim")
+    sampler: str = flag("", "ddpm ddim plms heun dpm++2m dpm++3m dpm++2m-sde consistency; '': "
+                            "per use_ddim")
     steps: int = flag(0, "number of sampling steps; 0: the grid of --timestep_respacing")
     sampler_spacing: str = flag("logsnr", "ODE solvers' step spacing: 'logsnr' or 'uniform' (in t)")
     cfg_scale: float = flag(1.0, "classifier-free guidance weight; 1: conditional, 0: uncond.")
@@ -149,6 +150,8 @@ class SampleConfig:
     model_path: str = flag("", "the model checkpoint (.pt)")
     progress: bool = flag(True, "progress bars on rank 0 (beyond the original)")
     grid_size: int = flag(100, "samples in the PNG grid beside the .npz; 0: no grid (beyond)")
+    consistency_model: str = flag(
+        "auto", "is --model_path a consistency model? auto: per the args.json beside it; yes; no")
 
 
 @dataclass(frozen=True)
@@ -204,6 +207,24 @@ class ClassifierTrainConfig:
 
 
 @dataclass(frozen=True)
+class ConsistencyConfig:
+    """cm_distill.py: consistency distillation (Song et al. 2023) of a trained teacher."""
+
+    teacher_path: str = flag("", "the teacher's checkpoint (.pt, the model flags' network); the "
+                                 "student starts from its weights")
+    training_mode: str = flag("consistency_distillation", "consistency_distillation (teacher) or "
+                                                          "consistency_training (no teacher)")
+    cm_steps: int = flag(40, "N, points of the teacher's grid that CD walks along (paper: 18-40)")
+    cm_spacing: str = flag("logsnr", "how the N points are picked: 'logsnr' or 'uniform' (in t)")
+    teacher_solver: str = flag("heun", "the teacher's ODE step: ddim, heun (2 NFE), dpm++2m, ...")
+    cm_loss: str = flag("pseudo_huber", "the distance: 'pseudo_huber' or 'l2'")
+    cm_huber_c: float = flag(0.0, "pseudo-Huber's c; 0: 0.00054 sqrt(values per sample)")
+    cm_weighting: str = flag("uniform", "lambda(t_n): 'uniform' or 'inverse_step'")
+    target_ema: float = flag(0.95, "decay of the target network's EMA; 0: the student itself")
+    teacher_cfg_scale: float = flag(1.0, "CFG weight of the teacher (needs label dropout); 1: off")
+
+
+@dataclass(frozen=True)
 class NllConfig:
     """image_nll.py's own flags."""
 
@@ -229,6 +250,7 @@ class SamplerTableConfig:
     rows: str = flag(SAMPLER_TABLE_ROWS, "comma-separated sampler:steps:cfg_scale:classifier_scale")
     judge_path: str = flag("", "the judge MLP; '': {out_dir}/judge.pt, trained on first use")
     threads: int = flag(1, "torch threads: tiny models run fastest on one thread of a busy CPU")
+    cm_model_path: str = flag("", "the consistency student of the 'consistency' rows (cm_distill)")
 
 
 @dataclass(frozen=True)
