@@ -24,7 +24,7 @@ import torch as th
 import torch.distributed as dist
 
 from . import dist_util, fast, logger, samplers
-from .cli import fast_config, world
+from .cli import ScriptError, fast_config, world
 from .config import SamplerOptions, from_flags
 from .checkpoints import atomic_write
 
@@ -142,6 +142,7 @@ def make_sample_fn(
     :param kwargs_fn: indices -> extra model_kwargs (e.g. 'low_res', or given labels 'y').
     """
     rank, _ = world()
+    check_sampler_fits_model(args)
 
     def sample_fn(indices: list[int]):
         n, device = len(indices), dist_util.dev()
@@ -167,6 +168,18 @@ def make_sample_fn(
         return to_uint8_nhwc(sample), model_kwargs.get("y")
 
     return sample_fn
+
+
+def check_sampler_fits_model(args) -> None:
+    """Refuse `--sampler consistency` on a diffusion model's `--model_path` and the diffusion
+    samplers on a consistency model's (`consistency.check_sampler_fits_model`)."""
+    from .consistency import check_sampler_fits_model as check  # heavy: train_util et al.
+
+    try:
+        check(getattr(args, "sampler", ""), getattr(args, "model_path", ""),
+              getattr(args, "consistency_model", "auto"))
+    except ValueError as e:
+        raise ScriptError(str(e)) from e
 
 
 def to_uint8_nhwc(sample: th.Tensor) -> th.Tensor:
