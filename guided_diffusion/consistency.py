@@ -586,7 +586,9 @@ def is_consistency_checkpoint(model_path: str) -> bool | None:
     return flags.get("training_mode") in TRAINING_MODES
 
 
-def check_sampler_fits_model(sampler: str, model_path: str, consistency_model: str = "auto") -> None:
+def check_sampler_fits_model(
+    sampler: str, model_path: str, consistency_model: str = "auto"
+) -> None:
     """
     Refuse `--sampler consistency` on a diffusion model and the diffusion samplers on a
     consistency model: the student's network no longer predicts the diffusion's x_0 (only

@@ -17,8 +17,9 @@ reports:
 `--model_path` is a diffusion model trained with `--class_cond True --class_dropout_prob > 0`
 (CFG weight 0 = its unconditional branch, 1 = conditional), `--classifier_path` the noisy
 classifier for classifier guidance, `--cm_model_path` a consistency student of the model
-(cm_distill.py) for rows `consistency:K:1:0` (K-step consistency sampling). Their flags are read from the `args.json` the training scripts
-write beside the checkpoints; flags given here override them. Writes `{out_dir}/sampler_table.md`,
+(cm_distill.py) for rows `consistency:K:1:0` (K-step consistency sampling). Their flags are
+read from the `args.json` the training scripts write beside the checkpoints; flags given here
+override them. Writes `{out_dir}/sampler_table.md`,
 `sampler_table.json`, a PNG grid per row and, with matplotlib installed
 (`pip install -e .[plot]`), `sampler_table_fid.png` (FID against NFE).
 
@@ -282,7 +283,8 @@ def main():
         for b in range(0, n, args.batch_size):
             y = requested[b:b + args.batch_size]
             out.append(samplers.sample(
-                diffusion, student if sampler == "consistency" else model, tuple(x_T[b:b + args.batch_size].shape),
+                diffusion, student if sampler == "consistency" else model,
+                tuple(x_T[b:b + args.batch_size].shape),
                 noise=x_T[b:b + args.batch_size], clip_denoised=args.clip_denoised,
                 cond_fn=classifier_cond_fn(classifier, clf) if clf else None,
                 model_kwargs={"y": y}, device="cpu", sampler=sampler, steps=steps,
