@@ -339,13 +339,19 @@ def apply_fast_flags(args, model: th.nn.Module, fp16_flag: str = "use_fp16") -> 
     return cfg
 
 
-def train_diffusion(args, model, diffusion, data, use_bf16: bool) -> None:
-    """Run the original's TrainLoop from the `config.TrainingConfig` flags (and --use_fp16)."""
+def train_diffusion(args, model, diffusion, data, use_bf16: bool, loop: Callable | None = None,
+                    **loop_kwargs) -> None:
+    """Run the original's TrainLoop from the `config.TrainingConfig` flags (and --use_fp16);
+    `loop` is a subclass to run instead, given `loop_kwargs` besides (e.g. CMTrainLoop)."""
     from .resample import create_named_schedule_sampler
     from .train_util import TrainLoop
 
     logger.log("training...")
-    TrainLoop(
+    if loop is not None and args.schedule_sampler != "uniform":
+        raise ScriptError(f"--schedule_sampler {args.schedule_sampler} applies to diffusion "
+                          f"training only, not to {loop.__name__}")
+    (loop or TrainLoop)(
+        **loop_kwargs,
         model=model,
         diffusion=diffusion,
         data=data,
@@ -358,7 +364,8 @@ def train_diffusion(args, model, diffusion, data, use_bf16: bool) -> None:
         resume_checkpoint=args.resume_checkpoint,
         use_fp16=args.use_fp16,
         fp16_scale_growth=args.fp16_scale_growth,
-        schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion),
+        schedule_sampler=(None if loop is not None
+                          else create_named_schedule_sampler(args.schedule_sampler, diffusion)),
         weight_decay=args.weight_decay,
         lr_anneal_steps=args.lr_anneal_steps,
         use_bf16=use_bf16,

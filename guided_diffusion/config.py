@@ -94,7 +94,7 @@ def rate_list(v: str) -> str | None:
     return "must be comma-separated rates in [0, 1), e.g. '0.9999' or '0.999,0.9999'"
 
 
-SAMPLER_NAMES = ("", "ddpm", "ddim", "plms", "heun", "dpm++2m", "dpm++3m", "dpm++2m-sde")
+SAMPLER_NAMES = ("", "ddpm", "ddim", "plms", "heun", "dpm++2m", "dpm++3m", "dpm++2m-sde", "consistency")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -254,8 +254,8 @@ class FastConfig:
 class SamplerOptions:
     """How to sample (beyond the original); `samplers.sample(**options)` takes these fields."""
 
-    sampler: str = flag("", "ddpm ddim plms heun dpm++2m dpm++3m dpm++2m-sde; '': per use_ddim",
-                        one_of(*SAMPLER_NAMES))
+    sampler: str = flag("", "ddpm ddim plms heun dpm++2m dpm++3m dpm++2m-sde consistency; '': "
+                            "per use_ddim", one_of(*SAMPLER_NAMES))
     steps: int = flag(0, "N grid timesteps for any sampler; 0: the grid of --timestep_respacing",
                       non_negative)
     sampler_spacing: str = flag(
@@ -281,6 +281,9 @@ class SampleConfig:
                           non_negative)
     shard_size: int = flag(1000, "samples per file of {output_dir}/samples_shards/ (beyond)",
                            positive)
+    consistency_model: str = flag(
+        "auto", "is --model_path a consistency model? auto: per the args.json beside it; yes; no",
+        one_of("auto", "yes", "no"))
 
 
 @dataclass(frozen=True)
@@ -355,6 +358,24 @@ class ClassifierTrainConfig:
 
 
 @dataclass(frozen=True)
+class ConsistencyConfig:
+    """cm_distill.py: consistency distillation (Song et al. 2023) of a trained teacher."""
+
+    teacher_path: str = flag("", "the teacher's checkpoint (.pt, the model flags' network); the "
+                                 "student starts from its weights")
+    training_mode: str = flag("consistency_distillation", "consistency_distillation (teacher) or "
+                                                          "consistency_training (no teacher)")
+    cm_steps: int = flag(40, "N, points of the teacher's grid that CD walks along (paper: 18-40)")
+    cm_spacing: str = flag("logsnr", "how the N points are picked: 'logsnr' or 'uniform' (in t)")
+    teacher_solver: str = flag("heun", "the teacher's ODE step: ddim, heun (2 NFE), dpm++2m, ...")
+    cm_loss: str = flag("pseudo_huber", "the distance: 'pseudo_huber' or 'l2'")
+    cm_huber_c: float = flag(0.0, "pseudo-Huber's c; 0: 0.00054 sqrt(values per sample)")
+    cm_weighting: str = flag("uniform", "lambda(t_n): 'uniform' or 'inverse_step'")
+    target_ema: float = flag(0.95, "decay of the target network's EMA; 0: the student itself")
+    teacher_cfg_scale: float = flag(1.0, "CFG weight of the teacher (needs label dropout); 1: off")
+
+
+@dataclass(frozen=True)
 class NllConfig:
     """image_nll.py's own flags."""
 
@@ -383,6 +404,7 @@ class SamplerTableConfig:
                              "whose --dit_rows are added to the table; '': none")
     dit_rows: str = flag("dpm++2m:20:1:0,dpm++2m:20:2:0", "the rows of --dit_path")
     threads: int = flag(1, "torch threads: tiny models run fastest on one thread of a busy CPU")
+    cm_model_path: str = flag("", "the consistency student of the 'consistency' rows (cm_distill)")
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,14 @@ be distilled as it is. The pieces, each a small function or class:
 - `consistency_sample(fn, shape, timesteps, ...)` and `sample_timesteps(...)`: K-step sampling,
   exactly K network evaluations (Song et al. 2023, Algorithm 1).
 
-Training with the one loop (the later integration step): a `CMTrainLoop(TrainLoop)` passes
-`ConsistencyDistillation.from_options(diffusion, teacher, target, **flags)` as the loop's diffusion
-and `UniformSampler(cd)` as its schedule sampler; the student is the loop's model (a copy of the
-teacher, label dropout off for a guided teacher); after each optimiser step it calls
-`update_target(target, master_params, target_ema)` beside the usual `--ema_rate` EMAs; its
-checkpoints add the target's state_dict (`target{step:06d}.pt`) to model, EMA and optimizer files.
+Training with the one loop: `CMTrainLoop(TrainLoop)` passes the `ConsistencyDistillation` as
+the loop's diffusion (so the loop's `UniformSampler` draws the pair indices); the student is the
+loop's model (built from the teacher's flags and weights, label dropout off); after each optimiser
+step `update_target(target, master_params, target_ema)` runs beside the usual `--ema_rate` EMAs;
+checkpoints add `target{step:06d}.pt` and the RNG states, for a bit-exact resume
+(scripts/cm_distill.py). Sampling: `samplers.sample(..., sampler="consistency", steps=K)`; a
+run's `args.json` (its `training_mode`) marks its checkpoints as consistency models, and
+`check_sampler_fits_model` refuses a sampler that does not fit the model.
 
 Notation. The VP schedule of the grid: alpha_t^2 = alphas_cumprod[t], sigma_t^2 = 1 - alpha_t^2.
 In EDM's variables (Karras et al. 2022) x~ = x / alpha and sigma~ = sigma / alpha, the ODE is
@@ -32,52 +34,39 @@ indices of the diffusion's grid (of the respaced grid for a SpacedDiffusion), as
 
 from __future__ import annotations
 
-import dataclasses
+import copy
+import json
 import math
-from dataclasses import dataclass
+import os
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch as th
 import torch.nn as nn
 
+from . import dist_util, logger
+from .checkpoints import CheckpointError, get_blob_logdir, read_state_dict, check_state_dict_fits
+from .config import ConsistencyConfig, defaults
 from .gaussian_diffusion import _extract_into_tensor
 from .guidance import cfg_model
 from .nn import mean_flat, update_ema
-from .samplers import STEPS, Denoiser, select_timesteps
+from .samplers import STEPS, Denoiser, ddim_update, select_timesteps
+from .train_util import TrainLoop
 
 DISTANCES = ("pseudo_huber", "l2")
 WEIGHTINGS = ("uniform", "inverse_step")
 SPACINGS = ("logsnr", "uniform")
 
 
-@dataclass(frozen=True)
-class CMOptions:
-    """Consistency-distillation flags; `cm_defaults()` turns them into argparse flags."""
-
-    # N, the number of points of the teacher's grid that CD walks along (Song et al. 2023: 18 on
-    # CIFAR-10, 40 on ImageNet 64 and LSUN).
-    num_scales: int = 40
-    # How the N points are picked from the grid: "logsnr" (uniform in log-SNR) or "uniform" (in t).
-    cm_spacing: str = "logsnr"
-    # The teacher's ODE step, a key of samplers.STEPS ("heun": 2 evaluations, as the paper).
-    cm_solver: str = "heun"
-    # The distance d: "pseudo_huber" (Song & Dhariwal 2023) or "l2" (mean squared error).
-    cm_distance: str = "pseudo_huber"
-    # Pseudo-Huber's c; 0 means 0.00054 sqrt(dim), the paper's choice for the data's dimension.
-    cm_huber_c: float = 0.0
-    # lambda(t_n): "uniform" (1) or "inverse_step" (1 / (sigma~_{n+1} - sigma~_n)).
-    cm_weighting: str = "uniform"
-    # Decay mu of the target network's EMA (Song et al. 2023: 0.95 on ImageNet 64); 0 = student.
-    target_ema: float = 0.95
-    # Classifier-free guidance weight of the teacher (1 = plain); the student learns the guided
-    # ODE. Needs a teacher trained with --class_dropout_prob > 0.
-    teacher_cfg_scale: float = 1.0
+# The flags (cm_distill.py's `--cm_steps`, `--teacher_solver`, `--cm_loss`, ...) live in the one
+# config home; CMOptions is their name here.
+CMOptions = ConsistencyConfig
+TRAINING_MODES = ("consistency_distillation", "consistency_training")
 
 
 def cm_defaults() -> dict:
-    """Defaults of the consistency-distillation flags, for `script_util.add_dict_to_argparser`."""
-    return dataclasses.asdict(CMOptions())
+    """Defaults of the consistency-distillation flags (`config.ConsistencyConfig`), as a dict."""
+    return defaults(ConsistencyConfig)
 
 
 def _sigma_tilde(alphas_cumprod) -> np.ndarray:
@@ -172,10 +161,10 @@ def cm_timesteps(alphas_cumprod, num_scales: int, spacing: str = "logsnr") -> np
     :return: int64 [N], increasing; [0] is t_min (grid index 0), [-1] the noisiest grid index.
     """
     if num_scales < 2:
-        raise ValueError(f"--num_scales must be >= 2 (t_min and at least one noisy point), "
+        raise ValueError(f"--cm_steps must be >= 2 (t_min and at least one noisy point), "
                          f"got {num_scales}")
     if num_scales > len(alphas_cumprod):
-        raise ValueError(f"--num_scales {num_scales} exceeds the teacher's grid of "
+        raise ValueError(f"--cm_steps {num_scales} exceeds the teacher's grid of "
                          f"{len(alphas_cumprod)} timesteps")
     return select_timesteps(alphas_cumprod, num_scales, spacing)[::-1].copy()
 
@@ -263,10 +252,10 @@ class ConsistencyDistillation:
         # The SDE step adds fresh noise: CD needs the ODE's deterministic neighbour.
         ode_steps = sorted(k for k in STEPS if not k.endswith("-sde"))
         if solver not in ode_steps:
-            raise ValueError(f"--cm_solver {solver!r} is not an ODE step; choose one of "
+            raise ValueError(f"--teacher_solver {solver!r} is not an ODE step; choose one of "
                              f"{ode_steps}")
         if distance not in DISTANCES:
-            raise ValueError(f"--cm_distance {distance!r} is unknown; choose one of {DISTANCES}")
+            raise ValueError(f"--cm_loss {distance!r} is unknown; choose one of {DISTANCES}")
         if weighting not in WEIGHTINGS:
             raise ValueError(f"--cm_weighting {weighting!r} is unknown; choose one of {WEIGHTINGS}")
         if spacing not in SPACINGS:
@@ -277,6 +266,7 @@ class ConsistencyDistillation:
         self.timesteps = cm_timesteps(diffusion.alphas_cumprod, num_scales, spacing)
         self.num_timesteps = num_scales - 1  # indices n of the pairs (t_n, t_{n+1})
         self.t_min = int(self.timesteps[0])
+        self.solver = solver
         self.step = STEPS[solver]
         self.distance = distance
         self.huber_c = huber_c
@@ -295,16 +285,16 @@ class ConsistencyDistillation:
     def from_options(
         cls, diffusion, teacher: nn.Module | None, target: nn.Module, **flags
     ) -> "ConsistencyDistillation":
-        """Build from the flags of `CMOptions` (unknown names are an error; target_ema is the
-        caller's, for `update_target`)."""
+        """Build from the flags of `ConsistencyConfig` (unknown names are an error; target_ema
+        is the caller's, for `update_target`; teacher_path and training_mode the script's)."""
         try:
-            opts = CMOptions(**flags)
+            opts = ConsistencyConfig(**flags)
         except TypeError as err:
             raise TypeError(f"consistency flags: {err}; known: {sorted(cm_defaults())}") from None
         return cls(
             diffusion, teacher, target,
-            num_scales=opts.num_scales, spacing=opts.cm_spacing, solver=opts.cm_solver,
-            distance=opts.cm_distance, huber_c=opts.cm_huber_c or None,
+            num_scales=opts.cm_steps, spacing=opts.cm_spacing, solver=opts.teacher_solver,
+            distance=opts.cm_loss, huber_c=opts.cm_huber_c or None,
             weighting=opts.cm_weighting, cfg_scale=opts.teacher_cfg_scale,
         )
 
@@ -315,10 +305,18 @@ class ConsistencyDistillation:
         if self.teacher is None:
             t_n = th.as_tensor(self.timesteps, device=n.device)[n]
             return x_next, self.diffusion.q_sample(x_start, t_n, noise=noise)
+        if self.solver != "heun":
+            # One step of every multistep solver from a single prediction is the DDIM step
+            # (DPM-Solver++(1) = PLMS's pseudo-Euler = DDIM), and `ddim_update` takes one
+            # timestep per sample: the whole batch in one teacher pass.
+            t_n = th.as_tensor(self.timesteps, device=n.device)[n]
+            den = Denoiser(self.diffusion, self.teacher, clip_denoised=False,
+                           model_kwargs=model_kwargs)
+            return x_next, ddim_update(den, x_next, t_next, t_n, den(x_next, t_next))
         x_hat = th.empty_like(x_next)
         batch = x_start.shape[0]
-        # The steps take one int timestep per call, so the batch goes through them one distinct
-        # n at a time: at most N - 1 teacher passes (per solver evaluation) of sub-batches.
+        # Heun's step takes one int timestep per call, so the batch goes through it one distinct
+        # n at a time: at most N - 1 pairs of teacher passes of sub-batches.
         for k in th.unique(n).tolist():
             idx = (n == k).nonzero(as_tuple=True)[0]
             kwargs = {key: v[idx] if th.is_tensor(v) and v.shape[:1] == (batch,) else v
@@ -446,3 +444,172 @@ def consistency_sample(
             if clip_denoised:
                 x0 = x0.clamp(-1, 1)
     return x0
+
+
+# ------------------------------------------------------------------------------------------------
+# Training with the one loop
+
+
+def _numpy_rng_state() -> dict:
+    """numpy's global RNG state as plain tensors and ints (`torch.load(weights_only=True)` reads
+    it; the schedule sampler draws the pair indices n from it)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return dict(name=name, keys=th.from_numpy(keys.astype(np.int64)), pos=int(pos),
+                has_gauss=int(has_gauss), gauss=float(gauss))
+
+
+def _set_numpy_rng_state(state: dict) -> None:
+    keys = state["keys"].numpy().astype(np.uint32)
+    np.random.set_state((state["name"], keys, state["pos"], state["has_gauss"], state["gauss"]))
+
+
+class CMTrainLoop(TrainLoop):
+    """
+    Consistency distillation (or training) with the one training loop: the loop's model is the
+    student (built from the teacher's flags, starting from its weights), and the loop's
+    "diffusion" is the `ConsistencyDistillation` loss, whose `num_timesteps` = N - 1 pair indices
+    the uniform schedule sampler draws. After each optimiser step the target network follows the
+    student by `update_target` (beside the `--ema_rate` EMAs, which are for sampling).
+
+    Checkpoints: the TrainLoop's `model/ema_*/opt{step:06d}.pt` (the student and its EMAs load in
+    the sampling scripts with `--model_path`), plus `target{step:06d}.pt`, the target's float32
+    state_dict, written before `model*.pt` (which marks a checkpoint complete). The opt file's
+    resume state adds the global torch and numpy RNG states, so that a resumed run draws the same
+    noise, pair indices and dropout masks as an uninterrupted one (given the same batches).
+
+    :param model: the student, already holding the teacher's weights (on the device).
+    :param diffusion: the teacher's diffusion (grid and output format).
+    :param teacher: the teacher network, or None for consistency training.
+    :param cm: the consistency flags.
+    :param kwargs: the TrainLoop's other arguments (data, batch_size, lr, ema_rate, ...).
+    """
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        diffusion,
+        teacher: nn.Module | None,
+        cm: ConsistencyConfig,
+        **kwargs,
+    ):
+        if cm.training_mode not in TRAINING_MODES:
+            raise ValueError(f"--training_mode {cm.training_mode!r} is unknown; choose one of "
+                             f"{TRAINING_MODES}")
+        if (teacher is None) != (cm.training_mode == "consistency_training"):
+            raise ValueError(f"--training_mode {cm.training_mode} "
+                             + ("needs a teacher" if teacher is None else "takes no teacher"))
+        update_target([], [], cm.target_ema)  # checks the rate before any work
+        # The student learns f for the labels it is given (the teacher's guided ODE when
+        # --teacher_cfg_scale != 1): no label dropout, or it would be asked to map the null
+        # label's inputs onto the targets of real labels.
+        if getattr(model, "class_dropout_prob", 0.0):
+            model.class_dropout_prob = 0.0
+        # Taken before TrainLoop converts the model to fp16: the target stays float32.
+        self.target = copy.deepcopy(model).requires_grad_(False)
+        self.target_ema = cm.target_ema
+        cd = ConsistencyDistillation.from_options(
+            diffusion, teacher, self.target,
+            **{k: v for k, v in vars(cm).items() if k not in ("teacher_path", "training_mode")},
+        )
+        self.cm = cm
+        # The TrainLoop's default schedule sampler, UniformSampler(cd), draws the pair indices.
+        super().__init__(model=model, diffusion=cd, **kwargs)
+        if self.resume_path:
+            self._load_target()  # else it starts as the copy of the student (= the teacher)
+
+    def _target_path(self, step: int) -> str:
+        return os.path.join(os.path.dirname(self.resume_path), f"target{step:06d}.pt")
+
+    def _load_target(self) -> None:
+        path = self._target_path(self.resume_step)
+        exists = os.path.exists(path) if dist_util.get_rank() == 0 else None
+        if not dist_util.broadcast_object(exists):
+            raise CheckpointError(f"--resume_checkpoint {self.resume_path!r}: no target network "
+                                  f"{path!r} beside it (written by cm_distill.py with every "
+                                  "checkpoint); a consistency run cannot resume without it")
+        logger.log(f"loading target network from checkpoint: {path}...")
+        state_dict = read_state_dict(path)
+        check_state_dict_fits(self.target, state_dict, source=f"{path!r} (target)")
+        self.target.load_state_dict(state_dict)
+
+    def run_step(self, batch: th.Tensor, cond: dict) -> None:
+        self._anneal_lr()
+        self.forward_backward(batch, cond)
+        if self.mp_trainer.optimize(self.opt):
+            self._update_ema()
+            update_target(self.target, self.mp_trainer.master_params, self.target_ema)
+        self.log_step()
+
+    def resume_state(self) -> dict:
+        return dict(super().resume_state(), cm_rng_torch=th.get_rng_state(),
+                    cm_rng_numpy=_numpy_rng_state())
+
+    def load_resume_state(self, state: dict) -> None:
+        super().load_resume_state(state)
+        if "cm_rng_torch" in state:
+            th.set_rng_state(state["cm_rng_torch"].cpu())
+            _set_numpy_rng_state(state["cm_rng_numpy"])
+            rank = dist_util.get_rank()
+            if rank:  # rank 0's saved state, then a distinct stream per other rank
+                seed = int(th.randint(2**62, (1,))) + rank
+                th.manual_seed(seed)
+                np.random.seed(seed % 2**32)
+
+    def save(self) -> None:
+        step = self.step + self.resume_step
+        # Before super().save(): its model*.pt, written last, marks the checkpoint complete.
+        self._save_file(f"target{step:06d}.pt", {
+            k: (v.float() if v.is_floating_point() else v)
+            for k, v in self.target.state_dict().items()})
+        super().save()
+
+    def train_flags(self) -> dict:
+        return dict(super().train_flags(), **vars(self.cm))
+
+
+# ------------------------------------------------------------------------------------------------
+# Which checkpoints are consistency models
+
+
+def is_consistency_checkpoint(model_path: str) -> bool | None:
+    """
+    Whether `model_path` was written by cm_distill.py, read from the `args.json` beside it (its
+    `training_mode`). :return: True / False, or None when there is no readable args.json.
+    """
+    path = os.path.join(os.path.dirname(os.path.abspath(model_path)), "args.json")
+    try:
+        with open(path) as f:
+            flags = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return flags.get("training_mode") in TRAINING_MODES
+
+
+def check_sampler_fits_model(
+    sampler: str, model_path: str, consistency_model: str = "auto"
+) -> None:
+    """
+    Refuse `--sampler consistency` on a diffusion model and the diffusion samplers on a
+    consistency model: the student's network no longer predicts the diffusion's x_0 (only
+    f = c_skip x + c_out D does), and a diffusion model's one-step f is a blur.
+
+    :param consistency_model: "auto" (the args.json beside `model_path`; a file without one is
+        taken as a diffusion model), "yes" or "no" (force, e.g. a converted checkpoint).
+    :raises ValueError: naming the flags on a mismatch.
+    """
+    if consistency_model not in ("auto", "yes", "no"):
+        raise ValueError(f"--consistency_model must be auto, yes or no, got {consistency_model!r}")
+    if consistency_model == "auto":
+        is_cm = bool(is_consistency_checkpoint(model_path)) if model_path else False
+    else:
+        is_cm = consistency_model == "yes"
+    wants_cm = sampler == "consistency"
+    if wants_cm and not is_cm:
+        raise ValueError(f"--sampler consistency needs a consistency model (cm_distill.py), but "
+                         f"--model_path {model_path!r} has no args.json with a consistency "
+                         "training_mode beside it; pass --consistency_model yes to force")
+    if is_cm and not wants_cm:
+        raise ValueError(f"--model_path {model_path!r} is a consistency model (args.json beside "
+                         "it): sample it with --sampler consistency --steps K, or pass "
+                         "--consistency_model no to force the diffusion samplers")

@@ -137,6 +137,7 @@ def make_sample_fn(
         `latent.LatentSpace.decode`); None: the samples are the images.
     """
     rank, _ = world()
+    check_sampler_fits_model(args)
 
     def sample_fn(indices: list[int], seed: int | None = None):
         n, device = len(indices), dist_util.dev()
@@ -166,6 +167,18 @@ def make_sample_fn(
         return to_uint8_nhwc(sample), model_kwargs.get("y")
 
     return sample_fn
+
+
+def check_sampler_fits_model(args) -> None:
+    """Refuse `--sampler consistency` on a diffusion model's `--model_path` and the diffusion
+    samplers on a consistency model's (`consistency.check_sampler_fits_model`)."""
+    from .consistency import check_sampler_fits_model as check  # heavy: train_util et al.
+
+    try:
+        check(getattr(args, "sampler", ""), getattr(args, "model_path", ""),
+              getattr(args, "consistency_model", "auto"))
+    except ValueError as e:
+        raise ScriptError(str(e)) from e
 
 
 def to_uint8_nhwc(sample: th.Tensor) -> th.Tensor:

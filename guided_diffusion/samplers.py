@@ -375,14 +375,18 @@ STEPS: dict[str, StepFn] = {
     "dpm++2m-sde": _step_dpmpp_2m_sde,
     "heun": _step_heun,
 }
-SAMPLERS = tuple(STEPS)  # what `--sampler` accepts (besides "", the original's choice)
+SAMPLERS = tuple(STEPS)  # the samplers of the one loop (diffusion models)
+# What `--sampler` accepts (besides "", the original's choice): the loop's samplers, and
+# "consistency", K-step sampling of a consistency model (consistency.consistency_sample).
+SAMPLER_NAMES = (*SAMPLERS, "consistency")
 _MEAN_GUIDED = {"ddpm"}  # samplers that apply cond_fn to the mean themselves, not to the score
 _HISTORY = 4  # no step looks further back than PLMS's four predictions
 
 
 def _step_fn(sampler: str, eta: float) -> StepFn:
     if sampler not in STEPS:
-        raise ValueError(f"--sampler {sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
+        raise ValueError(
+            f"--sampler {sampler!r} is unknown; choose one of {', '.join(SAMPLER_NAMES)}")
     if eta == 0.0:
         return STEPS[sampler]
     if sampler != "ddim":
@@ -585,6 +589,11 @@ def sample(
     except TypeError as err:
         raise TypeError(f"sample(): unknown option ({err}); known: {sorted(sampler_defaults())}")
     name = opts.sampler or ("ddim" if use_ddim else "ddpm")
+    if name == "consistency":
+        return _sample_consistency(
+            diffusion, cfg_model(model, opts.cfg_scale), shape, opts, noise=noise,
+            clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
+            model_kwargs=model_kwargs, device=device, noise_fn=noise_fn)
     _step_fn(name, opts.eta)  # fail on a bad --sampler / --eta before any work
     if opts.steps < 0:
         raise ValueError(f"--steps must be >= 0, got {opts.steps}")
@@ -602,6 +611,30 @@ def sample(
     ))
 
 
+def _sample_consistency(diffusion, model, shape, opts: SamplerOptions, *, noise, clip_denoised,
+                        denoised_fn, cond_fn, model_kwargs, device, noise_fn) -> th.Tensor:
+    """
+    `--sampler consistency --steps K`: K-step sampling of a consistency model (Song et al. 2023,
+    Algorithm 1; `--steps 0` = 1), on K levels of the diffusion's grid chosen as the other
+    samplers choose theirs (`consistency.sample_timesteps`), K network evaluations.
+    """
+    # Imported here: consistency builds on this module (its teacher steps are STEPS).
+    from .consistency import ConsistencyFunction, consistency_sample, sample_timesteps
+
+    if opts.eta != 0.0 or denoised_fn is not None:
+        raise ValueError("--sampler consistency takes no --eta and no denoised_fn")
+    if noise is None and device is None and not isinstance(model, th.nn.Module):
+        device = "cpu"
+    timesteps = sample_timesteps(diffusion.alphas_cumprod, opts.steps or 1, opts.sampler_spacing)
+    # t_min = grid index 0, the clean end of the student's discretisation (cm_timesteps).
+    fn = ConsistencyFunction(diffusion, model, t_min=0)
+    return consistency_sample(
+        fn, shape, timesteps, noise=noise, noise_fn=noise_fn, model_kwargs=model_kwargs,
+        cond_fn=cond_fn, clip_denoised=clip_denoised, device=device)
+
+
 def nfe(sampler: str, steps: int) -> int:
     """Network evaluations per sample of `sample()` with --steps `steps` (CFG doubles them)."""
+    if sampler == "consistency":
+        return max(steps, 1)
     return 2 * steps - 1 if sampler == "heun" else steps

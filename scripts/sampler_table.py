@@ -16,8 +16,10 @@ reports:
 
 `--model_path` is a diffusion model trained with `--class_cond True --class_dropout_prob > 0`
 (CFG weight 0 = its unconditional branch, 1 = conditional), `--classifier_path` the noisy
-classifier for classifier guidance. Their flags are read from the `args.json` the training scripts
-write beside the checkpoints; flags given here override them. Writes `{out_dir}/sampler_table.md`,
+classifier for classifier guidance, `--cm_model_path` a consistency student of the model
+(cm_distill.py) for rows `consistency:K:1:0` (K-step consistency sampling). Their flags are
+read from the `args.json` the training scripts write beside the checkpoints; flags given here
+override them. Writes `{out_dir}/sampler_table.md`,
 `sampler_table.json`, a PNG grid per row and, with matplotlib installed
 (`pip install -e .[plot]`), `sampler_table_fid.png` (FID against NFE). `--dit_path` adds a second
 model's rows (`--dit_rows`), e.g. a `--model dit` run beside the U-Net, labelled by its size.
@@ -169,10 +171,10 @@ def parse_rows(spec: str) -> list[tuple[str, int, float, float]]:
     rows = []
     for item in spec.split(","):
         parts = item.strip().split(":")
-        if len(parts) != 4 or parts[0] not in samplers.SAMPLERS:
+        if len(parts) != 4 or parts[0] not in samplers.SAMPLER_NAMES:
             raise cli.ScriptError(
                 f"--rows entry {item!r}: expected sampler:steps:cfg_scale:classifier_scale with a "
-                f"sampler in {', '.join(samplers.SAMPLERS)}")
+                f"sampler in {', '.join(samplers.SAMPLER_NAMES)}")
         rows.append((parts[0], int(parts[1]), float(parts[2]), float(parts[3])))
     return rows
 
@@ -266,6 +268,16 @@ def main():
         cargs.classifier_path, cargs.classifier_use_fp16 = args.classifier_path, False
         classifier, _ = cli.load_model_and_diffusion(cargs, "classifier")
 
+    # The "consistency" rows sample a consistency student of the model (cm_distill.py).
+    student = None
+    if any(r[0] == "consistency" for r in rows):
+        cli.require_path(args.cm_model_path, "cm_model_path")
+        sample_util.check_sampler_fits_model(
+            argparse.Namespace(sampler="consistency", model_path=args.cm_model_path))
+        sargs = flags_for(model_and_diffusion_defaults(), args.cm_model_path, explicit)
+        sargs.model_path, sargs.use_fp16 = args.cm_model_path, False
+        student, _ = cli.load_model_and_diffusion(sargs, "unet")
+
     os.makedirs(args.out_dir, exist_ok=True)
     feats, labels, is_val = real_digits(margs.image_size)
     judge = train_judge(feats, labels, is_val, args.judge_path or
@@ -289,7 +301,8 @@ def main():
         for b in range(0, n, args.batch_size):
             y = requested[b:b + args.batch_size]
             out.append(samplers.sample(
-                diffusion, model, tuple(x_T[b:b + args.batch_size].shape),
+                diffusion, student if sampler == "consistency" else model,
+                tuple(x_T[b:b + args.batch_size].shape),
                 noise=x_T[b:b + args.batch_size], clip_denoised=args.clip_denoised,
                 cond_fn=classifier_cond_fn(classifier, clf) if clf else None,
                 model_kwargs={"y": y}, device="cpu", sampler=sampler, steps=steps,

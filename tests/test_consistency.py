@@ -10,15 +10,21 @@ the exact consistency function (the ODE's map to t_min, in x / alpha) is affine:
 
 import copy
 import math
+import os
 
 import numpy as np
 import pytest
 import torch as th
 import torch.nn as nn
 
+from guided_diffusion import logger, samplers, sample_util
+from guided_diffusion.checkpoints import CheckpointError
+from guided_diffusion.config import ConsistencyConfig
 from guided_diffusion.consistency import (
+    CMTrainLoop,
     ConsistencyDistillation,
     ConsistencyFunction,
+    check_sampler_fits_model,
     cm_defaults,
     cm_timesteps,
     consistency_sample,
@@ -184,7 +190,7 @@ def test_cm_timesteps_and_sample_timesteps():
     assert list(sample_timesteps(acp, 1)) == [99]
     two = sample_timesteps(acp, 2)
     assert two[0] == 99 and 0 < two[1] < 99
-    with pytest.raises(ValueError, match="--num_scales"):
+    with pytest.raises(ValueError, match="--cm_steps"):
         cm_timesteps(acp, 1)
 
 
@@ -301,21 +307,21 @@ def test_update_target_is_the_ema_and_bad_input_is_named():
     with pytest.raises(ValueError, match="--target_ema"):
         update_target(target, student, mu=1.5)
     diffusion = create_gaussian_diffusion(steps=40)
-    with pytest.raises(ValueError, match="--cm_solver"):
+    with pytest.raises(ValueError, match="--teacher_solver"):
         ConsistencyDistillation(diffusion, None, target, num_scales=4, solver="euler")
     with pytest.raises(ValueError, match="not an ODE step"):
         ConsistencyDistillation(diffusion, None, target, num_scales=4, solver="dpm++2m-sde")
     cd = ConsistencyDistillation(diffusion, None, target, num_scales=4)
     with pytest.raises(ValueError, match="pair indices"):
         cd.training_losses(student, th.zeros(2, 2), th.tensor([0, 3]))
-    with pytest.raises(ValueError, match="--num_scales 41"):
+    with pytest.raises(ValueError, match="--cm_steps 41"):
         ConsistencyDistillation(diffusion, None, target, num_scales=41)
     with pytest.raises(ValueError, match="--cm_spacing"):
         ConsistencyDistillation.from_options(diffusion, None, target, cm_spacing="karras")
     with pytest.raises(TypeError, match="known"):
-        ConsistencyDistillation.from_options(diffusion, None, target, num_scale=4)
-    assert cm_defaults()["num_scales"] == 40 and cm_defaults()["target_ema"] == 0.95
-    cd = ConsistencyDistillation.from_options(diffusion, None, target, num_scales=4)
+        ConsistencyDistillation.from_options(diffusion, None, target, cm_step=4)
+    assert cm_defaults()["cm_steps"] == 40 and cm_defaults()["target_ema"] == 0.95
+    cd = ConsistencyDistillation.from_options(diffusion, None, target, cm_steps=4)
     assert cd.num_timesteps == 3 and cd.huber_c is None
 
 
@@ -394,3 +400,215 @@ def test_classifier_guidance_shifts_the_denoiser_by_the_scaled_gradient():
             shift = (1 - c_skip) * (1 - a) / math.sqrt(a) * g
             guided = fn(x, t, cond_fn=lambda x_, t_, **kw: g)
             assert th.allclose(guided - fn(x, t), shift, atol=1e-5), t
+
+
+# ------------------------------------------------------------------------------------------------
+# Integration: the training loop, the sampler, the scripts
+
+
+def make_cm_loop(log_dir, data, steps, resume=""):
+    """A CFG-distillation loop on a tiny class-conditional U-Net with dropout (x_0 output)."""
+    logger.configure(dir=str(log_dir), format_strs=["csv"])
+    th.manual_seed(0)
+    np.random.seed(0)
+    teacher = create_model(16, 32, 1, channel_mult="1,2", class_cond=True, num_classes=3,
+                           attention_resolutions="8", class_dropout_prob=0.1, dropout=0.1)
+    diffusion = create_gaussian_diffusion(steps=40, predict_xstart=True, noise_schedule="cosine")
+    cm = ConsistencyConfig(cm_steps=6, teacher_solver="heun", target_ema=0.9,
+                           teacher_cfg_scale=2.0)
+    return CMTrainLoop(
+        model=copy.deepcopy(teacher), diffusion=diffusion, teacher=teacher.eval(), cm=cm,
+        data=iter(data), batch_size=4, microbatch=2, lr=1e-3, ema_rate="0.9", log_interval=1,
+        save_interval=100, resume_checkpoint=resume, lr_anneal_steps=steps,
+    )
+
+
+def cm_batches(n, seed=0):
+    g = gen(seed)
+    return [(th.rand(4, 3, 16, 16, generator=g) * 2 - 1,
+             {"y": th.randint(0, 3, (4,), generator=g)}) for _ in range(n)]
+
+
+def test_cm_resume_restores_student_target_and_optimizer_bit_for_bit(tmp_path, monkeypatch):
+    """
+    Stop after 2 of 4 steps, resume with `auto`, and end with exactly the weights, target, EMA
+    and AdamW moments of an uninterrupted run: the noise, pair indices and dropout masks of steps
+    3-4 come from the RNG states saved in opt*.pt (the batches continue by construction here).
+    """
+    saved = th.get_num_threads()
+    th.set_num_threads(1)
+    try:
+        data = cm_batches(4)
+        whole = make_cm_loop(tmp_path / "whole", data, steps=4)
+        whole.run_loop()
+        monkeypatch.setenv("DIFFUSION_TRAINING_TEST", "1")  # stop after the first save
+        first = make_cm_loop(tmp_path / "split", data, steps=4)
+        first.save_interval = 2
+        first.run_loop()
+        monkeypatch.delenv("DIFFUSION_TRAINING_TEST")
+        assert first.step == 2 and (tmp_path / "split" / "target000002.pt").exists()
+        second = make_cm_loop(tmp_path / "split", data[2:], steps=4, resume="auto")
+        assert second.resume_step == 2
+        second.run_loop()
+    finally:
+        th.set_num_threads(saved)
+        logger.reset()
+    assert not th.equal(whole.target.out[-1].weight, first.target.out[-1].weight)  # it moved
+    for name, a, b in [("student", whole.model, second.model),
+                       ("target", whole.target, second.target)]:
+        for (key, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+            assert th.equal(p, q), (name, key)
+    for p, q in zip(whole.ema_params[0], second.ema_params[0]):
+        assert th.equal(p, q)
+    opt_a, opt_b = whole.opt.state_dict()["state"], second.opt.state_dict()["state"]
+    for i in opt_a:
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert th.equal(opt_a[i][key], opt_b[i][key]), (i, key)
+    # The files hold the same: the target as a plain float32 state_dict beside model/opt/ema.
+    target_file = th.load(tmp_path / "split" / "target000004.pt", weights_only=True)
+    assert all(th.equal(v, whole.target.state_dict()[k]) for k, v in target_file.items())
+    assert second.model.class_dropout_prob == 0.0  # the student always sees its label
+    resume = th.load(tmp_path / "split" / "opt000004.pt", weights_only=True)["resume"]
+    assert resume["train_flags"]["cm_steps"] == 6 and resume["step"] == 4
+
+
+def test_cm_resume_without_the_target_file_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFUSION_TRAINING_TEST", "1")
+    data = cm_batches(1)
+    loop = make_cm_loop(tmp_path, data, steps=1)
+    loop.run_loop()
+    os.remove(tmp_path / "target000001.pt")
+    with pytest.raises(CheckpointError, match="target000001.pt"):
+        make_cm_loop(tmp_path, data, steps=2, resume="auto")
+    logger.reset()
+
+
+class CountingX0(nn.Module):
+    """The Gaussian x_0 teacher, recording the grid timestep of every call."""
+
+    def __init__(self, alphas_cumprod):
+        super().__init__()
+        self.net = GaussianTeacher(alphas_cumprod, output="x0")
+        self.calls = []
+
+    def forward(self, x, t, y=None):
+        self.calls.append(int(t[0]))
+        return self.net(x, t)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_consistency_sampler_costs_exactly_k_evaluations(steps):
+    diffusion = create_gaussian_diffusion(steps=100, predict_xstart=True)
+    model = CountingX0(diffusion.alphas_cumprod)
+    shape = (3, 2, 4, 4)
+    x = samplers.sample(diffusion, model, shape, noise=th.randn(shape, generator=gen(1)),
+                        sampler="consistency", steps=steps)
+    assert x.shape == shape and th.isfinite(x).all()
+    assert len(model.calls) == steps == samplers.nfe("consistency", steps)
+    assert model.calls == sample_timesteps(diffusion.alphas_cumprod, steps).tolist()
+    with pytest.raises(ValueError, match="--eta"):
+        samplers.sample(diffusion, model, shape, sampler="consistency", steps=1, eta=0.5)
+
+
+def test_consistency_sampler_is_seeded_per_sample_and_guided_by_a_classifier():
+    """Per-sample noise: the same samples in one batch of 4 as in two of 2; a cond_fn is
+    evaluated once per step and moves the samples."""
+    diffusion = create_gaussian_diffusion(steps=100, predict_xstart=True)
+    model = GaussianTeacher(diffusion.alphas_cumprod, output="x0")
+    gens = lambda idx: sample_util.PerSampleNoise(sample_util.sample_generators(3, idx))  # noqa
+
+    def run(indices, cond_fn=None):
+        src = gens(indices)
+        shape = (len(indices), 2, 4, 4)
+        return samplers.sample(diffusion, model, shape, noise=src.randn(shape), noise_fn=src,
+                               cond_fn=cond_fn, sampler="consistency", steps=3)
+
+    whole = run([0, 1, 2, 3])
+    assert th.equal(whole, th.cat([run([0, 1]), run([2, 3])]))
+    calls = []
+
+    def cond_fn(x, t, **kwargs):
+        calls.append(int(t[0]))
+        return th.ones_like(x)
+
+    assert not th.allclose(run([0, 1, 2, 3], cond_fn), whole, atol=1e-3)
+    assert len(calls) == 3
+
+
+def test_the_sampler_must_fit_the_model_kind(tmp_path):
+    (tmp_path / "cm").mkdir()
+    (tmp_path / "cm" / "args.json").write_text('{"training_mode": "consistency_distillation"}')
+    (tmp_path / "dm").mkdir()
+    (tmp_path / "dm" / "args.json").write_text('{"lr": 0.001}')
+    cm_path, dm_path = str(tmp_path / "cm" / "model000002.pt"), str(tmp_path / "dm" / "m.pt")
+    check_sampler_fits_model("consistency", cm_path)
+    check_sampler_fits_model("ddpm", dm_path)
+    check_sampler_fits_model("", str(tmp_path / "released.pt"))  # no args.json: diffusion
+    with pytest.raises(ValueError, match="--sampler consistency needs a consistency model"):
+        check_sampler_fits_model("consistency", dm_path)
+    with pytest.raises(ValueError, match="is a consistency model"):
+        check_sampler_fits_model("dpm++2m", cm_path)
+    check_sampler_fits_model("consistency", dm_path, consistency_model="yes")  # forced
+    check_sampler_fits_model("ddim", cm_path, consistency_model="no")
+    with pytest.raises(ValueError, match="--consistency_model"):
+        check_sampler_fits_model("ddim", cm_path, consistency_model="maybe")
+
+
+def test_cm_distill_script_end_to_end_then_image_sample_two_steps(tmp_path):
+    """cm_distill.py for 2 steps from a released-style teacher file (no args.json), resumed with
+    --resume_checkpoint auto to 3; then image_sample.py --sampler consistency --steps 2 on the
+    student."""
+    from test_scripts import UNET, load_npz, run, write_digits
+
+    write_digits(str(tmp_path / "digits"), image_size=16, val_every=6)
+    th.manual_seed(0)
+    flags = dict(zip(UNET[::2], UNET[1::2]))
+    teacher = create_model(16, 32, 1, channel_mult="1,2", class_cond=True, num_classes=10,
+                           attention_resolutions="8", num_head_channels=32,
+                           use_scale_shift_norm=True)
+    (tmp_path / "teacher").mkdir()
+    teacher_path = tmp_path / "teacher" / "model.pt"  # a released-style file, no args.json
+    th.save(teacher.state_dict(), teacher_path)
+    assert flags["--diffusion_steps"] == "100"
+    distil = [*UNET, "--teacher_path", str(teacher_path), "--data_dir",
+              str(tmp_path / "digits" / "train"), "--batch_size", "2", "--cm_steps", "5",
+              "--teacher_solver", "dpm++2m", "--cm_loss", "l2", "--random_flip", "False",
+              "--save_interval", "2", "--seed", "0", "--output_dir", str(tmp_path / "cm")]
+    # One process here (the test suite's time); two ranks go through the same TrainLoop/DDP
+    # path that test_scripts.py launches with torchrun.
+    run("cm_distill.py", *distil, "--lr_anneal_steps", "2")
+    run("cm_distill.py", *distil, "--lr_anneal_steps", "3", "--resume_checkpoint", "auto")
+    files = set(os.listdir(tmp_path / "cm"))
+    assert {"model000002.pt", "target000002.pt", "opt000002.pt", "ema_0.9999_000002.pt",
+            "model000003.pt", "target000003.pt", "args.json"} <= files
+    student = str(tmp_path / "cm" / "model000003.pt")
+    sample = [*UNET, "--progress", "False", "--num_samples", "3", "--batch_size", "2",
+              "--seed", "1", "--sampler", "consistency", "--steps", "2"]
+    run("image_sample.py", *sample, "--model_path", student, "--output_dir", str(tmp_path / "s"))
+    out = load_npz(tmp_path / "s" / "samples_3x16x16x3.npz")
+    assert out["arr_0"].shape == (3, 16, 16, 3) and out["arr_1"].shape == (3,)
+    # A diffusion sampler on the student is refused in one line (the other way round, and the
+    # forcing flag: test_the_sampler_must_fit_the_model_kind).
+    args = [a if a != "consistency" else "ddpm" for a in sample]
+    proc = run("image_sample.py", *args, "--model_path", student, "--output_dir",
+               str(tmp_path / "bad"), check=False)
+    assert proc.returncode == 1 and proc.stderr.strip().startswith("error:"), proc.stderr
+    assert "--consistency_model" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("solver", ["ddim", "dpm++2m", "plms", "dpm++3m"])
+def test_batched_teacher_step_equals_the_solvers_own_step_per_sample(solver):
+    """The one-pass DDIM-family teacher step of a batch with mixed pair indices equals each
+    sample's step by the sampler's own step function (one int timestep per call)."""
+    diffusion = create_gaussian_diffusion(steps=100, noise_schedule="cosine")
+    teacher = GaussianTeacher(diffusion.alphas_cumprod)
+    cd = ConsistencyDistillation(diffusion, teacher, nn.Identity(), num_scales=8, solver=solver)
+    x0, noise = th.randn(6, 2, 3, 3, generator=gen(5)), th.randn(6, 2, 3, 3, generator=gen(6))
+    n = th.tensor([0, 3, 6, 3, 1, 5])
+    x_next, x_hat = cd._pair(x0, n, noise, {})
+    for i, k in enumerate(n.tolist()):
+        den = Denoiser(diffusion, teacher, clip_denoised=False)
+        t, t_to = int(cd.timesteps[k + 1]), int(cd.timesteps[k])
+        x = x_next[i:i + 1]
+        ref = STEPS[solver](den, x, t, t_to, [den(x, t)])
+        assert th.allclose(x_hat[i:i + 1], ref, atol=1e-5, rtol=1e-5), (i, k)

@@ -127,3 +127,9 @@ def test_factories_refuse_unknown_flags_by_name():
         script_util.create_model_and_diffusion(num_chanels=32)
     with pytest.raises(TypeError, match="use_fp16"):
         script_util.create_classifier_and_diffusion(use_fp16=True)  # it is classifier_use_fp16
+
+
+def test_sampler_flag_accepts_exactly_the_samplers():
+    from guided_diffusion import config, samplers
+
+    assert set(config.SAMPLER_NAMES) - {""} == set(samplers.SAMPLER_NAMES)

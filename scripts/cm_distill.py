@@ -1,0 +1,80 @@
+"""
+Distil a trained diffusion model (the teacher, `--teacher_path` with its model and diffusion
+flags) into a consistency model that samples in one or a few steps (Song et al. 2023, "Consistency
+Models", Algorithm 2). The student starts from the teacher's weights; `--teacher_solver` steps the
+teacher's ODE between `--cm_steps` points of its grid, `--target_ema` is the target network's EMA.
+`--training_mode consistency_training` needs no teacher (`--teacher_path` then only initialises).
+
+Writes `model/ema_*/opt/target{step:06d}.pt` and `args.json` to `--output_dir`; sample the student
+(or an EMA) with `image_sample.py --sampler consistency --steps K --model_path OUT/model*.pt`.
+Run on several processes with `torchrun --nproc_per_node=K` or `mpiexec -n K`.
+"""
+
+import argparse
+import copy
+
+from guided_diffusion import cli, logger
+from guided_diffusion.config import (
+    CommonConfig,
+    ConsistencyConfig,
+    DataConfig,
+    DiffusionConfig,
+    FastConfig,
+    TrainingConfig,
+    UNetConfig,
+    build_parser,
+    from_flags,
+)
+from guided_diffusion.consistency import CMTrainLoop
+from guided_diffusion.image_datasets import load_data
+from guided_diffusion.train_util import save_run_flags
+
+
+def main():
+    args = create_argparser().parse_args()
+    cli.setup(args)
+    cm = from_flags(ConsistencyConfig, args)
+    distil = cm.training_mode == "consistency_distillation"
+    if distil or args.teacher_path:
+        cli.require_path(args.teacher_path, "teacher_path")
+    cli.require_path(args.data_dir, "data_dir", kind="dir")
+    # args.json marks the run's checkpoints as consistency models (its training_mode) for the
+    # sampling scripts' --sampler check.
+    save_run_flags(vars(args))
+
+    logger.log("creating the student from the teacher...")
+    model, diffusion = cli.build_model_and_diffusion(args, "unet")
+    if args.teacher_path:
+        cli.load_checkpoint(model, args.teacher_path, "teacher_path")
+    teacher = None
+    if distil:
+        teacher = copy.deepcopy(model).requires_grad_(False)
+        if args.use_fp16:
+            teacher.convert_to_fp16()
+        teacher.eval()  # only evaluated: no dropout, no label dropout
+        cli.apply_fast_flags(args, teacher)
+    fast_cfg = cli.apply_fast_flags(args, model)
+
+    data = load_data(
+        data_dir=args.data_dir,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        class_cond=args.class_cond,
+        random_flip=args.random_flip,
+    )
+    try:
+        cli.train_diffusion(args, model, diffusion, data, use_bf16=fast_cfg.use_bf16,
+                            loop=CMTrainLoop, teacher=teacher, cm=cm)
+    except ValueError as e:  # a bad consistency flag (named in the message)
+        raise cli.ScriptError(str(e)) from e
+
+
+def create_argparser() -> argparse.ArgumentParser:
+    return build_parser(
+        __doc__, ConsistencyConfig, DataConfig, TrainingConfig, UNetConfig, DiffusionConfig,
+        CommonConfig, FastConfig,
+    )
+
+
+if __name__ == "__main__":
+    cli.run_main(main)
