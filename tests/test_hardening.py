@@ -334,7 +334,7 @@ def test_nonfinite_samples_are_an_error_naming_the_samples(work, scenarios):
     result, _ = scenarios["nan_samples"]
     err = assert_one_line_error(result, "non-finite", "indices 0, 1", "nothing was written")
     assert "--cfg_scale" in err
-    assert not list((work / "nan_samples").glob("samples_*"))
+    assert not list((work / "nan_samples").rglob("samples_*.npz"))  # no shard, no npz
 
 
 def test_require_finite_samples_names_the_bad_indices():
