@@ -12,6 +12,6 @@ setup(
         "mpi": ["mpi4py", "mpich"],
         "plot": ["matplotlib"],  # scripts/sampler_table.py's FID-against-NFE plot
         "latent": ["diffusers"],  # --latent_vae: a pretrained AutoencoderKL (latent.py)
-        "dev": ["pytest", "mpi4py", "mpich", "diffusers"],  # diffusers: CI runs test_latent.py
+        "dev": ["pytest", "mpi4py", "mpich", "diffusers", "matplotlib"],  # CI runs latent + plot tests
     },
 )
