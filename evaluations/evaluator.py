@@ -46,6 +46,7 @@ from evaluations.npz_io import (  # noqa: E402
     run_main,
     statistics_preprocessing,
 )
+from guided_diffusion.fileio import atomic_write  # noqa: E402
 
 # One place for the command-line defaults (and the Evaluator's).
 EVALUATOR_DEFAULTS = dict(
@@ -622,7 +623,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     for key, label in METRIC_LABELS.items():
         print(f"{label}: {metrics[key]}")
     if args.output:
-        from guided_diffusion.checkpoints import atomic_write
 
         record = dict(metrics, preprocessing=args.preprocessing, ref_batch=args.ref_batch,
                       sample_batch=args.sample_batch)

@@ -23,6 +23,10 @@ import zipfile
 from typing import BinaryIO, Iterator
 
 import numpy as np
+from PIL import Image
+
+from guided_diffusion.fileio import atomic_write
+from guided_diffusion.image_util import center_crop_arr
 
 IMAGE_KEY = "arr_0"
 LABEL_KEY = "arr_1"
@@ -412,7 +416,6 @@ def write_npz_atomically(path: str, shape: tuple, fill, dtype=np.uint8) -> None:
     """
     # The project's one atomic writer; imported here, not at the top, so that reading batches
     # does not import the training package.
-    from guided_diffusion.checkpoints import atomic_write
 
     def write(f: BinaryIO) -> None:
         with NpzArrayWriter(f, shape, dtype, label=path) as writer:
@@ -450,7 +453,6 @@ def load_image(path: str, image_size: int | None = None) -> np.ndarray:
                        the training data is prepared (guided_diffusion.image_util).
     :return: an [H x W x 3] uint8 RGB array.
     """
-    from PIL import Image
 
     try:
         with Image.open(path) as img:
@@ -460,7 +462,6 @@ def load_image(path: str, image_size: int | None = None) -> np.ndarray:
         raise ValueError(f"{path}: not a readable image ({e})") from e
     if image_size is None:
         return np.asarray(img, dtype=np.uint8)
-    from guided_diffusion.image_util import center_crop_arr
 
     return np.asarray(center_crop_arr(img, image_size), dtype=np.uint8)
 
@@ -525,9 +526,7 @@ def npz_to_images(npz_path: str, out_dir: str, batch_size: int = 256, ext: str =
 
     :return: the number of images written.
     """
-    from PIL import Image
 
-    from guided_diffusion.checkpoints import atomic_write
 
     image_format = Image.registered_extensions().get(f".{ext.lower()}")
     if image_format is None:

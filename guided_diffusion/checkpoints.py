@@ -18,21 +18,26 @@ plus one `RESUME_KEY` entry holding every other field a resume needs (see `Train
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import pickle
 import re
-import tempfile
 from collections.abc import Mapping
-from typing import IO, Any, Callable, Iterable, Union
+from typing import Any, Iterable, Union
 
 import blobfile as bf
 import torch as th
-import torch.distributed as dist
 import torch.nn as nn
 
 from . import dist_util, logger
+from .config import CM_TRAINING_MODES
+# Re-exported: reading and writing files is the foundation's (fileio, dist_util); callers of
+# this module (and of the original's names) import them from here too.
+from .dist_util import load_file  # noqa: F401
+from .errors import CheckpointError, CheckpointMismatchError, RunFlagsError, WriteError  # noqa: F401
+from .fileio import (  # noqa: F401
+    TEMP_SUFFIX, atomic_write, read_bytes, remove_stale_temp_files, save_atomic, torch_load_bytes,
+)
+
 
 StateDict = Mapping[str, th.Tensor]
 PathOrStateDict = Union[str, os.PathLike, StateDict]
@@ -44,120 +49,10 @@ RESUME_KEY = "resume"
 # --resume_checkpoint value: the newest model*.pt in the log directory (or a fresh start).
 AUTO_RESUME = "auto"
 _MODEL_CKPT_RE = re.compile(r"^model(\d+)\.pt$")
-# Checkpoints are broadcast in pieces: NCCL and gloo both handle large messages, but a bounded
-# piece keeps the extra device memory on every rank small.
-_BROADCAST_CHUNK_BYTES = 1 << 28
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file cannot be read (unsafe, corrupt, or not a state_dict)."""
-
-
-class CheckpointMismatchError(ValueError):
-    """A state_dict's names or shapes do not fit the model built from the given flags."""
-
-
-class WriteError(OSError):
-    """A file could not be written (full disk, read-only folder): names the path; the previous
-    version of the file, if any, is untouched."""
-
-
-class RunFlagsError(ValueError):
-    """This command's flags differ from the run's `args.json` in a flag that changes results."""
-
-
-_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6
-_LEGACY_MAGIC = b"\x80"  # the older format is a pickle stream (protocol >= 2)
 
 
 # ------------------------------------------------------------------------------------------------
 # Read
-
-
-def load_file(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
-    """
-    Load a checkpoint file (a dict of tensors and plain values) with `weights_only=True`.
-
-    A collective in a process group: every rank must call it; rank 0 reads the file once and
-    broadcasts its bytes, so every rank gets the same object. If rank 0 cannot read the file,
-    every rank raises the same error instead of waiting forever.
-
-    :param path: a local, gs:// or az:// path (anything blobfile reads).
-    :param map_location: passed to `torch.load`.
-    :raises FileNotFoundError: if there is no such file.
-    :raises CheckpointError: if the file needs unsafe unpickling or is not a torch file.
-    """
-    path = str(path)
-    data = _broadcast_bytes(path) if dist_util.is_distributed() else _read_bytes(path)
-    return _torch_load(data, path, map_location)
-
-
-def _torch_load(data: bytes, path: str, map_location: Any) -> Any:
-    """`torch.load(weights_only=True)` of a file's bytes; every failure a `CheckpointError`."""
-    if not data:
-        raise CheckpointError(f"checkpoint {path!r} is empty (0 bytes): an interrupted copy or "
-                              "write? Use another checkpoint")
-    if not data.startswith((_ZIP_MAGIC, _LEGACY_MAGIC)):
-        raise CheckpointError(f"{path!r} is not a torch checkpoint: it starts with {data[:12]!r}, "
-                              "not a torch.save archive")
-    try:
-        return th.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        # Name the offending class, not torch's advice (which offers weights_only=False).
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        reason = [f"it holds a {found.group(1)}"] if found else []
-        raise CheckpointError(
-            f"refusing to load checkpoint {path!r}: it cannot be read with "
-            "torch.load(weights_only=True) because it contains pickled Python objects besides "
-            "tensors (e.g. a whole model saved with torch.save(model)), and unpickling those can "
-            "run arbitrary code. If you trust the file, load it yourself and save only "
-            "model.state_dict()."
-            + (f" ({reason[0]})" if reason else "")
-        ) from e
-    except (RuntimeError, EOFError, OSError, KeyError, ValueError) as e:
-        # torch's messages for a cut-off archive run on for lines: keep the first sentence.
-        reason = (str(e).strip().split(". ")[0] or type(e).__name__).splitlines()[0]
-        raise CheckpointError(f"cannot read checkpoint {path!r} ({len(data)} bytes): truncated or "
-                              f"corrupt ({reason})") from e
-
-
-def _read_bytes(path: str) -> bytes:
-    with bf.BlobFile(path, "rb") as f:
-        return f.read()
-
-
-def _broadcast_bytes(path: str) -> bytes:
-    # Rank 0 reads; the size (or the error) goes out first so no rank waits on bytes that never
-    # come.
-    header: Any
-    data = b""
-    rank = dist.get_rank()
-    if rank == 0:
-        try:
-            data = _read_bytes(path)
-            header = len(data)
-        except Exception as e:  # noqa: BLE001 -- sent to every rank, raised there
-            header = (type(e).__name__, str(e))
-    else:
-        header = None
-    header = dist_util.broadcast_object(header)
-    if isinstance(header, tuple):
-        kind, message = header
-        error = FileNotFoundError if kind == "FileNotFoundError" else OSError
-        raise error(f"rank 0 could not read checkpoint {path!r}: {kind}: {message}")
-    size = header
-    device = dist_util.comm_device()
-    out = bytearray(size) if rank != 0 else None
-    for start in range(0, size, _BROADCAST_CHUNK_BYTES):
-        stop = min(start + _BROADCAST_CHUNK_BYTES, size)
-        if rank == 0:
-            chunk = th.frombuffer(bytearray(data[start:stop]), dtype=th.uint8).to(device)
-        else:
-            chunk = th.empty(stop - start, dtype=th.uint8, device=device)
-        dist.broadcast(chunk, src=0)
-        if out is not None:
-            out[start:stop] = chunk.cpu().numpy().tobytes()
-    return data if rank == 0 else bytes(out)
 
 
 def read_state_dict(path_or_state_dict: PathOrStateDict) -> dict[str, th.Tensor]:
@@ -465,6 +360,24 @@ def _likely_flags(want, got, missing, unexpected, conflicts) -> list[str]:
 # Find (the original's public names; train_util re-exports them)
 
 
+def checkpoint_name(kind: str, step: int, rate: float | None = None) -> str:
+    """
+    The one spelling of a checkpoint file's name (the original's): `model{step:06d}.pt`,
+    `opt{step:06d}.pt`, `ema_{rate}_{step:06d}.pt`; other kinds (e.g. "target", a consistency
+    run's target network) follow the model's pattern, `{kind}{step:06d}.pt`.
+    """
+    if kind == "ema":
+        if rate is None:
+            raise ValueError("an EMA checkpoint's name needs its rate")
+        return f"ema_{rate}_{step:06d}.pt"
+    return f"{kind}{step:06d}.pt"
+
+
+def companion_path(main_checkpoint: str, kind: str, step: int, rate: float | None = None) -> str:
+    """The `kind` file of `step` beside `main_checkpoint` (it may not exist)."""
+    return bf.join(bf.dirname(main_checkpoint), checkpoint_name(kind, step, rate))
+
+
 def get_blob_logdir() -> str:
     """Where checkpoints go: the log directory."""
     directory = logger.get_dir()
@@ -515,7 +428,7 @@ def checkpoint_problem(model_checkpoint: str) -> str | None:
 
 def _load_local(path: str) -> Any:
     """`load_file` on this rank only (no broadcast)."""
-    return _torch_load(_read_bytes(path), path, "cpu")
+    return torch_load_bytes(read_bytes(path), path, "cpu")
 
 
 def find_complete_checkpoint(log_dir: str | None = None) -> str | None:
@@ -535,7 +448,7 @@ def find_ema_checkpoint(main_checkpoint: str, step: int, rate: float) -> str | N
     """The `ema_{rate}_{step:06d}.pt` beside `main_checkpoint`, or None when there is none."""
     if not main_checkpoint:
         return None
-    path = bf.join(bf.dirname(main_checkpoint), f"ema_{rate}_{step:06d}.pt")
+    path = companion_path(main_checkpoint, "ema", step, rate)
     return path if bf.exists(path) else None
 
 
@@ -565,77 +478,11 @@ def resolve_resume_checkpoint(resume_checkpoint: str) -> str:
 
 def opt_checkpoint_path(main_checkpoint: str, step: int) -> str:
     """The `opt{step:06d}.pt` beside `main_checkpoint` (it may not exist)."""
-    return bf.join(bf.dirname(main_checkpoint), f"opt{step:06d}.pt")
+    return companion_path(main_checkpoint, "opt", step)
 
 
 # ------------------------------------------------------------------------------------------------
 # Write
-
-
-def atomic_write(path: str, write: Callable[[IO[bytes]], Any]) -> None:
-    """
-    Call `write(f)` on a binary file so that `path` never holds a partial file: local paths are
-    written to a temporary file in the same folder, then renamed over `path`. Object stores
-    (gs://, az://) publish an object only once its upload completes, so those are written directly.
-    """
-    if "://" in path:
-        with bf.BlobFile(path, "wb") as f:
-            write(f)
-        return
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = None
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.",
-                                   suffix=TEMP_SUFFIX)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp makes the file private (0600); give it the mode a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException as e:
-        # Only our temporary file goes: the previous `path` (a good checkpoint) is never touched.
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError) and not isinstance(e, WriteError):
-            reason = e.strerror or str(e)
-            raise WriteError(e.errno, f"cannot write {path!r}: {reason} (the previous version, "
-                                      "if any, is kept)") from e
-        raise
-
-
-TEMP_SUFFIX = ".tmp"
-# atomic_write's temporary names: "." + the file's name + "." + mkstemp's 8 random characters.
-_TEMP_RE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
-
-
-def remove_stale_temp_files(folder: str) -> list[str]:
-    """
-    Remove the temporary files `atomic_write` leaves behind when a process is killed mid-write.
-    Call it only while no other process writes to `folder` (the training run's lock is held).
-
-    :return: the removed paths.
-    """
-    if "://" in folder or not os.path.isdir(folder):
-        return []
-    removed = []
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name)
-        if _TEMP_RE.match(name) and os.path.isfile(path):
-            os.remove(path)
-            removed.append(path)
-    if removed:
-        logger.log(f"removed {len(removed)} stale temporary file(s) of killed writes in {folder}")
-    return removed
-
-
-def save_atomic(obj: Any, path: str) -> None:
-    """`torch.save` through `atomic_write`."""
-    atomic_write(path, lambda f: th.save(obj, f))
 
 
 def read_run_flags(run_dir: str, filename: str = "args.json") -> dict | None:
@@ -707,3 +554,47 @@ def save_run_flags(flags: dict, log_dir: str | None = None, filename: str = "arg
     text = json.dumps(dict(flags), indent=2, sort_keys=True, default=str)
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
     return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Which checkpoints are consistency models
+
+
+def is_consistency_checkpoint(model_path: str) -> bool | None:
+    """
+    Whether `model_path` was written by cm_distill.py, read from the `args.json` beside it (its
+    `training_mode`). :return: True / False, or None when there is no readable args.json.
+    """
+    flags = read_run_flags(os.path.dirname(os.path.abspath(model_path)))
+    if flags is None:
+        return None
+    return flags.get("training_mode") in CM_TRAINING_MODES
+
+
+def check_sampler_fits_model(
+    sampler: str, model_path: str, consistency_model: str = "auto"
+) -> None:
+    """
+    Refuse `--sampler consistency` on a diffusion model and the diffusion samplers on a
+    consistency model: the student's network no longer predicts the diffusion's x_0 (only
+    f = c_skip x + c_out D does), and a diffusion model's one-step f is a blur.
+
+    :param consistency_model: "auto" (the args.json beside `model_path`; a file without one is
+        taken as a diffusion model), "yes" or "no" (force, e.g. a converted checkpoint).
+    :raises ValueError: naming the flags on a mismatch.
+    """
+    if consistency_model not in ("auto", "yes", "no"):
+        raise ValueError(f"--consistency_model must be auto, yes or no, got {consistency_model!r}")
+    if consistency_model == "auto":
+        is_cm = bool(is_consistency_checkpoint(model_path)) if model_path else False
+    else:
+        is_cm = consistency_model == "yes"
+    wants_cm = sampler == "consistency"
+    if wants_cm and not is_cm:
+        raise ValueError(f"--sampler consistency needs a consistency model (cm_distill.py), but "
+                         f"--model_path {model_path!r} has no args.json with a consistency "
+                         "training_mode beside it; pass --consistency_model yes to force")
+    if is_cm and not wants_cm:
+        raise ValueError(f"--model_path {model_path!r} is a consistency model (args.json beside "
+                         "it): sample it with --sampler consistency --steps K, or pass "
+                         "--consistency_model no to force the diffusion samplers")

@@ -21,56 +21,39 @@ import random
 import sys
 import tempfile
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch as th
 
-from . import dist_util, fast, logger, run_lock
-from .checkpoints import (
-    AUTO_RESUME,
-    CheckpointError,
-    CheckpointMismatchError,
-    RunFlagsError,
-    compare_run_flags,
-    load_model_checkpoint,
-    remove_stale_temp_files,
-)
-from .config import (
-    DIT_SHARED_FLAGS,
-    MODEL_CHOICES,
-    DiffusionConfig,
-    DiTConfig,
-    UNetConfig,
-    defaults,
-    from_flags,
-)
-from .dit import DiT, DiT_models
-from .respace import SpacedDiffusion
-from .image_datasets import DataError
+from . import dist_util, logger, run_lock
+from .dist_util import world
+from .checkpoints import AUTO_RESUME, compare_run_flags, load_model_checkpoint, save_run_flags
+from .config import MODEL_CHOICES
+from .errors import USER_ERRORS, CheckpointError, RunFlagsError, ScriptError
+from .fast import apply_fast_flags, fast_config  # noqa: F401 -- the scripts' names, re-exported
+from .fileio import remove_stale_temp_files
+from .costs import training_cost
+from .image_datasets import load_data
+from .latent import LatentSpace, load_latent_data, space_from_flags
+from .resample import create_named_schedule_sampler
+from .sample_util import require_finite_samples  # noqa: F401 -- re-exported
 from .script_util import (
     args_to_dict,
     classifier_and_diffusion_defaults,
     create_classifier_and_diffusion,
+    create_dit_and_diffusion,
     create_model_and_diffusion,
-    diffusion_from_config,
+    dit_and_diffusion_defaults,
     model_and_diffusion_defaults,
     sr_create_model_and_diffusion,
     sr_model_and_diffusion_defaults,
 )
-
-
-class ScriptError(Exception):
-    """A mistake in the command line or its files: reported as one line, without a traceback."""
+from .train_util import TrainLoop, parse_ema_rates
 
 
 # ------------------------------------------------------------------------------------------------
 # Process setup
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) without a process group."""
-    return dist_util.get_rank(), dist_util.get_world_size()
 
 
 def setup(args, training: bool = False) -> None:
@@ -99,7 +82,10 @@ def setup(args, training: bool = False) -> None:
             _lock_run_folder(logger.get_dir())
         if world()[0] == 0:
             # Safe: we hold the lock, no one else writes here.
-            remove_stale_temp_files(logger.get_dir())
+            removed = remove_stale_temp_files(logger.get_dir())
+            if removed:
+                logger.log(f"removed {len(removed)} stale temporary file(s) of killed writes in "
+                           f"{logger.get_dir()}")
         check_resume_flags(args)
 
 
@@ -182,40 +168,6 @@ class ModelKind:
     fp16_flag: str  # the original's fp16 switch of this network
 
 
-def dit_and_diffusion_defaults() -> dict:
-    """The flags of a DiT and its diffusion: DiTConfig's, the shared UNetConfig ones, diffusion."""
-    shared = {k: v for k, v in defaults(UNetConfig).items() if k in DIT_SHARED_FLAGS}
-    return {**shared, **defaults(DiTConfig, drop=("model", "cfg_channels")),
-            **defaults(DiffusionConfig)}
-
-
-def create_dit_and_diffusion(in_channels: int = 3, **flags) -> tuple[DiT, SpacedDiffusion]:
-    """
-    A DiT and its diffusion from the `dit_and_diffusion_defaults()` flags: --dit_model's size with
-    the --dit_* overrides, input_size = --image_size (the latent side in latent space).
-
-    :param in_channels: 3 in pixel space, the VAE's latent channels in latent space.
-    """
-    known = dit_and_diffusion_defaults()
-    unknown = sorted(set(flags) - set(known))
-    if unknown:
-        raise TypeError(f"unknown flag(s) {unknown} for a DiT")
-    f = {**known, **flags}
-    if f["dit_model"] not in DiT_models:
-        raise ValueError(f"--dit_model {f['dit_model']!r}: one of {', '.join(DiT_models)}")
-    if not f["class_cond"]:
-        raise ValueError("--model dit is class-conditional (its label embedding): use "
-                         "--class_cond True (for unlabelled data: one file-name prefix, e.g. "
-                         "0_*.png, and --num_classes 1)")
-    sizes = {k: f[f"dit_{k}"] for k in ("depth", "hidden_size", "num_heads", "patch_size")}
-    model = DiT_models[f["dit_model"]](
-        input_size=f["image_size"], in_channels=in_channels, num_classes=f["num_classes"],
-        class_dropout_prob=f["class_dropout_prob"], learn_sigma=f["learn_sigma"],
-        use_checkpoint=f["use_checkpoint"], **{k: v for k, v in sizes.items() if v},
-    )
-    return model, diffusion_from_config(from_flags(DiffusionConfig, f))
-
-
 MODEL_KINDS = {
     "unet": ModelKind(model_and_diffusion_defaults, create_model_and_diffusion,
                       "model_path", "use_fp16"),
@@ -252,8 +204,6 @@ def build_model_and_diffusion(args, kind: str = "unet"):
     spec = MODEL_KINDS[kind]
     flags = args_to_dict(args, spec.defaults().keys())
     if kind in ("unet", "dit"):
-        from .latent import space_from_flags  # imports this module: not at the top
-
         space = space_from_flags(args)
         flags.update(in_channels=space.channels, image_size=space.model_size(args.image_size))
     try:
@@ -311,66 +261,116 @@ def load_model_and_diffusion(args, kind: str = "unet"):
     return model, diffusion
 
 
+def dry_run(args, kind: str) -> dict:
+    """
+    --dry_run: build the network of `kind` from the flags on the meta device, print its parameters,
+    FLOPs per step and estimated memory per rank for those flags, and train nothing.
+
+    :return: `training_cost`'s dict.
+    """
+    spec = MODEL_KINDS[kind]
+    with th.device("meta"):
+        model, _ = spec.factory(**args_to_dict(args, spec.defaults().keys()))
+        micro = args.microbatch if 0 < args.microbatch < args.batch_size else args.batch_size
+        size = args.large_size if kind == "superres" else args.image_size
+        channels = getattr(model, "in_channels", 3)
+        if kind == "superres":
+            channels = 3  # the low-res image is concatenated inside the model
+        inputs = {"x": th.zeros(micro, channels, size, size), "timesteps": th.zeros(micro).long()}
+        if kind == "superres":
+            inputs["low_res"] = th.zeros(micro, 3, args.small_size, args.small_size)
+        if getattr(model, "num_classes", None) and kind != "classifier":
+            inputs["y"] = th.zeros(micro).long()
+    precision = "fp16" if getattr(args, spec.fp16_flag, False) else (
+        "bf16" if getattr(args, "use_bf16", False) else "fp32")
+    if precision == "fp16" and hasattr(model, "convert_to_fp16"):
+        model.convert_to_fp16()  # as MixedPrecisionTrainer does before training
+    n_ema = len(parse_ema_rates(getattr(args, "ema_rate", "")))
+    cost = training_cost(model, inputs, args.batch_size, args.microbatch, n_ema, precision)
+    gib = 2.0**30
+    lines = [
+        f"dry run ({type(model).__name__}, {precision}): {cost['params']:,} parameters "
+        f"({cost['params'] / 1e6:.1f} M)",
+        f"per step on each rank: {cost['flops_per_step'] / 1e9:,.2f} GFLOPs forward + backward "
+        f"(batch {args.batch_size} in {cost['passes']} pass(es) of {micro})",
+        f"memory per rank: {cost['state_bytes'] / gib:.2f} GiB weights, grads, AdamW and "
+        f"{n_ema} EMA; {cost['activation_bytes'] / gib:.2f} GiB activations per pass; "
+        f"about {cost['total_bytes'] / gib:.2f} GiB in all, plus the CUDA context (~1 GiB)",
+    ]
+    for line in lines:
+        logger.log(line)
+    return cost
+
+
 # ------------------------------------------------------------------------------------------------
 # Fast path and training from flags
 
 
-def fast_config(args, fp16_flag: str = "use_fp16") -> fast.FastPathConfig:
-    """The fast-path switches of the flags; all off for a parser without them."""
-    if not all(hasattr(args, k) for k in fast.fast_defaults()):
-        return fast.FastPathConfig()
-    flags = dict(vars(args), use_fp16=bool(getattr(args, fp16_flag, False)))
-    try:
-        return fast.resolve_fast_flags(flags, dist_util.dev())
-    except ValueError as e:
-        raise ScriptError(str(e)) from e
-
-
-def apply_fast_flags(args, model: th.nn.Module, fp16_flag: str = "use_fp16") -> fast.FastPathConfig:
+def start_training(args, kind: str) -> bool:
     """
-    Resolve the script's fast-path flags, apply them to `model` (in place, `fast.apply_fast_path`)
-    and return the resolved switches.
+    The start of every training script: the process group, the logger in --output_dir, the run
+    lock, stale-temp cleanup and the resume-flag check (`setup(training=True)`), then the run's
+    args.json. With --dry_run: print the step's cost for the network of `kind`, take no lock,
+    write nothing.
 
-    Call it after loading weights and converting to fp16; wrap forwards in
-    `fast.autocast_context(dist_util.dev(), cfg.use_bf16)` (TrainLoop does so given use_bf16).
+    :return: False for a dry run (the script stops), else True.
     """
-    cfg = fast_config(args, fp16_flag)
-    fast.apply_fast_path(model, **cfg.model_kwargs())
-    return cfg
+    dry = bool(getattr(args, "dry_run", False))
+    setup(args, training=not dry)
+    if dry:
+        dry_run(args, kind)
+        return False
+    save_run_flags(vars(args))
+    return True
+
+
+def training_data(args, **overrides):
+    """
+    The training batches of the data flags: --data_dir (required), --batch_size, --image_size,
+    --class_cond, --random_flip, --num_classes, --skip_bad_images and the seeded, resumable order
+    of --seed; in latent space (--latent_vae) the data set's cached encodings. `overrides` replace
+    or add `load_data` arguments (e.g. random_crop, a validation folder's data_dir and seed).
+    """
+    require_path(overrides.get("data_dir", args.data_dir), "data_dir", kind="dir")
+    kwargs = dict(data_dir=args.data_dir, batch_size=args.batch_size, image_size=args.image_size,
+                  class_cond=args.class_cond, random_flip=args.random_flip)
+    kwargs.update(overrides)
+    space = space_from_flags(args)
+    if isinstance(space, LatentSpace):  # the data set's encodings, cached once
+        cache_dir = args.latent_cache or os.path.join(logger.get_dir(), "latent_cache")
+        return load_latent_data(space=space, cache_dir=cache_dir, **kwargs)
+    kwargs.setdefault("seed", data_seed(args))
+    return load_data(num_classes=args.num_classes, skip_bad_images=args.skip_bad_images, **kwargs)
+
+
+def train_loop_kwargs(args, fp16_flag: str = "use_fp16") -> dict:
+    """The TrainLoop arguments of the `config.TrainingConfig` flags a script has (the one
+    builder: every training mode gets them from here)."""
+    names = ("batch_size", "microbatch", "lr", "ema_rate", "log_interval", "save_interval",
+             "resume_checkpoint", "fp16_scale_growth", "weight_decay", "lr_anneal_steps",
+             "grad_clip", "lr_warmup_steps", "max_bad_steps", "init_checkpoint",
+             "sample_interval")
+    kwargs = {k: getattr(args, k) for k in names if hasattr(args, k)}
+    kwargs["use_fp16"] = bool(getattr(args, fp16_flag))
+    return kwargs
 
 
 def train_diffusion(args, model, diffusion, data, use_bf16: bool, loop: Callable | None = None,
-                    **loop_kwargs) -> None:
+                    fp16_flag: str = "use_fp16", **loop_kwargs) -> None:
     """Run the original's TrainLoop from the `config.TrainingConfig` flags (and --use_fp16);
-    `loop` is a subclass to run instead, given `loop_kwargs` besides (e.g. CMTrainLoop)."""
-    from .resample import create_named_schedule_sampler
-    from .train_util import TrainLoop
-
+    `loop` is a training mode to run instead (ClassifierTrainLoop, CMTrainLoop), given
+    `loop_kwargs` besides. A diffusion loop gets --schedule_sampler's sampler; other modes
+    draw their own indices (uniform)."""
     logger.log("training...")
-    if loop is not None and args.schedule_sampler != "uniform":
-        raise ScriptError(f"--schedule_sampler {args.schedule_sampler} applies to diffusion "
+    sampler = getattr(args, "schedule_sampler", "uniform")
+    if loop is not None and loop_kwargs.get("schedule_sampler") is None and sampler != "uniform":
+        raise ScriptError(f"--schedule_sampler {sampler} applies to diffusion "
                           f"training only, not to {loop.__name__}")
+    if loop is None:
+        loop_kwargs["schedule_sampler"] = create_named_schedule_sampler(sampler, diffusion)
     (loop or TrainLoop)(
-        **loop_kwargs,
-        model=model,
-        diffusion=diffusion,
-        data=data,
-        batch_size=args.batch_size,
-        microbatch=args.microbatch,
-        lr=args.lr,
-        ema_rate=args.ema_rate,
-        log_interval=args.log_interval,
-        save_interval=args.save_interval,
-        resume_checkpoint=args.resume_checkpoint,
-        use_fp16=args.use_fp16,
-        fp16_scale_growth=args.fp16_scale_growth,
-        schedule_sampler=(None if loop is not None
-                          else create_named_schedule_sampler(args.schedule_sampler, diffusion)),
-        weight_decay=args.weight_decay,
-        lr_anneal_steps=args.lr_anneal_steps,
-        use_bf16=use_bf16,
-        sample_interval=args.sample_interval,
-        **resilience_kwargs(args),
+        model=model, diffusion=diffusion, data=data, use_bf16=use_bf16,
+        **train_loop_kwargs(args, fp16_flag), **loop_kwargs,
     ).run_loop()
 
 
@@ -386,34 +386,6 @@ def data_seed(args, stream: int = 0) -> int | None:
     return seed + 1_000_003 * stream
 
 
-def resilience_kwargs(args) -> dict:
-    """TrainLoop's guard flags (grad clip, warm-up, NaN stop, fine-tuning start) from `args`."""
-    return dict(
-        grad_clip=args.grad_clip, lr_warmup_steps=args.lr_warmup_steps,
-        max_bad_steps=args.max_bad_steps, init_checkpoint=args.init_checkpoint,
-    )
-
-
-def require_finite_samples(samples: th.Tensor, indices: Sequence[int]) -> None:
-    """
-    Raise `ScriptError` naming the samples that hold NaN/inf (instead of writing black images).
-
-    Checked once per batch at the end, not per step: NaN and inf propagate through every later
-    step of every sampler (each step reads the previous x), so the end sees them all, and a
-    per-step check would add a device-to-host sync per step. With --seed, the indices named
-    reproduce the samples.
-
-    :param samples: [N x ...] the batch's final samples; `indices` their global indices.
-    """
-    bad = ~th.isfinite(samples.reshape(len(samples), -1)).all(dim=1)
-    if bool(bad.any()):
-        which = [int(indices[i]) for i in th.nonzero(bad).flatten().tolist()]
-        shown = ", ".join(map(str, which[:10])) + (" ..." if len(which) > 10 else "")
-        raise ScriptError(f"sampling produced non-finite values (NaN/inf) in {len(which)} of "
-                          f"{len(samples)} samples (indices {shown}); nothing was written. Check "
-                          "--cfg_scale / --classifier_scale and the checkpoint")
-
-
 # ------------------------------------------------------------------------------------------------
 # Entry point
 
@@ -425,8 +397,7 @@ def run_main(main: Callable[[], None]) -> None:
     """
     try:
         main()
-    except (ScriptError, CheckpointError, CheckpointMismatchError, DataError, OSError) as e:
-        # OSError: files and devices (missing, unreadable, full disk, read-only), never our bugs.
+    except USER_ERRORS as e:
         if os.environ.get("GD_TRACEBACK"):
             raise
         # Multi-line messages (e.g. a mismatch's list of causes) become one "; "-joined line.

@@ -94,7 +94,27 @@ def rate_list(v: str) -> str | None:
     return "must be comma-separated rates in [0, 1), e.g. '0.9999' or '0.999,0.9999'"
 
 
-SAMPLER_NAMES = ("", "ddpm", "ddim", "plms", "heun", "dpm++2m", "dpm++3m", "dpm++2m-sde", "consistency")
+# The one list of sampler names: `samplers.STEPS` holds a step function for each but "consistency"
+# (samplers checks that at import); --sampler also takes "" (the original's rule, per --use_ddim).
+SAMPLER_NAMES = ("ddpm", "ddim", "plms", "heun", "dpm++2m", "dpm++3m", "dpm++2m-sde", "consistency")
+# The deterministic steps of the probability-flow ODE (a consistency teacher's step).
+ODE_SAMPLERS = ("ddim", "plms", "heun", "dpm++2m", "dpm++3m")
+# How --steps (and consistency distillation's grid) pick timesteps from a diffusion's grid.
+SPACINGS = ("logsnr", "uniform")
+# Consistency models: the two training modes, the distances and the loss weightings.
+CM_TRAINING_MODES = ("consistency_distillation", "consistency_training")
+CM_DISTANCES = ("pseudo_huber", "l2")
+CM_WEIGHTINGS = ("uniform", "inverse_step")
+
+
+def at_least(low: float) -> Check:
+    def check(v: float) -> str | None:
+        return None if v >= low else f"must be >= {low}"
+    return check
+
+
+def unit_interval(v: float) -> str | None:
+    return None if 0.0 <= v <= 1.0 else "must lie in [0, 1]"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -254,13 +274,13 @@ class FastConfig:
 class SamplerOptions:
     """How to sample (beyond the original); `samplers.sample(**options)` takes these fields."""
 
-    sampler: str = flag("", "ddpm ddim plms heun dpm++2m dpm++3m dpm++2m-sde consistency; '': "
-                            "per use_ddim", one_of(*SAMPLER_NAMES))
+    sampler: str = flag("", " ".join(SAMPLER_NAMES) + "; '': per use_ddim",
+                        one_of("", *SAMPLER_NAMES))
     steps: int = flag(0, "N grid timesteps for any sampler; 0: the grid of --timestep_respacing",
                       non_negative)
     sampler_spacing: str = flag(
         "logsnr", "how --steps picks timesteps: 'logsnr' or 'uniform' (= --timestep_respacing N)",
-        one_of("logsnr", "uniform"))
+        one_of(*SPACINGS))
     cfg_scale: float = flag(1.0, "classifier-free guidance weight; 1: conditional, 0: uncond.",
                             finite)
     eta: float = flag(0.0, "DDIM's eta; 0: deterministic DDIM as the original",
@@ -364,15 +384,24 @@ class ConsistencyConfig:
     teacher_path: str = flag("", "the teacher's checkpoint (.pt, the model flags' network); the "
                                  "student starts from its weights")
     training_mode: str = flag("consistency_distillation", "consistency_distillation (teacher) or "
-                                                          "consistency_training (no teacher)")
-    cm_steps: int = flag(40, "N, points of the teacher's grid that CD walks along (paper: 18-40)")
-    cm_spacing: str = flag("logsnr", "how the N points are picked: 'logsnr' or 'uniform' (in t)")
-    teacher_solver: str = flag("heun", "the teacher's ODE step: ddim, heun (2 NFE), dpm++2m, ...")
-    cm_loss: str = flag("pseudo_huber", "the distance: 'pseudo_huber' or 'l2'")
-    cm_huber_c: float = flag(0.0, "pseudo-Huber's c; 0: 0.00054 sqrt(values per sample)")
-    cm_weighting: str = flag("uniform", "lambda(t_n): 'uniform' or 'inverse_step'")
-    target_ema: float = flag(0.95, "decay of the target network's EMA; 0: the student itself")
-    teacher_cfg_scale: float = flag(1.0, "CFG weight of the teacher (needs label dropout); 1: off")
+                                                          "consistency_training (no teacher)",
+                              one_of(*CM_TRAINING_MODES))
+    cm_steps: int = flag(40, "N, points of the teacher's grid that CD walks along (paper: 18-40)",
+                         at_least(2))
+    cm_spacing: str = flag("logsnr", "how the N points are picked: 'logsnr' or 'uniform' (in t)",
+                           one_of(*SPACINGS))
+    teacher_solver: str = flag("heun", "the teacher's ODE step: " + ", ".join(ODE_SAMPLERS)
+                                       + " (heun: 2 NFE)", one_of(*ODE_SAMPLERS))
+    cm_loss: str = flag("pseudo_huber", "the distance: 'pseudo_huber' or 'l2'",
+                        one_of(*CM_DISTANCES))
+    cm_huber_c: float = flag(0.0, "pseudo-Huber's c; 0: 0.00054 sqrt(values per sample)",
+                             finite_non_negative)
+    cm_weighting: str = flag("uniform", "lambda(t_n): 'uniform' or 'inverse_step'",
+                             one_of(*CM_WEIGHTINGS))
+    target_ema: float = flag(0.95, "decay of the target network's EMA; 0: the student itself",
+                             unit_interval)
+    teacher_cfg_scale: float = flag(1.0, "CFG weight of the teacher (needs label dropout); 1: off",
+                                    finite)
 
 
 @dataclass(frozen=True)
@@ -571,15 +600,118 @@ def _checked(name: str, kind: Callable[[str], Any], check: Check | None) -> Call
 
 
 # ------------------------------------------------------------------------------------------------
+# Flag values that need more than a type: channel multipliers, timestep respacing
+
+
+def default_channel_mult(image_size: int, kind: str) -> tuple:
+    """Channel multipliers per resolution level, as the original chooses them from image size.
+
+    32 px is beyond the original: (1, 2, 2, 2) as improved-diffusion used for CIFAR-10.
+    """
+    table = {
+        512: (0.5, 1, 1, 2, 2, 4, 4),
+        256: (1, 1, 2, 2, 4, 4),
+        128: (1, 1, 2, 3, 4),
+        64: (1, 2, 3, 4),
+        32: (1, 2, 2, 2),
+    }
+    if kind == "superres" and image_size == 512:
+        # The original's super-resolution model uses the 256 px multipliers at 512 px.
+        return (1, 1, 2, 2, 4, 4)
+    if image_size not in table:
+        raise ValueError(
+            f"unsupported image size {image_size} for the {kind} model: pass --channel_mult "
+            f"explicitly (e.g. '1,2,2,2'), or use one of {sorted(table)}"
+        )
+    return table[image_size]
+
+
+def parse_channel_mult(channel_mult, image_size: int, kind: str) -> tuple:
+    if channel_mult in ("", None):
+        return default_channel_mult(image_size, kind)
+    if isinstance(channel_mult, str):
+        try:
+            return tuple(int(m) for m in channel_mult.split(","))
+        except ValueError:
+            raise ValueError(
+                f"--channel_mult must be comma-separated integers, got {channel_mult!r}")
+    return tuple(channel_mult)
+
+
+def space_timesteps(num_timesteps: int, section_counts) -> set:
+    """
+    Choose which timesteps of the original process to keep.
+
+    The process is split into len(section_counts) equal sections (the first T % len sections are
+    one step longer) and each section keeps its count of evenly strided steps, rounded to
+    integers.  For example, T = 300 with [10, 15, 20] keeps 10 steps from the first 100,
+    15 from the next 100 and 20 from the last 100.
+
+    :param num_timesteps: T, the number of steps of the original process.
+    :param section_counts: a list of step counts per section, or a string of comma-separated
+                           counts ("10,15,20"; "250" is one section).  "ddimN" instead picks the
+                           integer stride that gives exactly N steps, as the DDIM paper does.
+    :return: the set of original timesteps to keep.
+    """
+    if isinstance(section_counts, str):
+        if section_counts.startswith("ddim"):
+            try:
+                desired_count = int(section_counts[len("ddim"):])
+            except ValueError:
+                raise ValueError(
+                    f"timestep respacing {section_counts!r}: expected 'ddim' followed by a step "
+                    f"count, e.g. 'ddim25'"
+                ) from None
+            for stride in range(1, num_timesteps):
+                if len(range(0, num_timesteps, stride)) == desired_count:
+                    return set(range(0, num_timesteps, stride))
+            raise ValueError(
+                f"timestep respacing {section_counts!r}: cannot take exactly {desired_count} "
+                f"steps out of {num_timesteps} with an integer stride"
+            )
+        try:
+            section_counts = [int(x) for x in section_counts.split(",")]
+        except ValueError:
+            raise ValueError(
+                f"timestep respacing {section_counts!r}: expected comma-separated step counts "
+                f"(e.g. '250' or '10,15,20') or 'ddimN'"
+            ) from None
+    section_counts = list(section_counts)
+    if not section_counts:
+        raise ValueError("timestep respacing needs at least one section count")
+    if any(c < 0 for c in section_counts):
+        raise ValueError(f"timestep respacing {section_counts}: counts must not be negative")
+
+    size_per = num_timesteps // len(section_counts)
+    extra = num_timesteps % len(section_counts)
+    start_idx = 0
+    all_steps = []
+    for i, section_count in enumerate(section_counts):
+        size = size_per + (1 if i < extra else 0)
+        if size < section_count:
+            raise ValueError(
+                f"timestep respacing {section_counts}: section {i} has {size} of the "
+                f"{num_timesteps} steps, cannot take {section_count} from it"
+            )
+        # Stride that puts the first and last kept step on the section's ends.
+        frac_stride = 1 if section_count <= 1 else (size - 1) / (section_count - 1)
+        # Accumulate the float index (not i * stride): it rounds like the original.
+        cur_idx = 0.0
+        for _ in range(section_count):
+            all_steps.append(start_idx + round(cur_idx))
+            cur_idx += frac_stride
+        start_idx += size
+    return set(all_steps)
+
+
+# ------------------------------------------------------------------------------------------------
 # Checks across flags
 
 
 def _check_halvable(size: int, size_flag: str, channel_mult: str, mult_flag: str,
                     kind: str) -> None:
-    from .script_util import _parse_channel_mult  # the one table of default multipliers
-
     try:
-        levels = len(_parse_channel_mult(channel_mult, size, kind))
+        levels = len(parse_channel_mult(channel_mult, size, kind))
     except ValueError as e:  # no default multipliers for this size
         hint = (f"pass {mult_flag} explicitly, e.g. '1,2,2,2'" if mult_flag.startswith("--")
                 else str(e).split("or use ")[-1])
@@ -635,8 +767,6 @@ def _linear_betas(ns: argparse.Namespace) -> None:
 
 @cross_check("DiffusionConfig")
 def _respacing(ns: argparse.Namespace) -> None:
-    from .respace import space_timesteps
-
     if not ns.timestep_respacing:
         return
     try:

@@ -1,4 +1,4 @@
-"""Consistency distillation and training of this project's diffusion models (few-step sampling).
+"""Consistency distillation and training of this project's diffusion models: the loss.
 
 A consistency model f(x_t, t) maps every point of one probability-flow ODE trajectory to the
 trajectory's clean end (Song et al. 2023, "Consistency Models"). Here f is built around a network
@@ -6,7 +6,8 @@ of the teacher's own format (eps, x_0 or learned-sigma output, through the diffu
 `p_mean_variance`), so the student starts from the teacher's weights and a released checkpoint can
 be distilled as it is. The pieces, each a small function or class:
 
-- `ConsistencyFunction(diffusion, model, t_min)`: f(x_t, t), exactly the identity at t_min;
+- `ConsistencyFunction(diffusion, model, t_min)`: f(x_t, t), exactly the identity at t_min
+  (in `samplers`, beside the K-step sampler that evaluates it; re-exported here);
 - `cm_timesteps(alphas_cumprod, num_scales, spacing)`: the N-point discretisation t_0 < ... <
   t_{N-1} of the teacher's grid (t_0 = t_min = the cleanest grid point);
 - `ConsistencyDistillation(diffusion, teacher, target, ...)`: the per-sample CD loss (or CT, the
@@ -15,16 +16,16 @@ be distilled as it is. The pieces, each a small function or class:
   samplers expect of a diffusion, so a `CMTrainLoop(TrainLoop)` passes it in the diffusion's place;
 - `update_target(target, student, mu)`: the target network's EMA;
 - `consistency_sample(fn, shape, timesteps, ...)` and `sample_timesteps(...)`: K-step sampling,
-  exactly K network evaluations (Song et al. 2023, Algorithm 1).
+  exactly K network evaluations (Song et al. 2023, Algorithm 1), in `samplers`.
 
-Training with the one loop: `CMTrainLoop(TrainLoop)` passes the `ConsistencyDistillation` as
-the loop's diffusion (so the loop's `UniformSampler` draws the pair indices); the student is the
+Training with the one loop (`cm_train.CMTrainLoop(TrainLoop)`, a job above this module) passes
+the `ConsistencyDistillation` as the loop's diffusion (so the loop's `UniformSampler` draws the pair indices); the student is the
 loop's model (built from the teacher's flags and weights, label dropout off); after each optimiser
-step `update_target(target, master_params, target_ema)` runs beside the usual `--ema_rate` EMAs;
-checkpoints add `target{step:06d}.pt` and the RNG states, for a bit-exact resume
-(scripts/cm_distill.py). Sampling: `samplers.sample(..., sampler="consistency", steps=K)`; a
-run's `args.json` (its `training_mode`) marks its checkpoints as consistency models, and
-`check_sampler_fits_model` refuses a sampler that does not fit the model.
+step (its `after_update` hook) `update_target(target, master_params, target_ema)` runs beside the
+usual `--ema_rate` EMAs; checkpoints add `target{step:06d}.pt` (scripts/cm_distill.py).
+Sampling: `samplers.sample(..., sampler="consistency", steps=K)`; a run's `args.json` (its
+`training_mode`) marks its checkpoints as consistency models, and
+`checkpoints.check_sampler_fits_model` refuses a sampler that does not fit the model.
 
 Notation. The VP schedule of the grid: alpha_t^2 = alphas_cumprod[t], sigma_t^2 = 1 - alpha_t^2.
 In EDM's variables (Karras et al. 2022) x~ = x / alpha and sigma~ = sigma / alpha, the ODE is
@@ -34,119 +35,46 @@ indices of the diffusion's grid (of the respaced grid for a SpacedDiffusion), as
 
 from __future__ import annotations
 
-import copy
-import json
 import math
-import os
-from typing import Callable, Iterable, Sequence
+from typing import Iterable
 
 import numpy as np
 import torch as th
 import torch.nn as nn
 
-from . import dist_util, logger
-from .checkpoints import CheckpointError, get_blob_logdir, read_state_dict, check_state_dict_fits
-from .config import ConsistencyConfig, defaults
-from .gaussian_diffusion import _extract_into_tensor
+from .config import (
+    CM_DISTANCES,
+    CM_TRAINING_MODES,
+    CM_WEIGHTINGS,
+    ODE_SAMPLERS,
+    SPACINGS,
+    ConsistencyConfig,
+    defaults,
+)
 from .guidance import cfg_model
-from .nn import mean_flat, update_ema
-from .samplers import STEPS, Denoiser, ddim_update, select_timesteps
-from .train_util import TrainLoop
+from .losses import mean_flat
+from .nn import update_ema
+from .samplers import (  # noqa: F401 -- the consistency function and its sampler, re-exported
+    STEPS,
+    ConsistencyFunction,
+    Denoiser,
+    _sigma_tilde,
+    consistency_sample,
+    ddim_update,
+    sample_timesteps,
+    select_timesteps,
+)
 
-DISTANCES = ("pseudo_huber", "l2")
-WEIGHTINGS = ("uniform", "inverse_step")
-SPACINGS = ("logsnr", "uniform")
-
-
-# The flags (cm_distill.py's `--cm_steps`, `--teacher_solver`, `--cm_loss`, ...) live in the one
-# config home; CMOptions is their name here.
+# The flags (cm_distill.py's `--cm_steps`, `--teacher_solver`, `--cm_loss`, ...) and their allowed
+# values live in the one config home; these are their names here.
 CMOptions = ConsistencyConfig
-TRAINING_MODES = ("consistency_distillation", "consistency_training")
+TRAINING_MODES, DISTANCES, WEIGHTINGS = CM_TRAINING_MODES, CM_DISTANCES, CM_WEIGHTINGS
+_CM = ConsistencyConfig()  # the flags' defaults: the library's defaults too
 
 
 def cm_defaults() -> dict:
     """Defaults of the consistency-distillation flags (`config.ConsistencyConfig`), as a dict."""
     return defaults(ConsistencyConfig)
-
-
-def _sigma_tilde(alphas_cumprod) -> np.ndarray:
-    """EDM's noise level of the VP ODE in x / alpha space, sigma~ = sigma / alpha, float64 [T]."""
-    acp = np.asarray(alphas_cumprod, dtype=np.float64)
-    return np.sqrt((1.0 - acp) / acp)
-
-
-class ConsistencyFunction:
-    """
-    The consistency function f(x_t, t) around a network of the teacher's format:
-
-        f(x_t, t) = c_skip(t) x_t / alpha_t + (1 - c_skip(t)) D(x_t, t),
-        c_skip(t) = sigma~_{t_min} / sigma~_t,
-
-    where D is the network's x_0 prediction (the diffusion's eps/x_0/learned-sigma handling, no
-    clipping). At t = t_min, c_skip = 1 and c_out = 1 - c_skip = 0 exactly, so
-    f(x, t_min) = x / alpha_{t_min} bit for bit for any finite network output: the boundary
-    condition of Song et al. 2023, eq. 5, built into the parameterisation (their eq. 5-6 form
-    f = c_skip x + c_out F, with differentiable c_skip, c_out and c_skip(eps) = 1, c_out(eps) = 0).
-
-    Why this c_skip and not App. C's sigma_data^2 / ((sigma - sigma_min)^2 + sigma_data^2) with
-    c_out = sigma_data (sigma - sigma_min) / sqrt(sigma_data^2 + sigma^2): those scale the output
-    of a network trained from scratch; our student starts from the teacher, whose network outputs
-    D itself. With c_out = 1 - c_skip and c_skip = sigma~_min / sigma~, the fresh student is
-        f = D + sigma~_min (x~ - D) / sigma~ = D + sigma~_min eps_D,
-    which is exactly one DDIM step of the teacher from t to t_min (Song et al. 2021, eq. 12 in
-    x / alpha space): the best one-evaluation estimate of the ODE's endpoint that the teacher
-    gives, and equal to the teacher's denoiser up to sigma~_min eps (sigma~_min = 0.01 for the
-    linear 1000-step schedule). App. C's c_skip would instead keep f close to x~ (noisy) up to
-    sigma~ ~ sigma_data = 0.5, far from what the teacher already knows.
-
-    The output is an estimate of x~ at t_min (= x_0 + sigma~_min eps), the data for all purposes.
-
-    :param diffusion: a GaussianDiffusion / SpacedDiffusion defining the grid and the network's
-        output format.
-    :param model: the network, called as `model(x, timesteps, **model_kwargs)`.
-    :param t_min: the grid index of the clean end of the discretisation (`cm_timesteps(...)[0]`).
-    """
-
-    def __init__(self, diffusion, model: nn.Module, t_min: int = 0):
-        self.diffusion = diffusion
-        self.model = model
-        sig = _sigma_tilde(diffusion.alphas_cumprod)
-        if not 0 <= t_min < len(sig):
-            raise ValueError(f"t_min must be a grid index in [0, {len(sig)}), got {t_min}")
-        self.t_min = int(t_min)
-        c_skip = sig[self.t_min] / sig
-        c_skip[self.t_min] = 1.0  # exact, whatever the rounding of the division
-        self.c_skip = c_skip  # float64 [T]; only indices >= t_min are ever evaluated
-        self.nfe = 0  # network evaluations so far
-
-    def __call__(
-        self,
-        x: th.Tensor,
-        t: th.Tensor | int,
-        model_kwargs: dict | None = None,
-        cond_fn: Callable | None = None,
-    ) -> th.Tensor:
-        """
-        :param x: the [N x C x ...] sample x_t.
-        :param t: [N] grid indices (one per sample) or one int for the whole batch.
-        :param model_kwargs: extra model inputs, e.g. {'y': labels}.
-        :param cond_fn: optional classifier-guidance gradient `cond_fn(x, t, **model_kwargs)`,
-            applied to the score of D as `Diffusion.condition_score` does (sampling only).
-        :return: the [N x C x ...] estimate of the trajectory's clean end, f(x_t, t).
-        """
-        if not th.is_tensor(t):
-            t = th.full((x.shape[0],), int(t), device=x.device, dtype=th.long)
-        out = self.diffusion.p_mean_variance(
-            self.model, x, t, clip_denoised=False, model_kwargs=model_kwargs
-        )
-        if cond_fn is not None:
-            out = self.diffusion.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
-        self.nfe += 1
-        d = out["pred_xstart"]
-        x_tilde = x / _extract_into_tensor(self.diffusion.sqrt_alphas_cumprod, t, x.shape)
-        c_out = 1.0 - _extract_into_tensor(self.c_skip, t, x.shape)
-        # Written as x~ - c_out (x~ - D) so that c_out = 0 returns x~ itself, bit for bit.
-        return x_tilde - c_out * (x_tilde - d)
 
 
 def cm_timesteps(alphas_cumprod, num_scales: int, spacing: str = "logsnr") -> np.ndarray:
@@ -167,19 +95,6 @@ def cm_timesteps(alphas_cumprod, num_scales: int, spacing: str = "logsnr") -> np
         raise ValueError(f"--cm_steps {num_scales} exceeds the teacher's grid of "
                          f"{len(alphas_cumprod)} timesteps")
     return select_timesteps(alphas_cumprod, num_scales, spacing)[::-1].copy()
-
-
-def sample_timesteps(alphas_cumprod, steps: int, spacing: str = "logsnr") -> np.ndarray:
-    """
-    The K = `steps` levels of K-step consistency sampling, decreasing from the noisiest grid
-    index: K + 1 points as the ODE samplers choose them, without the cleanest, where f is the
-    identity and an evaluation would be wasted.
-
-    :return: int64 [steps], strictly decreasing grid indices.
-    """
-    if steps < 1:
-        raise ValueError(f"--steps must be >= 1 for consistency sampling, got {steps}")
-    return select_timesteps(alphas_cumprod, steps + 1, spacing)[:-1].copy()
 
 
 def pseudo_huber(a: th.Tensor, b: th.Tensor, c: float | None = None) -> th.Tensor:
@@ -241,19 +156,20 @@ class ConsistencyDistillation:
         teacher: nn.Module | None,
         target: nn.Module,
         *,
-        num_scales: int = 40,
-        spacing: str = "logsnr",
-        solver: str = "heun",
-        distance: str = "pseudo_huber",
+        num_scales: int = _CM.cm_steps,
+        spacing: str = _CM.cm_spacing,
+        solver: str = _CM.teacher_solver,
+        distance: str = _CM.cm_loss,
         huber_c: float | None = None,
-        weighting: str = "uniform",
-        cfg_scale: float = 1.0,
+        weighting: str = _CM.cm_weighting,
+        cfg_scale: float = _CM.teacher_cfg_scale,
     ):
-        # The SDE step adds fresh noise: CD needs the ODE's deterministic neighbour.
-        ode_steps = sorted(k for k in STEPS if not k.endswith("-sde"))
-        if solver not in ode_steps:
+        # The stochastic steps (DDPM, the SDE) add fresh noise: CD needs the ODE's
+        # deterministic neighbour. The flags are checked by config when parsed; these checks
+        # guard the library call.
+        if solver not in ODE_SAMPLERS:
             raise ValueError(f"--teacher_solver {solver!r} is not an ODE step; choose one of "
-                             f"{ode_steps}")
+                             f"{list(ODE_SAMPLERS)}")
         if distance not in DISTANCES:
             raise ValueError(f"--cm_loss {distance!r} is unknown; choose one of {DISTANCES}")
         if weighting not in WEIGHTINGS:
@@ -392,224 +308,3 @@ def update_target(
         raise ValueError(f"target has {len(t_params)} parameters, student {len(s_params)}")
     with th.no_grad():
         update_ema(t_params, s_params, rate=mu)
-
-
-def consistency_sample(
-    fn: ConsistencyFunction,
-    shape: Sequence[int],
-    timesteps: Sequence[int],
-    *,
-    noise: th.Tensor | None = None,
-    noise_fn: Callable[[th.Tensor], th.Tensor] | None = None,
-    model_kwargs: dict | None = None,
-    cond_fn: Callable | None = None,
-    clip_denoised: bool = True,
-    device=None,
-) -> th.Tensor:
-    """
-    K-step consistency sampling (Song et al. 2023, Algorithm 1) on the VP schedule:
-    x_T = noise ~ N(0, I) at the top level (the VP marginal there), x_0 = f(x_T, T); then for
-    each later level tau: x~_tau = x_0 + sqrt(sigma~_tau^2 - sigma~_min^2) z (the ODE's marginal
-    from the point x_0 at t_min), x_tau = alpha_tau x~_tau, x_0 = f(x_tau, tau).
-    Exactly K = len(timesteps) network evaluations.
-
-    :param fn: the ConsistencyFunction of the (EMA) student.
-    :param shape: the [N x C x ...] shape of the samples.
-    :param timesteps: K strictly decreasing grid indices > t_min (`sample_timesteps`).
-    :param noise: optional starting noise x_T of that shape.
-    :param noise_fn: `randn_like` for the re-noising z (default torch's), for per-sample seeds.
-    :param model_kwargs: extra model inputs, e.g. {'y': labels}.
-    :param cond_fn: optional classifier guidance, a shift of the score at each evaluation.
-    :param clip_denoised: clip each x_0 estimate to [-1, 1].
-    :return: the [N x C x ...] samples.
-    """
-    ts = [int(t) for t in timesteps]
-    if not ts or any(a <= b for a, b in zip(ts, ts[1:])) or ts[-1] <= fn.t_min:
-        raise ValueError(f"timesteps must be non-empty, strictly decreasing and above "
-                         f"t_min = {fn.t_min}, got {ts}")
-    if noise is None:
-        if device is None and isinstance(fn.model, nn.Module):
-            device = next(fn.model.parameters()).device
-        noise = th.randn(*shape, device=device)
-    noise_fn = noise_fn or th.randn_like
-    acp = np.asarray(fn.diffusion.alphas_cumprod, dtype=np.float64)
-    sig = _sigma_tilde(acp)
-    x = noise
-    with th.no_grad():  # cond_fn enables grad for itself, as in the other loops
-        for i, t in enumerate(ts):
-            if i > 0:
-                spread = math.sqrt(sig[t] ** 2 - sig[fn.t_min] ** 2)
-                x = math.sqrt(acp[t]) * (x0 + spread * noise_fn(x0))
-            x0 = fn(x, t, model_kwargs, cond_fn)
-            if clip_denoised:
-                x0 = x0.clamp(-1, 1)
-    return x0
-
-
-# ------------------------------------------------------------------------------------------------
-# Training with the one loop
-
-
-def _numpy_rng_state() -> dict:
-    """numpy's global RNG state as plain tensors and ints (`torch.load(weights_only=True)` reads
-    it; the schedule sampler draws the pair indices n from it)."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return dict(name=name, keys=th.from_numpy(keys.astype(np.int64)), pos=int(pos),
-                has_gauss=int(has_gauss), gauss=float(gauss))
-
-
-def _set_numpy_rng_state(state: dict) -> None:
-    keys = state["keys"].numpy().astype(np.uint32)
-    np.random.set_state((state["name"], keys, state["pos"], state["has_gauss"], state["gauss"]))
-
-
-class CMTrainLoop(TrainLoop):
-    """
-    Consistency distillation (or training) with the one training loop: the loop's model is the
-    student (built from the teacher's flags, starting from its weights), and the loop's
-    "diffusion" is the `ConsistencyDistillation` loss, whose `num_timesteps` = N - 1 pair indices
-    the uniform schedule sampler draws. After each optimiser step the target network follows the
-    student by `update_target` (beside the `--ema_rate` EMAs, which are for sampling).
-
-    Checkpoints: the TrainLoop's `model/ema_*/opt{step:06d}.pt` (the student and its EMAs load in
-    the sampling scripts with `--model_path`), plus `target{step:06d}.pt`, the target's float32
-    state_dict, written before `model*.pt` (which marks a checkpoint complete). The opt file's
-    resume state adds the global torch and numpy RNG states, so that a resumed run draws the same
-    noise, pair indices and dropout masks as an uninterrupted one (given the same batches).
-
-    :param model: the student, already holding the teacher's weights (on the device).
-    :param diffusion: the teacher's diffusion (grid and output format).
-    :param teacher: the teacher network, or None for consistency training.
-    :param cm: the consistency flags.
-    :param kwargs: the TrainLoop's other arguments (data, batch_size, lr, ema_rate, ...).
-    """
-
-    def __init__(
-        self,
-        *,
-        model: nn.Module,
-        diffusion,
-        teacher: nn.Module | None,
-        cm: ConsistencyConfig,
-        **kwargs,
-    ):
-        if cm.training_mode not in TRAINING_MODES:
-            raise ValueError(f"--training_mode {cm.training_mode!r} is unknown; choose one of "
-                             f"{TRAINING_MODES}")
-        if (teacher is None) != (cm.training_mode == "consistency_training"):
-            raise ValueError(f"--training_mode {cm.training_mode} "
-                             + ("needs a teacher" if teacher is None else "takes no teacher"))
-        update_target([], [], cm.target_ema)  # checks the rate before any work
-        # The student learns f for the labels it is given (the teacher's guided ODE when
-        # --teacher_cfg_scale != 1): no label dropout, or it would be asked to map the null
-        # label's inputs onto the targets of real labels.
-        if getattr(model, "class_dropout_prob", 0.0):
-            model.class_dropout_prob = 0.0
-        # Taken before TrainLoop converts the model to fp16: the target stays float32.
-        self.target = copy.deepcopy(model).requires_grad_(False)
-        self.target_ema = cm.target_ema
-        cd = ConsistencyDistillation.from_options(
-            diffusion, teacher, self.target,
-            **{k: v for k, v in vars(cm).items() if k not in ("teacher_path", "training_mode")},
-        )
-        self.cm = cm
-        # The TrainLoop's default schedule sampler, UniformSampler(cd), draws the pair indices.
-        super().__init__(model=model, diffusion=cd, **kwargs)
-        if self.resume_path:
-            self._load_target()  # else it starts as the copy of the student (= the teacher)
-
-    def _target_path(self, step: int) -> str:
-        return os.path.join(os.path.dirname(self.resume_path), f"target{step:06d}.pt")
-
-    def _load_target(self) -> None:
-        path = self._target_path(self.resume_step)
-        exists = os.path.exists(path) if dist_util.get_rank() == 0 else None
-        if not dist_util.broadcast_object(exists):
-            raise CheckpointError(f"--resume_checkpoint {self.resume_path!r}: no target network "
-                                  f"{path!r} beside it (written by cm_distill.py with every "
-                                  "checkpoint); a consistency run cannot resume without it")
-        logger.log(f"loading target network from checkpoint: {path}...")
-        state_dict = read_state_dict(path)
-        check_state_dict_fits(self.target, state_dict, source=f"{path!r} (target)")
-        self.target.load_state_dict(state_dict)
-
-    def run_step(self, batch: th.Tensor, cond: dict) -> None:
-        self._anneal_lr()
-        self.forward_backward(batch, cond)
-        if self.mp_trainer.optimize(self.opt):
-            self._update_ema()
-            update_target(self.target, self.mp_trainer.master_params, self.target_ema)
-        self.log_step()
-
-    def resume_state(self) -> dict:
-        return dict(super().resume_state(), cm_rng_torch=th.get_rng_state(),
-                    cm_rng_numpy=_numpy_rng_state())
-
-    def load_resume_state(self, state: dict) -> None:
-        super().load_resume_state(state)
-        if "cm_rng_torch" in state:
-            th.set_rng_state(state["cm_rng_torch"].cpu())
-            _set_numpy_rng_state(state["cm_rng_numpy"])
-            rank = dist_util.get_rank()
-            if rank:  # rank 0's saved state, then a distinct stream per other rank
-                seed = int(th.randint(2**62, (1,))) + rank
-                th.manual_seed(seed)
-                np.random.seed(seed % 2**32)
-
-    def save(self) -> None:
-        step = self.step + self.resume_step
-        # Before super().save(): its model*.pt, written last, marks the checkpoint complete.
-        self._save_file(f"target{step:06d}.pt", {
-            k: (v.float() if v.is_floating_point() else v)
-            for k, v in self.target.state_dict().items()})
-        super().save()
-
-    def train_flags(self) -> dict:
-        return dict(super().train_flags(), **vars(self.cm))
-
-
-# ------------------------------------------------------------------------------------------------
-# Which checkpoints are consistency models
-
-
-def is_consistency_checkpoint(model_path: str) -> bool | None:
-    """
-    Whether `model_path` was written by cm_distill.py, read from the `args.json` beside it (its
-    `training_mode`). :return: True / False, or None when there is no readable args.json.
-    """
-    path = os.path.join(os.path.dirname(os.path.abspath(model_path)), "args.json")
-    try:
-        with open(path) as f:
-            flags = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return flags.get("training_mode") in TRAINING_MODES
-
-
-def check_sampler_fits_model(
-    sampler: str, model_path: str, consistency_model: str = "auto"
-) -> None:
-    """
-    Refuse `--sampler consistency` on a diffusion model and the diffusion samplers on a
-    consistency model: the student's network no longer predicts the diffusion's x_0 (only
-    f = c_skip x + c_out D does), and a diffusion model's one-step f is a blur.
-
-    :param consistency_model: "auto" (the args.json beside `model_path`; a file without one is
-        taken as a diffusion model), "yes" or "no" (force, e.g. a converted checkpoint).
-    :raises ValueError: naming the flags on a mismatch.
-    """
-    if consistency_model not in ("auto", "yes", "no"):
-        raise ValueError(f"--consistency_model must be auto, yes or no, got {consistency_model!r}")
-    if consistency_model == "auto":
-        is_cm = bool(is_consistency_checkpoint(model_path)) if model_path else False
-    else:
-        is_cm = consistency_model == "yes"
-    wants_cm = sampler == "consistency"
-    if wants_cm and not is_cm:
-        raise ValueError(f"--sampler consistency needs a consistency model (cm_distill.py), but "
-                         f"--model_path {model_path!r} has no args.json with a consistency "
-                         "training_mode beside it; pass --consistency_model yes to force")
-    if is_cm and not wants_cm:
-        raise ValueError(f"--model_path {model_path!r} is a consistency model (args.json beside "
-                         "it): sample it with --sampler consistency --steps K, or pass "
-                         "--consistency_model no to force the diffusion samplers")

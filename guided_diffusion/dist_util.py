@@ -32,6 +32,8 @@ from typing import Any, Iterable
 import torch as th
 import torch.distributed as dist
 
+from .fileio import read_bytes, torch_load_bytes
+
 # Environment variables that MPI launchers set in each process (MPICH/Hydra, Open MPI, PMIx,
 # MVAPICH, Intel MPI). Their presence means "launched by mpiexec"; we never import mpi4py otherwise.
 _MPI_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE")
@@ -185,6 +187,11 @@ def get_world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without a process group."""
+    return get_rank(), get_world_size()
+
+
 def barrier() -> None:
     """Wait for every rank (no-op in a single process)."""
     if is_distributed():
@@ -215,10 +222,67 @@ def all_gather_objects(obj: Any) -> list:
     return out
 
 
+def load_file(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """
+    Load a checkpoint file (a dict of tensors and plain values) with `weights_only=True`.
+
+    A collective in a process group: every rank must call it; rank 0 reads the file once and
+    broadcasts its bytes, so every rank gets the same object. If rank 0 cannot read the file,
+    every rank raises the same error instead of waiting forever.
+
+    :param path: a local, gs:// or az:// path (anything blobfile reads).
+    :param map_location: passed to `torch.load`.
+    :raises FileNotFoundError: if there is no such file.
+    :raises CheckpointError: if the file needs unsafe unpickling or is not a torch file.
+    """
+    path = str(path)
+    data = _broadcast_bytes(path) if is_distributed() else read_bytes(path)
+    return torch_load_bytes(data, path, map_location)
+
+
+# Checkpoints are broadcast in pieces: NCCL and gloo both handle large messages, but a bounded
+# piece keeps the extra device memory on every rank small.
+_BROADCAST_CHUNK_BYTES = 1 << 28
+
+
+def _broadcast_bytes(path: str) -> bytes:
+    # Rank 0 reads; the size (or the error) goes out first so no rank waits on bytes that never
+    # come.
+    header: Any
+    data = b""
+    rank = dist.get_rank()
+    if rank == 0:
+        try:
+            data = read_bytes(path)
+            header = len(data)
+        except Exception as e:  # noqa: BLE001 -- sent to every rank, raised there
+            header = (type(e).__name__, str(e))
+    else:
+        header = None
+    header = broadcast_object(header)
+    if isinstance(header, tuple):
+        kind, message = header
+        error = FileNotFoundError if kind == "FileNotFoundError" else OSError
+        raise error(f"rank 0 could not read checkpoint {path!r}: {kind}: {message}")
+    size = header
+    device = comm_device()
+    out = bytearray(size) if rank != 0 else None
+    for start in range(0, size, _BROADCAST_CHUNK_BYTES):
+        stop = min(start + _BROADCAST_CHUNK_BYTES, size)
+        if rank == 0:
+            chunk = th.frombuffer(bytearray(data[start:stop]), dtype=th.uint8).to(device)
+        else:
+            chunk = th.empty(stop - start, dtype=th.uint8, device=device)
+        dist.broadcast(chunk, src=0)
+        if out is not None:
+            out[start:stop] = chunk.cpu().numpy().tobytes()
+    return data if rank == 0 else bytes(out)
+
+
 def load_state_dict(path: str, **kwargs) -> Any:
     """
     Load a checkpoint read once by rank 0 and broadcast to every rank (the original's name and
-    signature; `checkpoints.load_file` does the work).
+    signature; `load_file` does the work).
 
     This is a collective: every rank must call it, and every rank gets the same tensors. Only
     tensors and plain Python containers are accepted (`torch.load(weights_only=True)`).
@@ -227,8 +291,6 @@ def load_state_dict(path: str, **kwargs) -> Any:
     :param kwargs: `map_location=...` is passed to `torch.load`; `weights_only=False` is refused.
     :return: the loaded object, typically a state_dict.
     """
-    from .checkpoints import load_file  # checkpoints imports this module
-
     if kwargs.pop("weights_only", True) is not True:
         raise ValueError(
             f"load_state_dict({path!r}): weights_only=False is refused; checkpoints must be "

@@ -22,7 +22,6 @@ path drive a DiT as they drive a U-Net:
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch as th

@@ -41,7 +41,9 @@ import torch as th
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import dist_util
 from .config import FastConfig, defaults
+from .errors import ScriptError
 from .nn import GroupNorm32
 
 # What `--fast True` turns on, chosen by scripts/benchmark.py on the benchmark config (README,
@@ -240,3 +242,31 @@ def apply_fast_path(
 def is_compiled(model: nn.Module) -> bool:
     """True if `apply_fast_path` compiled this model's forward."""
     return isinstance(model.__dict__.get("forward"), types.MethodType)
+
+
+# ------------------------------------------------------------------------------------------------
+# From a script's flags
+
+
+def fast_config(args, fp16_flag: str = "use_fp16") -> FastPathConfig:
+    """The fast-path switches of the flags; all off for a parser without them."""
+    if not all(hasattr(args, k) for k in fast_defaults()):
+        return FastPathConfig()
+    flags = dict(vars(args), use_fp16=bool(getattr(args, fp16_flag, False)))
+    try:
+        return resolve_fast_flags(flags, dist_util.dev())
+    except ValueError as e:
+        raise ScriptError(str(e)) from e
+
+
+def apply_fast_flags(args, model: th.nn.Module, fp16_flag: str = "use_fp16") -> FastPathConfig:
+    """
+    Resolve the script's fast-path flags, apply them to `model` (in place, `apply_fast_path`)
+    and return the resolved switches.
+
+    Call it after loading weights and converting to fp16; wrap forwards in
+    `autocast_context(dist_util.dev(), cfg.use_bf16)` (TrainLoop does so given use_bf16).
+    """
+    cfg = fast_config(args, fp16_flag)
+    apply_fast_path(model, **cfg.model_kwargs())
+    return cfg

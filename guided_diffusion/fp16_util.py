@@ -11,6 +11,8 @@ import math
 import torch as th
 import torch.nn as nn
 
+from . import logger
+
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -124,8 +126,6 @@ class MixedPrecisionTrainer:
         return self._optimize_normal(opt)
 
     def _optimize_fp16(self, opt: th.optim.Optimizer) -> bool:
-        from . import logger
-
         logger.logkv_mean("lg_loss_scale", self.lg_loss_scale)
         scale = 2**self.lg_loss_scale
         for master, p in zip(self.master_params, self.model_params):
@@ -155,8 +155,6 @@ class MixedPrecisionTrainer:
         return True
 
     def _optimize_normal(self, opt: th.optim.Optimizer) -> bool:
-        from . import logger
-
         grad_norm, param_norm = self._compute_norms()
         logger.logkv_mean("grad_norm", grad_norm)
         logger.logkv_mean("param_norm", param_norm)

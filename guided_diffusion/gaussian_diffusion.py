@@ -16,7 +16,15 @@ from typing import Callable, Iterator
 import numpy as np
 import torch as th
 
-from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from . import samplers
+from .losses import (  # noqa: F401 -- the per-timestep helpers keep their original home's names
+    _extract_into_tensor,
+    _nonzero_mask,
+    _per_example,
+    discretized_gaussian_log_likelihood,
+    mean_flat,
+    normal_kl,
+)
 
 # model(x [N x C x ...], t [N], **model_kwargs) -> [N x C x ...] or [N x 2C x ...]
 Model = Callable[..., th.Tensor]
@@ -423,7 +431,9 @@ class GaussianDiffusion:
                               respaced grid) to keep.
         :return: a SpacedDiffusion whose model calls see the base process's timesteps.
         """
-        from .respace import SpacedDiffusion  # respace builds on this module
+        # The one import inside a function that is not an optional extra: the original's pair
+        # GaussianDiffusion / SpacedDiffusion(GaussianDiffusion), listed in the layers contract.
+        from .respace import SpacedDiffusion
 
         base_t = getattr(self, "timestep_map", range(self.num_timesteps))
         keep = [int(i) for i in use_timesteps]
@@ -433,12 +443,9 @@ class GaussianDiffusion:
         return SpacedDiffusion(use_timesteps={base_t[i] for i in keep}, **self.base_kwargs)
 
     # ----------------------------------------------------------------------------------------
-    # Sampling: the original's entry points, thin shims over the one loop of `samplers`
-    # (imported lazily: samplers builds on this module).
+    # Sampling: the original's entry points, thin shims over the one loop of `samplers`.
 
     def _denoiser(self, model, clip_denoised, denoised_fn, cond_fn, model_kwargs, noise_fn=None):
-        from . import samplers
-
         return samplers.Denoiser(
             self, model, clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
             model_kwargs=model_kwargs, noise_fn=noise_fn,
@@ -465,8 +472,6 @@ class GaussianDiffusion:
                          sampling passes one that gives every sample its own generator.
         :return: a dict with 'sample' (x_{t-1}) and 'pred_xstart'.
         """
-        from . import samplers
-
         den = self._denoiser(model, clip_denoised, denoised_fn, cond_fn, model_kwargs, noise_fn)
         return samplers.step_once("ddpm", den, x, t, t - 1)
 
@@ -488,8 +493,6 @@ class GaussianDiffusion:
 
         :return: a dict with 'sample' (x_{t-1}) and 'pred_xstart'.
         """
-        from . import samplers
-
         den = self._denoiser(model, clip_denoised, denoised_fn, cond_fn, model_kwargs, noise_fn)
         return samplers.step_once("ddim", den, x, t, t - 1, eta=eta)
 
@@ -508,8 +511,6 @@ class GaussianDiffusion:
 
         :return: a dict with 'sample' (x_{t+1}) and 'pred_xstart'.
         """
-        from . import samplers
-
         if eta != 0.0:
             raise ValueError(f"ddim_reverse_sample is only deterministic with eta=0, got {eta}")
         den = self._denoiser(model, clip_denoised, denoised_fn, None, model_kwargs)
@@ -539,8 +540,6 @@ class GaussianDiffusion:
         :param progress: if True, show a tqdm progress bar.
         :param noise_fn: draws each step's noise (default `th.randn_like`), see p_sample.
         """
-        from . import samplers
-
         yield from samplers.sample_loop_progressive(
             "ddpm", self, model, shape, noise=noise, clip_denoised=clip_denoised,
             denoised_fn=denoised_fn, cond_fn=cond_fn, model_kwargs=model_kwargs, device=device,
@@ -562,8 +561,6 @@ class GaussianDiffusion:
         noise_fn: Callable[[th.Tensor], th.Tensor] | None = None,
     ) -> Iterator[dict]:
         """Like p_sample_loop_progressive, with DDIM steps (see ddim_sample)."""
-        from . import samplers
-
         yield from samplers.sample_loop_progressive(
             "ddim", self, model, shape, noise=noise, clip_denoised=clip_denoised,
             denoised_fn=denoised_fn, cond_fn=cond_fn, model_kwargs=model_kwargs, device=device,
@@ -588,8 +585,6 @@ class GaussianDiffusion:
 
         :return: the final [N x C x ...] batch of samples x_0.
         """
-        from . import samplers
-
         return samplers.final_sample(self.p_sample_loop_progressive(
             model, shape, noise=noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
             cond_fn=cond_fn, model_kwargs=model_kwargs, device=device, progress=progress,
@@ -615,8 +610,6 @@ class GaussianDiffusion:
 
         :return: the final [N x C x ...] batch of samples x_0.
         """
-        from . import samplers
-
         return samplers.final_sample(self.ddim_sample_loop_progressive(
             model, shape, noise=noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
             cond_fn=cond_fn, model_kwargs=model_kwargs, device=device, progress=progress,
@@ -799,29 +792,3 @@ class GaussianDiffusion:
             "xstart_mse": xstart_mse,
             "mse": mse,
         }
-
-
-def _per_example(x: th.Tensor) -> tuple:
-    """The shape [N x 1 x ...] of per-example coefficients that broadcast against x."""
-    return (x.shape[0],) + (1,) * (x.ndim - 1)
-
-
-def _nonzero_mask(t: th.Tensor, x: th.Tensor) -> th.Tensor:
-    """1 where t != 0, else 0, shaped [N x 1 x ...] to broadcast against x."""
-    return (t != 0).float().view(-1, *([1] * (len(x.shape) - 1)))
-
-
-def _extract_into_tensor(arr: np.ndarray, timesteps: th.Tensor, broadcast_shape) -> th.Tensor:
-    """
-    Extract values from a 1-D NumPy array for a batch of indices.
-
-    :param arr: the 1-D float64 NumPy array.
-    :param timesteps: a tensor of indices into the array to extract, [N].
-    :param broadcast_shape: a larger shape of K dimensions with the batch dimension equal to N.
-    :return: a float32 tensor of shape [N x 1 x ...] with K dimensions, expanded to
-             broadcast_shape.  Indexing happens in float64; only the picked values are rounded.
-    """
-    res = th.from_numpy(arr).to(device=timesteps.device)[timesteps].float()
-    while len(res.shape) < len(broadcast_shape):
-        res = res[..., None]
-    return res.expand(broadcast_shape)

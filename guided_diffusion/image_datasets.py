@@ -23,7 +23,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from . import dist_util
+from . import dist_util, logger
+from .errors import DataError
 # The resize-and-crop helpers live in image_util (numpy + PIL only) so that evaluations/ can use
 # them without importing training code; these names are the original's public API here.
 from .image_util import center_crop_arr, random_crop_arr  # noqa: F401
@@ -31,11 +32,6 @@ from .image_util import center_crop_arr, random_crop_arr  # noqa: F401
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")
 LABEL_SOURCES = ("filename", "folder")
 _SHOWN = 10  # unreadable files named per message
-
-
-class DataError(ValueError):
-    """The data folder cannot be trained on (empty, unreadable images, labels beyond
-    --num_classes): reported as one line before training starts."""
 
 
 def load_data(
@@ -259,8 +255,6 @@ def scan_images(paths: list[str], data_dir: str, skip_bad: bool = False) -> list
     if not skip_bad:
         raise DataError(f"--data_dir {data_dir!r}: {len(bad)} of {len(paths)} images cannot be "
                         f"read: {shown}{more} (remove them, or pass --skip_bad_images True)")
-    from . import logger
-
     logger.log(f"--skip_bad_images: leaving out {len(bad)} of {len(paths)} images: "
                f"{shown}{more}")
     dropped = {p for p, _ in bad}

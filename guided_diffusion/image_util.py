@@ -11,6 +11,7 @@ import math
 import random
 
 import numpy as np
+import torch as th
 from PIL import Image
 
 
@@ -58,3 +59,36 @@ def random_crop_arr(
     crop_y = rng.randrange(arr.shape[0] - image_size + 1)
     crop_x = rng.randrange(arr.shape[1] - image_size + 1)
     return arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size]
+
+
+def to_uint8_nhwc(sample: th.Tensor) -> th.Tensor:
+    """[N x C x H x W] floats in [-1, 1] -> [N x H x W x C] uint8, rounding as the original."""
+    return ((sample + 1) * 127.5).clamp(0, 255).to(th.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def image_grid(arr: np.ndarray, labels: np.ndarray | None = None, max_images: int = 100,
+               min_tile: int = 64, pad: int = 2) -> np.ndarray:
+    """
+    Tile the first `max_images` samples into a square grid (sorted by label when labels are
+    given, so a class-conditional grid reads 0 0 0 1 1 1 ...).
+
+    :param arr: [N x H x W x C] uint8.
+    :param min_tile: small images are enlarged (nearest neighbour, integer factor) to at least this.
+    :return: [H' x W' x C] uint8.
+    """
+    n = min(len(arr), max_images)
+    images = arr[:n]
+    if labels is not None:
+        images = images[np.argsort(labels[:n], kind="stable")]
+    scale = max(1, math.ceil(min_tile / max(arr.shape[1], arr.shape[2])))
+    if scale > 1:
+        images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    h, w, c = images.shape[1:]
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, q = divmod(i, cols)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h,
+             pad + q * (w + pad): pad + q * (w + pad) + w] = img
+    return grid

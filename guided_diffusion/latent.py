@@ -27,10 +27,12 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch as th
+from torch.utils.data import DataLoader
 
 from . import dist_util, logger
-from .checkpoints import atomic_write
-from .cli import ScriptError
+from .fileio import atomic_write
+from .errors import ScriptError
+from .image_datasets import ImageDataset, _class_name, _list_image_files_recursively
 
 SD_VAE_SCALE = 0.18215  # Stable Diffusion's VAE latent multiplier (DiT's `.mul_(0.18215)`)
 INSTALL_HINT = "pip install -e .[latent]"
@@ -185,8 +187,6 @@ def cache_key(files: list[str], data_dir: str, space: LatentSpace, image_size: i
 def _data_files(data_dir: str) -> tuple[list[str], list[int]]:
     # The image list and labels exactly as `load_data` derives them (file-name prefixes); the
     # labels are cached whether or not a run uses them.
-    from .image_datasets import _class_name, _list_image_files_recursively
-
     files = _list_image_files_recursively(data_dir)
     if not files:
         raise ScriptError(f"--data_dir {data_dir!r}: no images found")
@@ -213,10 +213,6 @@ def ensure_latent_cache(
     key = cache_key(files, data_dir, space, image_size, flips)
     path = os.path.join(cache_dir, f"latents_{key[:20]}.npz")
     if dist_util.get_rank() == 0 and not os.path.exists(path):
-        from torch.utils.data import DataLoader
-
-        from .image_datasets import ImageDataset
-
         logger.log(f"encoding {len(files)} images with {space.path!r} -> {path}")
         dataset = ImageDataset(image_size, files, random_flip=False)
         means, stds = [], []

@@ -28,6 +28,9 @@ import warnings
 from collections import defaultdict
 from typing import Any, Callable, Iterable
 
+from . import dist_util
+from .fileio import atomic_write
+
 DEBUG = 10
 INFO = 20
 WARN = 30
@@ -317,8 +320,6 @@ class Logger:
         """Every rank's (value, count) dicts, or None when running alone."""
         if self.comm is not None:  # an mpi4py communicator passed by the caller
             return self.comm.allgather(local) if self.comm.Get_size() > 1 else None
-        from . import dist_util
-
         if not dist_util.is_distributed():
             return None
         return dist_util.all_gather_objects(local)
@@ -363,8 +364,6 @@ def _weighted_mean(per_rank: list) -> dict:
 
 def _rank_from_env() -> int:
     """This process's rank, also before the process group exists (torchrun or MPI variables)."""
-    from . import dist_util
-
     if dist_util.get_world_size() > 1:
         return dist_util.get_rank()
     for var in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK"):
@@ -421,8 +420,6 @@ def drop_rows_after(key: str, value: float) -> int:
 
     :return: the number of rows dropped.
     """
-    from .checkpoints import atomic_write  # the one atomic writer (it imports this module)
-
     dropped = 0
     for fmt in get_current().output_formats:
         if not isinstance(fmt, CSVOutputFormat) or not os.path.exists(fmt.filename):

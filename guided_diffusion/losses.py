@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch as th
 
 # One 8-bit pixel bin is 2/255 wide once pixels are scaled to [-1, 1]; its half-width:
@@ -86,3 +87,33 @@ def discretized_gaussian_log_likelihood(
         log_cdf_plus,
         th.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta),
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-timestep coefficients as tensors (the original kept these in gaussian_diffusion.py)
+
+
+def _per_example(x: th.Tensor) -> tuple:
+    """The shape [N x 1 x ...] of per-example coefficients that broadcast against x."""
+    return (x.shape[0],) + (1,) * (x.ndim - 1)
+
+
+def _nonzero_mask(t: th.Tensor, x: th.Tensor) -> th.Tensor:
+    """1 where t != 0, else 0, shaped [N x 1 x ...] to broadcast against x."""
+    return (t != 0).float().view(-1, *([1] * (len(x.shape) - 1)))
+
+
+def _extract_into_tensor(arr: np.ndarray, timesteps: th.Tensor, broadcast_shape) -> th.Tensor:
+    """
+    Extract values from a 1-D NumPy array for a batch of indices.
+
+    :param arr: the 1-D float64 NumPy array.
+    :param timesteps: a tensor of indices into the array to extract, [N].
+    :param broadcast_shape: a larger shape of K dimensions with the batch dimension equal to N.
+    :return: a float32 tensor of shape [N x 1 x ...] with K dimensions, expanded to
+             broadcast_shape.  Indexing happens in float64; only the picked values are rounded.
+    """
+    res = th.from_numpy(arr).to(device=timesteps.device)[timesteps].float()
+    while len(res.shape) < len(broadcast_shape):
+        res = res[..., None]
+    return res.expand(broadcast_shape)

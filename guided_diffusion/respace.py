@@ -10,73 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch as th
 
+from .config import space_timesteps  # noqa: F401 -- the original's home of this name
 from .gaussian_diffusion import GaussianDiffusion
-
-
-def space_timesteps(num_timesteps: int, section_counts) -> set:
-    """
-    Choose which timesteps of the original process to keep.
-
-    The process is split into len(section_counts) equal sections (the first T % len sections are
-    one step longer) and each section keeps its count of evenly strided steps, rounded to
-    integers.  For example, T = 300 with [10, 15, 20] keeps 10 steps from the first 100,
-    15 from the next 100 and 20 from the last 100.
-
-    :param num_timesteps: T, the number of steps of the original process.
-    :param section_counts: a list of step counts per section, or a string of comma-separated
-                           counts ("10,15,20"; "250" is one section).  "ddimN" instead picks the
-                           integer stride that gives exactly N steps, as the DDIM paper does.
-    :return: the set of original timesteps to keep.
-    """
-    if isinstance(section_counts, str):
-        if section_counts.startswith("ddim"):
-            try:
-                desired_count = int(section_counts[len("ddim"):])
-            except ValueError:
-                raise ValueError(
-                    f"timestep respacing {section_counts!r}: expected 'ddim' followed by a step "
-                    f"count, e.g. 'ddim25'"
-                ) from None
-            for stride in range(1, num_timesteps):
-                if len(range(0, num_timesteps, stride)) == desired_count:
-                    return set(range(0, num_timesteps, stride))
-            raise ValueError(
-                f"timestep respacing {section_counts!r}: cannot take exactly {desired_count} "
-                f"steps out of {num_timesteps} with an integer stride"
-            )
-        try:
-            section_counts = [int(x) for x in section_counts.split(",")]
-        except ValueError:
-            raise ValueError(
-                f"timestep respacing {section_counts!r}: expected comma-separated step counts "
-                f"(e.g. '250' or '10,15,20') or 'ddimN'"
-            ) from None
-    section_counts = list(section_counts)
-    if not section_counts:
-        raise ValueError("timestep respacing needs at least one section count")
-    if any(c < 0 for c in section_counts):
-        raise ValueError(f"timestep respacing {section_counts}: counts must not be negative")
-
-    size_per = num_timesteps // len(section_counts)
-    extra = num_timesteps % len(section_counts)
-    start_idx = 0
-    all_steps = []
-    for i, section_count in enumerate(section_counts):
-        size = size_per + (1 if i < extra else 0)
-        if size < section_count:
-            raise ValueError(
-                f"timestep respacing {section_counts}: section {i} has {size} of the "
-                f"{num_timesteps} steps, cannot take {section_count} from it"
-            )
-        # Stride that puts the first and last kept step on the section's ends.
-        frac_stride = 1 if section_count <= 1 else (size - 1) / (section_count - 1)
-        # Accumulate the float index (not i * stride): it rounds like the original.
-        cur_idx = 0.0
-        for _ in range(section_count):
-            all_steps.append(start_idx + round(cur_idx))
-            cur_idx += frac_stride
-        start_idx += size
-    return set(all_steps)
 
 
 class SpacedDiffusion(GaussianDiffusion):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import secrets
 import sys
@@ -29,13 +28,18 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch as th
+from PIL import Image
+from tqdm.auto import tqdm
 
 from evaluations import npz_io  # the one definition of the shard-folder format
 
-from . import dist_util, fast, logger, samplers
-from .cli import ScriptError, fast_config, require_finite_samples, world
+from . import checkpoints, dist_util, fast, logger, samplers
+from .dist_util import world
+from .errors import ScriptError
+from .fast import fast_config
+from .image_util import image_grid, to_uint8_nhwc  # noqa: F401 -- re-exported
 from .config import SamplerOptions, from_flags
-from .checkpoints import atomic_write
+from .fileio import atomic_write, remove_stale_temp_files
 
 
 # ------------------------------------------------------------------------------------------------
@@ -171,19 +175,33 @@ def make_sample_fn(
 
 def check_sampler_fits_model(args) -> None:
     """Refuse `--sampler consistency` on a diffusion model's `--model_path` and the diffusion
-    samplers on a consistency model's (`consistency.check_sampler_fits_model`)."""
-    from .consistency import check_sampler_fits_model as check  # heavy: train_util et al.
-
+    samplers on a consistency model's (`checkpoints.check_sampler_fits_model`)."""
     try:
-        check(getattr(args, "sampler", ""), getattr(args, "model_path", ""),
+        checkpoints.check_sampler_fits_model(
+            getattr(args, "sampler", ""), getattr(args, "model_path", ""),
               getattr(args, "consistency_model", "auto"))
     except ValueError as e:
         raise ScriptError(str(e)) from e
 
 
-def to_uint8_nhwc(sample: th.Tensor) -> th.Tensor:
-    """[N x C x H x W] floats in [-1, 1] -> [N x H x W x C] uint8, rounding as the original."""
-    return ((sample + 1) * 127.5).clamp(0, 255).to(th.uint8).permute(0, 2, 3, 1).contiguous()
+def require_finite_samples(samples: th.Tensor, indices: Sequence[int]) -> None:
+    """
+    Raise `ScriptError` naming the samples that hold NaN/inf (instead of writing black images).
+
+    Checked once per batch at the end, not per step: NaN and inf propagate through every later
+    step of every sampler (each step reads the previous x), so the end sees them all, and a
+    per-step check would add a device-to-host sync per step. With --seed, the indices named
+    reproduce the samples.
+
+    :param samples: [N x ...] the batch's final samples; `indices` their global indices.
+    """
+    bad = ~th.isfinite(samples.reshape(len(samples), -1)).all(dim=1)
+    if bool(bad.any()):
+        which = [int(indices[i]) for i in th.nonzero(bad).flatten().tolist()]
+        shown = ", ".join(map(str, which[:10])) + (" ..." if len(which) > 10 else "")
+        raise ScriptError(f"sampling produced non-finite values (NaN/inf) in {len(which)} of "
+                          f"{len(samples)} samples (indices {shown}); nothing was written. Check "
+                          "--cfg_scale / --classifier_scale and the checkpoint")
 
 
 def labels_only_if(model, class_cond: bool):
@@ -201,35 +219,6 @@ def labels_only_if(model, class_cond: bool):
 
 # ------------------------------------------------------------------------------------------------
 # Writing samples
-
-
-def image_grid(arr: np.ndarray, labels: np.ndarray | None = None, max_images: int = 100,
-               min_tile: int = 64, pad: int = 2) -> np.ndarray:
-    """
-    Tile the first `max_images` samples into a square grid (sorted by label when labels are
-    given, so a class-conditional grid reads 0 0 0 1 1 1 ...).
-
-    :param arr: [N x H x W x C] uint8.
-    :param min_tile: small images are enlarged (nearest neighbour, integer factor) to at least this.
-    :return: [H' x W' x C] uint8.
-    """
-    n = min(len(arr), max_images)
-    images = arr[:n]
-    if labels is not None:
-        images = images[np.argsort(labels[:n], kind="stable")]
-    scale = max(1, math.ceil(min_tile / max(arr.shape[1], arr.shape[2])))
-    if scale > 1:
-        images = images.repeat(scale, axis=1).repeat(scale, axis=2)
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    h, w, c = images.shape[1:]
-    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
-    for i, img in enumerate(images):
-        r, q = divmod(i, cols)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h,
-             pad + q * (w + pad): pad + q * (w + pad) + w] = img
-    return grid
-
 
 
 def write_samples_npz(path: str, shape: Sequence[int], batches: Iterable[np.ndarray],
@@ -254,7 +243,6 @@ def write_samples_npz(path: str, shape: Sequence[int], batches: Iterable[np.ndar
 
 def save_grid(npz_path: str, arr: np.ndarray, labels: np.ndarray | None, grid_size: int) -> None:
     """Write `image_grid` of the first `grid_size` samples as a PNG beside `npz_path` (0: none)."""
-    from PIL import Image
 
     if grid_size <= 0:
         return
@@ -367,12 +355,11 @@ def _check_same_flags(manifest_path: str, old: dict, new: dict) -> None:
                 f"--output_dir")
 
 
-def _remove_partial_writes(folder: str, prefix: str) -> None:
-    """Delete the hidden temporaries (`atomic_write`'s `.NAME.XXXX.tmp`) that a killed run left."""
-    for name in os.listdir(folder):
-        if name.startswith(prefix) and name.endswith(".tmp"):
-            logger.log(f"removing {os.path.join(folder, name)}, a partial write of a killed run")
-            os.remove(os.path.join(folder, name))
+def _remove_partial_writes(folder: str, prefix: str = "") -> None:
+    """Delete the temporaries of `atomic_write`s that a killed run left in `folder` (the one
+    cleaner, `fileio.remove_stale_temp_files`), logging each."""
+    for path in remove_stale_temp_files(folder, prefix):
+        logger.log(f"removed {path}, a partial write of a killed run")
 
 
 def plan_shards(folder: str, flags: dict, image_shape: Sequence[int],
@@ -410,7 +397,7 @@ def plan_shards(folder: str, flags: dict, image_shape: Sequence[int],
                         flags=dict(flags, seed=seed))
         text = json.dumps(manifest, indent=2, sort_keys=True)
         atomic_write(manifest_path, lambda f: f.write(text.encode("utf-8")))
-    _remove_partial_writes(folder, ".")  # the folder is ours: any hidden .tmp is a partial write
+    _remove_partial_writes(folder)  # the folder is ours: any hidden .tmp is a partial write
     todo = []
     for start, stop in shard_ranges(num_samples, shard_size):
         path = os.path.join(folder, npz_io.shard_name(start, stop))
@@ -438,7 +425,6 @@ def write_shards(sample_fn, todo: Sequence[tuple[int, int]], seed: int, folder: 
     mine = list(todo)[rank::world_size]
     bar = None
     if progress and rank == 0:
-        from tqdm.auto import tqdm
 
         bar = tqdm(total=sum(b - a for a, b in mine), desc="samples (rank 0)", unit="img")
     for start, stop in mine:
@@ -475,7 +461,7 @@ def merge_shards(folder: str, out_dir: str, grid_size: int = 100) -> str:
             with npz_io.ShardFolderReader(folder, npz_io.LABEL_KEY) as reader:
                 labels = reader.read_batch(len(reader))
         out_path = os.path.join(out_dir, samples_file_name(images.shape))
-        _remove_partial_writes(out_dir, f".{os.path.basename(out_path)}.")
+        _remove_partial_writes(out_dir, f"{os.path.basename(out_path)}.")
         logger.log(f"merging {len(images.shards)} shards into {out_path}")
         rows_per_read = max(stop - start for start, stop, _ in images.shards)
         write_samples_npz(out_path, images.shape, images.batches(rows_per_read), labels)

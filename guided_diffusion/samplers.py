@@ -42,11 +42,12 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch as th
+import torch.nn as nn
+from tqdm.auto import tqdm
 
-from .config import SamplerOptions, defaults
-from .gaussian_diffusion import _extract_into_tensor, _nonzero_mask, _per_example
+from .config import SAMPLER_NAMES, SamplerOptions, defaults, space_timesteps
 from .guidance import cfg_model
-from .respace import space_timesteps
+from .losses import _extract_into_tensor, _nonzero_mask, _per_example
 
 CLEAN = -1  # grid index of the noise-free end of the ODE: alphas_cumprod = 1, sigma = 0
 
@@ -376,9 +377,12 @@ STEPS: dict[str, StepFn] = {
     "heun": _step_heun,
 }
 SAMPLERS = tuple(STEPS)  # the samplers of the one loop (diffusion models)
-# What `--sampler` accepts (besides "", the original's choice): the loop's samplers, and
-# "consistency", K-step sampling of a consistency model (consistency.consistency_sample).
-SAMPLER_NAMES = (*SAMPLERS, "consistency")
+# What `--sampler` accepts (besides "", the original's choice) is config.SAMPLER_NAMES, the one
+# list: the loop's samplers and "consistency", K-step sampling of a consistency model
+# (`consistency_sample`). A step added here without its name there fails at import.
+if set(SAMPLER_NAMES) != {*STEPS, "consistency"}:
+    raise ImportError(f"config.SAMPLER_NAMES {SAMPLER_NAMES} and samplers.STEPS {SAMPLERS} "
+                      "disagree: add the sampler's name to config.SAMPLER_NAMES")
 _MEAN_GUIDED = {"ddpm"}  # samplers that apply cond_fn to the mean themselves, not to the score
 _HISTORY = 4  # no step looks further back than PLMS's four predictions
 
@@ -435,7 +439,6 @@ def solve_progressive(
     indices = range(len(ts) - 1)
     if progress:
         # Imported lazily: tqdm is only needed for interactive runs.
-        from tqdm.auto import tqdm
 
         indices = tqdm(indices)
     hist: list[Prediction] = []
@@ -616,11 +619,8 @@ def _sample_consistency(diffusion, model, shape, opts: SamplerOptions, *, noise,
     """
     `--sampler consistency --steps K`: K-step sampling of a consistency model (Song et al. 2023,
     Algorithm 1; `--steps 0` = 1), on K levels of the diffusion's grid chosen as the other
-    samplers choose theirs (`consistency.sample_timesteps`), K network evaluations.
+    samplers choose theirs (`sample_timesteps`), K network evaluations.
     """
-    # Imported here: consistency builds on this module (its teacher steps are STEPS).
-    from .consistency import ConsistencyFunction, consistency_sample, sample_timesteps
-
     if opts.eta != 0.0 or denoised_fn is not None:
         raise ValueError("--sampler consistency takes no --eta and no denoised_fn")
     if noise is None and device is None and not isinstance(model, th.nn.Module):
@@ -638,3 +638,153 @@ def nfe(sampler: str, steps: int) -> int:
     if sampler == "consistency":
         return max(steps, 1)
     return 2 * steps - 1 if sampler == "heun" else steps
+
+
+# ------------------------------------------------------------------------------------------------
+# Consistency models: f(x_t, t) and K-step sampling (the student's sampler; its training is
+# `consistency.py`'s)
+
+
+def _sigma_tilde(alphas_cumprod) -> np.ndarray:
+    """EDM's noise level of the VP ODE in x / alpha space, sigma~ = sigma / alpha, float64 [T]."""
+    acp = np.asarray(alphas_cumprod, dtype=np.float64)
+    return np.sqrt((1.0 - acp) / acp)
+
+
+class ConsistencyFunction:
+    """
+    The consistency function f(x_t, t) around a network of the teacher's format:
+
+        f(x_t, t) = c_skip(t) x_t / alpha_t + (1 - c_skip(t)) D(x_t, t),
+        c_skip(t) = sigma~_{t_min} / sigma~_t,
+
+    where D is the network's x_0 prediction (the diffusion's eps/x_0/learned-sigma handling, no
+    clipping). At t = t_min, c_skip = 1 and c_out = 1 - c_skip = 0 exactly, so
+    f(x, t_min) = x / alpha_{t_min} bit for bit for any finite network output: the boundary
+    condition of Song et al. 2023, eq. 5, built into the parameterisation (their eq. 5-6 form
+    f = c_skip x + c_out F, with differentiable c_skip, c_out and c_skip(eps) = 1, c_out(eps) = 0).
+
+    Why this c_skip and not App. C's sigma_data^2 / ((sigma - sigma_min)^2 + sigma_data^2) with
+    c_out = sigma_data (sigma - sigma_min) / sqrt(sigma_data^2 + sigma^2): those scale the output
+    of a network trained from scratch; our student starts from the teacher, whose network outputs
+    D itself. With c_out = 1 - c_skip and c_skip = sigma~_min / sigma~, the fresh student is
+        f = D + sigma~_min (x~ - D) / sigma~ = D + sigma~_min eps_D,
+    which is exactly one DDIM step of the teacher from t to t_min (Song et al. 2021, eq. 12 in
+    x / alpha space): the best one-evaluation estimate of the ODE's endpoint that the teacher
+    gives, and equal to the teacher's denoiser up to sigma~_min eps (sigma~_min = 0.01 for the
+    linear 1000-step schedule). App. C's c_skip would instead keep f close to x~ (noisy) up to
+    sigma~ ~ sigma_data = 0.5, far from what the teacher already knows.
+
+    The output is an estimate of x~ at t_min (= x_0 + sigma~_min eps), the data for all purposes.
+
+    :param diffusion: a GaussianDiffusion / SpacedDiffusion defining the grid and the network's
+        output format.
+    :param model: the network, called as `model(x, timesteps, **model_kwargs)`.
+    :param t_min: the grid index of the clean end of the discretisation (`cm_timesteps(...)[0]`).
+    """
+
+    def __init__(self, diffusion, model: nn.Module, t_min: int = 0):
+        self.diffusion = diffusion
+        self.model = model
+        sig = _sigma_tilde(diffusion.alphas_cumprod)
+        if not 0 <= t_min < len(sig):
+            raise ValueError(f"t_min must be a grid index in [0, {len(sig)}), got {t_min}")
+        self.t_min = int(t_min)
+        c_skip = sig[self.t_min] / sig
+        c_skip[self.t_min] = 1.0  # exact, whatever the rounding of the division
+        self.c_skip = c_skip  # float64 [T]; only indices >= t_min are ever evaluated
+        self.nfe = 0  # network evaluations so far
+
+    def __call__(
+        self,
+        x: th.Tensor,
+        t: th.Tensor | int,
+        model_kwargs: dict | None = None,
+        cond_fn: Callable | None = None,
+    ) -> th.Tensor:
+        """
+        :param x: the [N x C x ...] sample x_t.
+        :param t: [N] grid indices (one per sample) or one int for the whole batch.
+        :param model_kwargs: extra model inputs, e.g. {'y': labels}.
+        :param cond_fn: optional classifier-guidance gradient `cond_fn(x, t, **model_kwargs)`,
+            applied to the score of D as `Diffusion.condition_score` does (sampling only).
+        :return: the [N x C x ...] estimate of the trajectory's clean end, f(x_t, t).
+        """
+        if not th.is_tensor(t):
+            t = th.full((x.shape[0],), int(t), device=x.device, dtype=th.long)
+        out = self.diffusion.p_mean_variance(
+            self.model, x, t, clip_denoised=False, model_kwargs=model_kwargs
+        )
+        if cond_fn is not None:
+            out = self.diffusion.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
+        self.nfe += 1
+        d = out["pred_xstart"]
+        x_tilde = x / _extract_into_tensor(self.diffusion.sqrt_alphas_cumprod, t, x.shape)
+        c_out = 1.0 - _extract_into_tensor(self.c_skip, t, x.shape)
+        # Written as x~ - c_out (x~ - D) so that c_out = 0 returns x~ itself, bit for bit.
+        return x_tilde - c_out * (x_tilde - d)
+
+
+def sample_timesteps(alphas_cumprod, steps: int, spacing: str = "logsnr") -> np.ndarray:
+    """
+    The K = `steps` levels of K-step consistency sampling, decreasing from the noisiest grid
+    index: K + 1 points as the ODE samplers choose them, without the cleanest, where f is the
+    identity and an evaluation would be wasted.
+
+    :return: int64 [steps], strictly decreasing grid indices.
+    """
+    if steps < 1:
+        raise ValueError(f"--steps must be >= 1 for consistency sampling, got {steps}")
+    return select_timesteps(alphas_cumprod, steps + 1, spacing)[:-1].copy()
+
+
+def consistency_sample(
+    fn: ConsistencyFunction,
+    shape: Sequence[int],
+    timesteps: Sequence[int],
+    *,
+    noise: th.Tensor | None = None,
+    noise_fn: Callable[[th.Tensor], th.Tensor] | None = None,
+    model_kwargs: dict | None = None,
+    cond_fn: Callable | None = None,
+    clip_denoised: bool = True,
+    device=None,
+) -> th.Tensor:
+    """
+    K-step consistency sampling (Song et al. 2023, Algorithm 1) on the VP schedule:
+    x_T = noise ~ N(0, I) at the top level (the VP marginal there), x_0 = f(x_T, T); then for
+    each later level tau: x~_tau = x_0 + sqrt(sigma~_tau^2 - sigma~_min^2) z (the ODE's marginal
+    from the point x_0 at t_min), x_tau = alpha_tau x~_tau, x_0 = f(x_tau, tau).
+    Exactly K = len(timesteps) network evaluations.
+
+    :param fn: the ConsistencyFunction of the (EMA) student.
+    :param shape: the [N x C x ...] shape of the samples.
+    :param timesteps: K strictly decreasing grid indices > t_min (`sample_timesteps`).
+    :param noise: optional starting noise x_T of that shape.
+    :param noise_fn: `randn_like` for the re-noising z (default torch's), for per-sample seeds.
+    :param model_kwargs: extra model inputs, e.g. {'y': labels}.
+    :param cond_fn: optional classifier guidance, a shift of the score at each evaluation.
+    :param clip_denoised: clip each x_0 estimate to [-1, 1].
+    :return: the [N x C x ...] samples.
+    """
+    ts = [int(t) for t in timesteps]
+    if not ts or any(a <= b for a, b in zip(ts, ts[1:])) or ts[-1] <= fn.t_min:
+        raise ValueError(f"timesteps must be non-empty, strictly decreasing and above "
+                         f"t_min = {fn.t_min}, got {ts}")
+    if noise is None:
+        if device is None and isinstance(fn.model, nn.Module):
+            device = next(fn.model.parameters()).device
+        noise = th.randn(*shape, device=device)
+    noise_fn = noise_fn or th.randn_like
+    acp = np.asarray(fn.diffusion.alphas_cumprod, dtype=np.float64)
+    sig = _sigma_tilde(acp)
+    x = noise
+    with th.no_grad():  # cond_fn enables grad for itself, as in the other loops
+        for i, t in enumerate(ts):
+            if i > 0:
+                spread = math.sqrt(sig[t] ** 2 - sig[fn.t_min] ** 2)
+                x = math.sqrt(acp[t]) * (x0 + spread * noise_fn(x0))
+            x0 = fn(x, t, model_kwargs, cond_fn)
+            if clip_denoised:
+                x0 = x0.clamp(-1, 1)
+    return x0

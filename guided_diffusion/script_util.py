@@ -15,24 +15,32 @@ import dataclasses
 
 from . import gaussian_diffusion as gd
 from .config import (
+    DIT_SHARED_FLAGS,
     NUM_CLASSES,
     ClassifierConfig,
     DiffusionConfig,
+    DiTConfig,
     SuperResConfig,
     UNetConfig,
     add_flags,
+    default_channel_mult,
     defaults,
+    from_flags,
+    parse_channel_mult,
+    space_timesteps,
     split_flags,
     str2bool,
 )
-from .respace import SpacedDiffusion, space_timesteps
+from .dit import DiT, DiT_models
+from .respace import SpacedDiffusion
 from .unet import EncoderUNetModel, SuperResModel, UNetModel
 
 __all__ = [
     "NUM_CLASSES", "add_dict_to_argparser", "args_to_dict", "classifier_and_diffusion_defaults",
     "classifier_defaults", "create_classifier", "create_classifier_and_diffusion",
-    "create_gaussian_diffusion", "create_model", "create_model_and_diffusion",
-    "diffusion_defaults", "diffusion_from_config", "model_and_diffusion_defaults",
+    "create_dit_and_diffusion", "create_gaussian_diffusion", "create_model", "create_model_and_diffusion",
+    "diffusion_defaults", "diffusion_from_config", "dit_and_diffusion_defaults",
+    "model_and_diffusion_defaults",
     "sr_create_model", "sr_create_model_and_diffusion", "sr_model_and_diffusion_defaults",
     "str2bool",
 ]
@@ -114,7 +122,7 @@ def create_model(
         num_res_blocks=num_res_blocks,
         attention_resolutions=_attention_ds(attention_resolutions, image_size),
         dropout=dropout,
-        channel_mult=_parse_channel_mult(channel_mult, image_size, "unet"),
+        channel_mult=parse_channel_mult(channel_mult, image_size, "unet"),
         num_classes=(num_classes if class_cond else None),
         use_checkpoint=use_checkpoint,
         use_fp16=use_fp16,
@@ -153,7 +161,7 @@ def create_classifier(
         out_channels=num_classes,
         num_res_blocks=classifier_depth,
         attention_resolutions=_attention_ds(classifier_attention_resolutions, image_size),
-        channel_mult=_parse_channel_mult(classifier_channel_mult, image_size, "classifier"),
+        channel_mult=parse_channel_mult(classifier_channel_mult, image_size, "classifier"),
         use_fp16=classifier_use_fp16,
         num_head_channels=64,
         use_scale_shift_norm=classifier_use_scale_shift_norm,
@@ -196,7 +204,7 @@ def sr_create_model(
         num_res_blocks=num_res_blocks,
         attention_resolutions=_attention_ds(attention_resolutions, large_size),
         dropout=dropout,
-        channel_mult=_default_channel_mult(large_size, "superres"),
+        channel_mult=default_channel_mult(large_size, "superres"),
         num_classes=(num_classes if class_cond else None),
         use_checkpoint=use_checkpoint,
         num_heads=num_heads,
@@ -244,41 +252,6 @@ def create_gaussian_diffusion(
     )
 
 
-def _default_channel_mult(image_size: int, kind: str) -> tuple:
-    """Channel multipliers per resolution level, as the original chooses them from image size.
-
-    32 px is beyond the original: (1, 2, 2, 2) as improved-diffusion used for CIFAR-10.
-    """
-    table = {
-        512: (0.5, 1, 1, 2, 2, 4, 4),
-        256: (1, 1, 2, 2, 4, 4),
-        128: (1, 1, 2, 3, 4),
-        64: (1, 2, 3, 4),
-        32: (1, 2, 2, 2),
-    }
-    if kind == "superres" and image_size == 512:
-        # The original's super-resolution model uses the 256 px multipliers at 512 px.
-        return (1, 1, 2, 2, 4, 4)
-    if image_size not in table:
-        raise ValueError(
-            f"unsupported image size {image_size} for the {kind} model: pass --channel_mult "
-            f"explicitly (e.g. '1,2,2,2'), or use one of {sorted(table)}"
-        )
-    return table[image_size]
-
-
-def _parse_channel_mult(channel_mult, image_size: int, kind: str) -> tuple:
-    if channel_mult in ("", None):
-        return _default_channel_mult(image_size, kind)
-    if isinstance(channel_mult, str):
-        try:
-            return tuple(int(m) for m in channel_mult.split(","))
-        except ValueError:
-            raise ValueError(
-                f"--channel_mult must be comma-separated integers, got {channel_mult!r}")
-    return tuple(channel_mult)
-
-
 def _attention_ds(attention_resolutions: str, image_size: int) -> tuple:
     """Attention resolutions in pixels ("32,16,8") -> downsample rates (2, 4, 8 at 64 px)."""
     if not attention_resolutions:
@@ -302,3 +275,37 @@ def add_dict_to_argparser(parser: argparse.ArgumentParser, default_dict: dict) -
 def args_to_dict(args, keys) -> dict:
     """The values of `keys` in parsed `args`, e.g. for `create_model_and_diffusion(**...)`."""
     return {k: getattr(args, k) for k in keys}
+
+
+def dit_and_diffusion_defaults() -> dict:
+    """The flags of a DiT and its diffusion: DiTConfig's, the shared UNetConfig ones, diffusion."""
+    shared = {k: v for k, v in defaults(UNetConfig).items() if k in DIT_SHARED_FLAGS}
+    return {**shared, **defaults(DiTConfig, drop=("model", "cfg_channels")),
+            **defaults(DiffusionConfig)}
+
+
+def create_dit_and_diffusion(in_channels: int = 3, **flags) -> tuple[DiT, SpacedDiffusion]:
+    """
+    A DiT and its diffusion from the `dit_and_diffusion_defaults()` flags: --dit_model's size with
+    the --dit_* overrides, input_size = --image_size (the latent side in latent space).
+
+    :param in_channels: 3 in pixel space, the VAE's latent channels in latent space.
+    """
+    known = dit_and_diffusion_defaults()
+    unknown = sorted(set(flags) - set(known))
+    if unknown:
+        raise TypeError(f"unknown flag(s) {unknown} for a DiT")
+    f = {**known, **flags}
+    if f["dit_model"] not in DiT_models:
+        raise ValueError(f"--dit_model {f['dit_model']!r}: one of {', '.join(DiT_models)}")
+    if not f["class_cond"]:
+        raise ValueError("--model dit is class-conditional (its label embedding): use "
+                         "--class_cond True (for unlabelled data: one file-name prefix, e.g. "
+                         "0_*.png, and --num_classes 1)")
+    sizes = {k: f[f"dit_{k}"] for k in ("depth", "hidden_size", "num_heads", "patch_size")}
+    model = DiT_models[f["dit_model"]](
+        input_size=f["image_size"], in_channels=in_channels, num_classes=f["num_classes"],
+        class_dropout_prob=f["class_dropout_prob"], learn_sigma=f["learn_sigma"],
+        use_checkpoint=f["use_checkpoint"], **{k: v for k, v in sizes.items() if v},
+    )
+    return model, diffusion_from_config(from_flags(DiffusionConfig, f))

@@ -39,7 +39,6 @@ import inspect
 import math
 import os
 import random
-import signal
 import time
 from typing import Iterator
 
@@ -47,16 +46,17 @@ import blobfile as bf
 import numpy as np
 import torch as th
 import torch.nn.functional as F
+from PIL import Image
 from torch.nn.parallel.distributed import DistributedDataParallel as DDP
 from torch.optim import AdamW
 
-from . import dist_util, logger
-from .cli import ScriptError
+from . import dist_util, logger, watchdog
 from .checkpoints import (  # noqa: F401 -- the original's public names, re-exported
     AUTO_RESUME,
     RESUME_KEY,
     atomic_write,
     check_state_dict_fits,
+    checkpoint_name,
     find_ema_checkpoint,
     check_finite,
     find_resume_checkpoint,
@@ -70,17 +70,18 @@ from .checkpoints import (  # noqa: F401 -- the original's public names, re-expo
     save_atomic,
     save_run_flags,
 )
+from .config import TrainingConfig
+from .costs import training_cost  # noqa: F401 -- re-exported (--dry_run's numbers)
+from .errors import PeerLostError, ScriptError, TrainingStopped  # noqa: F401 -- re-exported
 from .fp16_util import INITIAL_LOG_LOSS_SCALE, MixedPrecisionTrainer, _norm
+from .image_util import image_grid, to_uint8_nhwc
 from .nn import update_ema
+from .plots import plot_losses
 from .resample import LossAwareSampler, UniformSampler
+from .rng import get_rng_state, set_rng_state
+from .samplers import sample
 
-
-class TrainingStopped(ScriptError):
-    """Training cannot go on (e.g. too many non-finite steps in a row); the message says why."""
-
-
-class PeerLostError(ScriptError):
-    """A collective failed or timed out: another rank died or stopped answering."""
+_DEFAULTS = TrainingConfig()  # the flags' defaults are the loop's defaults: written once
 
 
 class TrainLoop:
@@ -136,11 +137,11 @@ class TrainLoop:
         weight_decay: float = 0.0,
         lr_anneal_steps: int = 0,
         use_bf16: bool = False,
-        grad_clip: float = 0.0,
-        lr_warmup_steps: int = 0,
-        max_bad_steps: int = 10,
-        init_checkpoint: str = "",
-        sample_interval: int = 0,
+        grad_clip: float = _DEFAULTS.grad_clip,
+        lr_warmup_steps: int = _DEFAULTS.lr_warmup_steps,
+        max_bad_steps: int = _DEFAULTS.max_bad_steps,
+        init_checkpoint: str = _DEFAULTS.init_checkpoint,
+        sample_interval: int = _DEFAULTS.sample_interval,
     ):
         self.model = model
         self.diffusion = diffusion
@@ -194,8 +195,6 @@ class TrainLoop:
         else:
             self.ema_params = [self._copy_master_params() for _ in self.ema_rate]
 
-        if resume_checkpoint == AUTO_RESUME:
-            _remove_partial_files(get_blob_logdir())
         self.ddp_model = wrap_ddp(self.model)
         self.use_ddp = self.ddp_model is not self.model
 
@@ -336,19 +335,18 @@ class TrainLoop:
         while self.total_steps is None or self.step + self.resume_step < self.total_steps:
             with self._collectives_guarded():
                 batch, cond = next(self.data)
-                _heartbeat(self.step + self.resume_step + 1, "training")
+                watchdog.checkpoint(self.step + self.resume_step + 1, "training")
                 self.run_step(batch, cond)
                 self.step += 1
                 done = self.step + self.resume_step
-                _inject_fault("step", done)
+                watchdog.checkpoint(done, "logging")
                 if done % self.log_interval == 0:
-                    _heartbeat(done, "logging")
                     logger.dumpkvs()
                     self._log_progress(done)
                 if self.sample_interval and done % self.sample_interval == 0:
                     self.write_sample_grid(done)
                 if done % self.save_interval == 0:
-                    _heartbeat(done, "saving")
+                    watchdog.checkpoint(done, "saving")
                     self.save()
                     # Run for a limited time (tests, smoke runs): stop after the first save.
                     if os.environ.get("DIFFUSION_TRAINING_TEST", ""):
@@ -362,7 +360,7 @@ class TrainLoop:
 
     def _collectives_guarded(self):
         """Turn a failed collective (dead or silent peer) into `PeerLostError` on this rank."""
-        return _guard_collectives()
+        return watchdog.guard_collectives()
 
     def run_step(self, batch: th.Tensor, cond: dict) -> None:
         self._anneal_lr()
@@ -376,7 +374,15 @@ class TrainLoop:
             self._skip_bad_step()
         if took_step:
             self._update_ema()
+            self.after_update()
         self.log_step()
+
+    def after_update(self) -> None:
+        """
+        A hook after each optimiser step that was taken (not after a skipped non-finite one), once
+        the EMAs are updated: a training mode with more to update (a consistency model's target
+        network) overrides this, so the step itself, its NaN guard and clipping stay here.
+        """
 
     def _step_is_finite(self, loss_finite: bool | None) -> bool:
         """
@@ -513,11 +519,6 @@ class TrainLoop:
 
         :return: the PNG's path (None on other ranks).
         """
-        from PIL import Image
-
-        from .sample_util import image_grid, to_uint8_nhwc
-        from .samplers import sample
-
         if dist_util.get_rank() != 0:
             return None
         if "low_res" in inspect.signature(self.model.forward).parameters:
@@ -568,14 +569,13 @@ class TrainLoop:
         check_finite(model_state, f"of step {step} (training diverged; not saved)")
         # Every rank builds the state dicts (cheap); only rank 0 writes.
         for rate, params in zip(self.ema_rate, self.ema_params):
-            self._save_file(
-                f"ema_{rate}_{step:06d}.pt", self.mp_trainer.master_params_to_state_dict(params)
-            )
+            self._save_file(checkpoint_name("ema", step, rate),
+                            self.mp_trainer.master_params_to_state_dict(params))
         opt_state = self.opt.state_dict()
         opt_state[RESUME_KEY] = self.resume_state()
-        self._save_file(f"opt{step:06d}.pt", opt_state)
+        self._save_file(checkpoint_name("opt", step), opt_state)
         # The model file last: it marks the checkpoint as complete for auto-resume.
-        self._save_file(f"model{step:06d}.pt", model_state)
+        self._save_file(checkpoint_name("model", step), model_state)
         if dist_util.get_rank() == 0:
             plot_losses(get_blob_logdir())
         dist_util.barrier()
@@ -600,7 +600,7 @@ class TrainLoop:
         def write(f) -> None:
             th.save(obj, f)
             # Tests kill the process here: the bytes are written, the file not yet renamed.
-            _inject_fault("save", self.step + self.resume_step)
+            watchdog.inject_fault("save", self.step + self.resume_step)
 
         atomic_write(path, write)
 
@@ -639,34 +639,20 @@ class ClassifierTrainLoop(TrainLoop):
         noised: bool = True,
         val_data: Iterator | None = None,
         eval_interval: int = 5,
-        log_interval: int = 10,
-        save_interval: int = 10000,
-        resume_checkpoint: str = "",
-        ema_rate: float | str = "",
-        use_fp16: bool = False,
-        fp16_scale_growth: float = 1e-3,
-        schedule_sampler=None,
-        weight_decay: float = 0.0,
-        use_bf16: bool = False,
-        grad_clip: float = 0.0,
-        lr_warmup_steps: int = 0,
-        max_bad_steps: int = 10,
-        init_checkpoint: str = "",
+        **kwargs,
     ):
         self.iterations = iterations
         self.anneal_lr = anneal_lr
         self.noised = noised
         self.val_data = val_data
         self.eval_interval = eval_interval
-        super().__init__(
-            model=model, diffusion=diffusion, data=data, batch_size=batch_size,
-            microbatch=microbatch, lr=lr, ema_rate=ema_rate, log_interval=log_interval,
-            save_interval=save_interval, resume_checkpoint=resume_checkpoint, use_fp16=use_fp16,
-            fp16_scale_growth=fp16_scale_growth, schedule_sampler=schedule_sampler,
-            weight_decay=weight_decay, lr_anneal_steps=iterations if anneal_lr else 0,
-            use_bf16=use_bf16, grad_clip=grad_clip, lr_warmup_steps=lr_warmup_steps,
-            max_bad_steps=max_bad_steps, init_checkpoint=init_checkpoint,
-        )
+        kwargs.setdefault("ema_rate", "")  # the original keeps no EMA of a classifier
+        kwargs.setdefault("log_interval", 10)
+        kwargs.setdefault("save_interval", 10000)
+        kwargs.setdefault("resume_checkpoint", "")
+        super().__init__(model=model, diffusion=diffusion, data=data, batch_size=batch_size,
+                         microbatch=microbatch, lr=lr,
+                         lr_anneal_steps=iterations if anneal_lr else 0, **kwargs)
         self.total_steps = iterations
 
     def microbatch_loss(self, micro: th.Tensor, micro_cond: dict) -> th.Tensor:
@@ -720,294 +706,6 @@ class ClassifierTrainLoop(TrainLoop):
             super().train_flags(), iterations=self.iterations, anneal_lr=self.anneal_lr,
             noised=self.noised, eval_interval=self.eval_interval,
         )
-
-
-def training_cost(
-    model: th.nn.Module,
-    inputs: dict,
-    batch_size: int,
-    microbatch: int,
-    n_ema: int,
-    precision: str = "fp32",
-) -> dict:
-    """
-    What one training step costs, measured by running one microbatch forward and backward on
-    the meta device (shapes only: no memory, no arithmetic). Build `model` under
-    `torch.device("meta")` for big layouts.
-
-    :param model: the network (any device; its parameters are counted).
-    :param inputs: the forward's keyword arguments for ONE microbatch, e.g. {'x': [m x C x H x W],
-        'timesteps': [m]} (meta tensors are fine).
-    :param batch_size: images per rank per step; `microbatch` (<= 0: the batch) per pass.
-    :param n_ema: EMA copies kept.
-    :param precision: "fp32", "bf16" or "fp16" (memory of weights, grads and activations).
-    :return: dict with 'params', 'flops_per_step' (forward + backward, all passes of one rank),
-        'state_bytes' (weights, grads, AdamW, EMA, fp16 master copy), 'activation_bytes' (saved
-        for backward in one pass: an upper estimate) and 'total_bytes'.
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    microbatch = microbatch if 0 < microbatch < batch_size else batch_size
-    passes = math.ceil(batch_size / microbatch)
-    params = sum(p.numel() for p in model.parameters())
-    saved = [0]
-    weights = {id(p) for p in model.parameters()}
-
-    def pack(t: th.Tensor):
-        if id(t) not in weights:  # the weights themselves are counted in the state
-            saved[0] += t.numel() * t.element_size()
-        return t
-
-    with FlopCounterMode(display=False) as counter:
-        with th.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = model(**inputs)
-        out.float().mean().backward()
-    # Mixed precision halves the activations; fp16 keeps fp16 weights and grads plus a float32
-    # master copy with its own grads; AdamW keeps two float32 moments; each EMA one copy.
-    half = precision in ("fp16", "bf16")
-    per_param = 4 + 4 + 8 + 4 * n_ema + (2 + 2 if precision == "fp16" else 0)
-    state = params * per_param
-    activations = saved[0] // 2 if half else saved[0]
-    return dict(
-        params=params, flops_per_step=counter.get_total_flops() * passes, passes=passes,
-        state_bytes=state, activation_bytes=activations, total_bytes=state + activations,
-    )
-
-
-def dry_run(args, kind: str) -> dict:
-    """
-    --dry_run: build the network of `kind` from the flags on the meta device, print its parameters,
-    FLOPs per step and estimated memory per rank for those flags, and train nothing.
-
-    :return: `training_cost`'s dict.
-    """
-    from . import cli
-
-    spec = cli.MODEL_KINDS[kind]
-    with th.device("meta"):
-        model, _ = spec.factory(**cli.args_to_dict(args, spec.defaults().keys()))
-        micro = args.microbatch if 0 < args.microbatch < args.batch_size else args.batch_size
-        size = args.large_size if kind == "superres" else args.image_size
-        channels = getattr(model, "in_channels", 3)
-        if kind == "superres":
-            channels = 3  # the low-res image is concatenated inside the model
-        inputs = {"x": th.zeros(micro, channels, size, size), "timesteps": th.zeros(micro).long()}
-        if kind == "superres":
-            inputs["low_res"] = th.zeros(micro, 3, args.small_size, args.small_size)
-        if getattr(model, "num_classes", None) and kind != "classifier":
-            inputs["y"] = th.zeros(micro).long()
-    precision = "fp16" if getattr(args, spec.fp16_flag, False) else (
-        "bf16" if getattr(args, "use_bf16", False) else "fp32")
-    if precision == "fp16" and hasattr(model, "convert_to_fp16"):
-        model.convert_to_fp16()  # as MixedPrecisionTrainer does before training
-    n_ema = len(parse_ema_rates(getattr(args, "ema_rate", "")))
-    cost = training_cost(model, inputs, args.batch_size, args.microbatch, n_ema, precision)
-    gib = 2.0**30
-    lines = [
-        f"dry run ({type(model).__name__}, {precision}): {cost['params']:,} parameters "
-        f"({cost['params'] / 1e6:.1f} M)",
-        f"per step on each rank: {cost['flops_per_step'] / 1e9:,.2f} GFLOPs forward + backward "
-        f"(batch {args.batch_size} in {cost['passes']} pass(es) of {micro})",
-        f"memory per rank: {cost['state_bytes'] / gib:.2f} GiB weights, grads, AdamW and "
-        f"{n_ema} EMA; {cost['activation_bytes'] / gib:.2f} GiB activations per pass; "
-        f"about {cost['total_bytes'] / gib:.2f} GiB in all, plus the CUDA context (~1 GiB)",
-    ]
-    for line in lines:
-        logger.log(line)
-    return cost
-
-
-def plot_losses(log_dir: str, key: str = "loss") -> str | None:
-    """
-    Plot `key` against `step` from the run's progress.csv into `loss.png` beside it (the whole
-    run, resumes included). matplotlib is optional: without it, one log line and no plot.
-
-    :return: the PNG's path, or None when there is nothing to plot or no matplotlib.
-    """
-    import csv
-
-    csv_path = os.path.join(log_dir, "progress.csv")
-    if "://" in log_dir or not os.path.exists(csv_path):
-        return None
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # no display on a cluster node
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.log("matplotlib is not installed: no loss plot (pip install matplotlib)")
-        return None
-    with open(csv_path) as f:
-        rows = [r for r in csv.DictReader(f) if r.get(key) and r.get("step")]
-    if not rows:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([float(r["step"]) for r in rows], [float(r[key]) for r in rows])
-    ax.set_xlabel("step")
-    ax.set_ylabel(key)
-    ax.set_yscale("log" if all(float(r[key]) > 0 for r in rows) else "linear")
-    path = os.path.join(log_dir, f"{key}.png")
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
-    return path
-
-
-def get_rng_state() -> dict:
-    """
-    This process's random states (torch CPU and CUDA, NumPy's and Python's global generators) as
-    tensors and plain values, so that `torch.load(weights_only=True)` reads them back.
-    """
-    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
-    version, py_state, gauss_next = random.getstate()
-    return {
-        "torch": th.get_rng_state(),
-        "cuda": th.cuda.get_rng_state_all() if th.cuda.is_available() else [],
-        "numpy": {
-            "keys": th.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian),
-        },
-        "python": {
-            "version": version, "state": th.tensor(py_state, dtype=th.int64),
-            "gauss_next": gauss_next,
-        },
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore what `get_rng_state` returned (the CUDA states only when the GPU count matches)."""
-    th.set_rng_state(state["torch"].cpu())
-    cuda = state.get("cuda") or []
-    if cuda and th.cuda.is_available() and len(cuda) == th.cuda.device_count():
-        th.cuda.set_rng_state_all([s.cpu() for s in cuda])
-    n = state["numpy"]
-    np.random.set_state(
-        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-         n["cached_gaussian"])
-    )
-    p = state["python"]
-    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss_next"]))
-
-
-class _guard_collectives:
-    """
-    A context that turns a failed collective into `PeerLostError`. gloo and NCCL raise (gloo: at
-    once when the peer's socket closes, after the process group's timeout when it just stops
-    answering); without this the rank would print a long traceback, or, when the error hits
-    inside DDP, sometimes only a backend message without the rank or the timeout.
-    """
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc is None or not dist_util.is_distributed():
-            return False
-        errors = tuple(
-            getattr(th.distributed, name)
-            for name in ("DistError", "DistBackendError", "DistNetworkError")
-            if hasattr(th.distributed, name)
-        )
-        text = str(exc)
-        looks_like_comm = isinstance(exc, errors) or any(
-            word in text for word in ("Gloo", "gloo", "NCCL", "Connection", "timed out",
-                                      "Timed out", "timeout")
-        )
-        if not isinstance(exc, RuntimeError) or not looks_like_comm:
-            return False
-        first = next((line for line in text.splitlines() if line.strip()), type(exc).__name__)
-        raise PeerLostError(
-            f"rank {dist_util.get_rank()} of {dist_util.get_world_size()}: a collective failed, "
-            f"a peer died or did not answer within --dist_timeout "
-            f"{dist_util.collective_timeout():g}s{_laggards()}: {first[:300]}"
-        ) from exc
-
-
-_HEARTBEAT = "guided_diffusion/heartbeat/"
-
-
-_PHASES = ("training", "logging", "saving")
-
-
-def _heartbeat(step: int, phase: str) -> None:
-    """
-    Note in the process group's store where this rank is going next (one small write before each
-    part of a step that holds collectives), so that a rank left waiting can name the one that
-    never came.
-    """
-    if not dist_util.is_distributed():
-        return
-    try:
-        point = step * len(_PHASES) + _PHASES.index(phase)
-        store = th.distributed.distributed_c10d._get_default_store()
-        store.set(f"{_HEARTBEAT}{dist_util.get_rank()}", str(point))
-    except Exception:  # noqa: BLE001 -- a diagnostic only; the collectives report the failure
-        pass
-
-
-def _laggards() -> str:
-    """
-    Which ranks stopped answering, from the heartbeats (gloo and NCCL name only this rank): the
-    ranks that never reached the point where the others wait. '' when the store cannot tell.
-    """
-    try:
-        store = th.distributed.distributed_c10d._get_default_store()
-        points = {}
-        for r in range(dist_util.get_world_size()):
-            key = f"{_HEARTBEAT}{r}"
-            points[r] = int(store.get(key)) if store.check([key]) else -1
-    except Exception:  # noqa: BLE001 -- the store may have died with rank 0
-        return ""
-
-    def where(point: int) -> str:
-        if point < 0:
-            return "before the first step"
-        step, phase = divmod(point, len(_PHASES))
-        return f"step {step}, {_PHASES[phase]}"
-
-    newest = max(points.values())
-    behind = sorted(r for r, p in points.items() if p < newest)
-    if not behind:
-        return ""
-    named = ", ".join(f"rank {r} (last at {where(points[r])})" for r in behind)
-    return f"; stopped answering: {named}, while the others wait at {where(newest)}"
-
-
-def _remove_partial_files(log_dir: str) -> None:
-    """Delete the temporary files of checkpoint writes that a killed run left behind (rank 0)."""
-    if dist_util.get_rank() != 0 or "://" in log_dir or not os.path.isdir(log_dir):
-        return
-    for name in os.listdir(log_dir):
-        # atomic_write's temporary names: ".{final name}.{random}.tmp"
-        if name.startswith((".model", ".ema_", ".opt")) and name.endswith(".tmp"):
-            logger.log(f"removing {name}, a checkpoint write that did not finish")
-            os.remove(os.path.join(log_dir, name))
-
-
-def _inject_fault(where: str, step: int) -> None:
-    """
-    Test hook: GD_FAULT="kill@save:N" makes this process SIGKILL itself while it writes a
-    checkpoint file of step N (bytes written, not yet renamed); "kill@step:N" right after step N;
-    "stop@step:N" SIGSTOPs it instead (a peer that hangs). "kill@step:N/R" only on rank R; several
-    specs are comma-separated. With GD_FAULT_ONCE=FOLDER each fault happens once (a file there
-    marks it), so an elastic restart does not die at the same place again.
-    """
-    for spec in filter(None, os.environ.get("GD_FAULT", "").split(",")):
-        action, _, point = spec.partition("@")
-        point_where, _, point_step = point.partition(":")
-        point_step, _, rank = point_step.partition("/")
-        if point_where != where or int(point_step) != step:
-            continue
-        if rank and int(rank) != dist_util.get_rank():
-            continue
-        once = os.environ.get("GD_FAULT_ONCE")
-        if once:
-            os.makedirs(once, exist_ok=True)
-            marker = os.path.join(once, spec.replace("@", "_").replace(":", "_").replace("/", "_"))
-            try:
-                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            except FileExistsError:
-                continue
-        os.kill(os.getpid(), {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}[action])
 
 
 def wrap_ddp(model: th.nn.Module) -> th.nn.Module:

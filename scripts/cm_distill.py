@@ -25,22 +25,20 @@ from guided_diffusion.config import (
     build_parser,
     from_flags,
 )
-from guided_diffusion.consistency import CMTrainLoop
-from guided_diffusion.image_datasets import load_data
-from guided_diffusion.train_util import save_run_flags
+from guided_diffusion.cm_train import CMTrainLoop
 
 
 def main():
     args = create_argparser().parse_args()
-    cli.setup(args)
     cm = from_flags(ConsistencyConfig, args)
     distil = cm.training_mode == "consistency_distillation"
     if distil or args.teacher_path:
         cli.require_path(args.teacher_path, "teacher_path")
     cli.require_path(args.data_dir, "data_dir", kind="dir")
-    # args.json marks the run's checkpoints as consistency models (its training_mode) for the
-    # sampling scripts' --sampler check.
-    save_run_flags(vars(args))
+    # The run lock, temp cleanup and resume-flag check; args.json marks the run's checkpoints as
+    # consistency models (its training_mode) for the sampling scripts' --sampler check.
+    if not cli.start_training(args, "unet"):
+        return
 
     logger.log("creating the student from the teacher...")
     model, diffusion = cli.build_model_and_diffusion(args, "unet")
@@ -55,13 +53,7 @@ def main():
         cli.apply_fast_flags(args, teacher)
     fast_cfg = cli.apply_fast_flags(args, model)
 
-    data = load_data(
-        data_dir=args.data_dir,
-        batch_size=args.batch_size,
-        image_size=args.image_size,
-        class_cond=args.class_cond,
-        random_flip=args.random_flip,
-    )
+    data = cli.training_data(args)  # every data flag: --seed, --num_classes, --skip_bad_images
     try:
         cli.train_diffusion(args, model, diffusion, data, use_bf16=fast_cfg.use_bf16,
                             loop=CMTrainLoop, teacher=teacher, cm=cm)

@@ -47,6 +47,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from datasets.digits import digit_to_image, load_digits  # noqa: E402
 from evaluations.evaluator import FIDStatistics, compute_statistics  # noqa: E402
 from guided_diffusion import cli, samplers, sample_util  # noqa: E402
+from guided_diffusion.guidance import classifier_cond_fn  # noqa: E402
 from guided_diffusion.config import (  # noqa: E402
     ClassifierConfig,
     CommonConfig,

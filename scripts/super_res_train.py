@@ -19,28 +19,19 @@ from guided_diffusion.config import (
     build_parser,
 )
 from guided_diffusion.image_datasets import load_data
-from guided_diffusion.train_util import dry_run, save_run_flags
 
 
 def main():
     args = create_argparser().parse_args()
-    cli.setup(args, training=not args.dry_run)  # a dry run takes no lock, writes nothing
-    if args.dry_run:
-        dry_run(args, "superres")
+    if not cli.start_training(args, "superres"):  # --dry_run: the cost printed, nothing written
         return
-    save_run_flags(vars(args))
 
     logger.log("creating model...")
     model, diffusion = cli.build_model_and_diffusion(args, "superres")
     fast_cfg = cli.apply_fast_flags(args, model)
 
     logger.log("creating data loader...")
-    cli.require_path(args.data_dir, "data_dir", kind="dir")
-    data = load_superres_data(
-        args.data_dir, args.batch_size, large_size=args.large_size, small_size=args.small_size,
-        class_cond=args.class_cond, random_flip=args.random_flip, seed=cli.data_seed(args),
-        num_classes=args.num_classes, skip_bad_images=args.skip_bad_images,
-    )
+    data = _WithLowRes(cli.training_data(args, image_size=args.large_size), args.small_size)
 
     cli.train_diffusion(args, model, diffusion, data, use_bf16=fast_cfg.use_bf16)
 
