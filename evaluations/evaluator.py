@@ -33,30 +33,18 @@ from tqdm.auto import tqdm
 if __package__ in (None, ""):  # run as `python evaluations/evaluator.py`: import the package
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from evaluations.inception import (  # noqa: E402
-    DEFAULT_PREPROCESSING,
-    PREPROCESSING_MODES,
-    WEIGHTS_ENV_VAR,
-    FIDInceptionV3,
-    load_fid_inception,
-)
+from evaluations.inception import FIDInceptionV3, load_fid_inception  # noqa: E402
 from evaluations.npz_io import (  # noqa: E402
     open_image_batch,
     read_precomputed_statistics,
     run_main,
     statistics_preprocessing,
 )
+from guided_diffusion.config import EvaluatorConfig, build_parser, defaults  # noqa: E402
 from guided_diffusion.fileio import atomic_write  # noqa: E402
 
-# One place for the command-line defaults (and the Evaluator's).
-EVALUATOR_DEFAULTS = dict(
-    inception_path="",  # weights; empty: ${GD_INCEPTION_PATH}, then the cache (downloaded once)
-    batch_size=64,  # images per Inception forward pass, as the original
-    device="",  # empty: cuda when available, else cpu
-    output="",  # also write the metrics to this JSON file
-    # 'tf': resize/scale as the TF graph that made the reference batches' mu/sigma; see preprocess()
-    preprocessing=DEFAULT_PREPROCESSING,
-)
+# The command-line defaults (and the Evaluator's), from the flags' one home.
+EVALUATOR_DEFAULTS = defaults(EvaluatorConfig)
 INCEPTION_SPLIT_SIZE = 5000
 NHOOD_SIZES = (3,)  # k of the k-NN balls of improved precision/recall
 PR_BATCH_SIZE = 10000  # rows x columns of one block of pairwise distances
@@ -576,25 +564,11 @@ METRIC_LABELS = dict(inception_score="Inception Score", fid="FID", sfid="sFID",
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = build_parser(__doc__.split("\n\n")[1], EvaluatorConfig)
     parser.add_argument("ref_batch", help="reference .npz (arr_0 images, optional mu/sigma/mu_s/"
                                           "sigma_s) or shard folder")
     parser.add_argument("sample_batch", help="sample .npz (arr_0 images) or shard folder "
                                              "(manifest.json + samples_START-STOP.npz)")
-    helps = dict(
-        inception_path=f"pt_inception-2015-12-05-6726825d.pth (default: ${WEIGHTS_ENV_VAR}, "
-                       f"then the cache)",
-        batch_size="images per Inception forward pass",
-        device="cuda, cuda:1, cpu... (default: cuda when available)",
-        output="also write the metrics to this JSON file",
-        preprocessing="how images are resized to 299 and scaled: 'tf' (as the original's TF graph, "
-                      "which made the reference statistics) or 'pytorch_fid' (as pytorch-fid)",
-    )
-    for name, default in EVALUATOR_DEFAULTS.items():
-        choices = PREPROCESSING_MODES if name == "preprocessing" else None
-        parser.add_argument(f"--{name}", type=type(default), default=default, choices=choices,
-                            help=helps[name])
     return parser
 
 

@@ -22,18 +22,23 @@ import torch as th
 import torch.nn as nn
 import torch.nn.functional as F
 
+from guided_diffusion.config import (  # the flags' one home
+    INCEPTION_WEIGHTS_ENV_VAR,
+    PREPROCESSING_MODES,
+    EvaluatorConfig,
+)
+
 WEIGHTS_URL = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
     "pt_inception-2015-12-05-6726825d.pth"
 )
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_SHA256_PREFIX = "6726825d"  # torch-hub style: the file name carries its hash prefix
-WEIGHTS_ENV_VAR = "GD_INCEPTION_PATH"
+WEIGHTS_ENV_VAR = INCEPTION_WEIGHTS_ENV_VAR
 INPUT_SIZE = 299
-PREPROCESSING_MODES = ("pytorch_fid", "tf")
 # 'tf': the original's reference statistics (mu, sigma, mu_s, sigma_s) were made by the TF graph,
 # so sample features must be made the same way to be compared with them.
-DEFAULT_PREPROCESSING = "tf"
+DEFAULT_PREPROCESSING = EvaluatorConfig().preprocessing
 NUM_SPATIAL_CHANNELS = 7  # the original's sFID keeps mixed_6/conv[..., :7]: 17 * 17 * 7 = 2023
 
 

@@ -14,17 +14,12 @@ import argparse
 
 import numpy as np
 
-from evaluations.evaluator import EVALUATOR_DEFAULTS, Evaluator, RunningStatistics
-from evaluations.inception import PREPROCESSING_MODES, WEIGHTS_ENV_VAR, load_fid_inception
+from evaluations.evaluator import Evaluator, RunningStatistics
+from evaluations.inception import load_fid_inception
 from evaluations.npz_io import images_to_npz, run_main
+from guided_diffusion.config import EvaluatorConfig, ReferenceBatchConfig, build_parser, defaults
 
-DEFAULTS = dict(
-    image_size=0,  # 0: keep the images' size (they must all agree); else resize + center-crop
-    inception_path=EVALUATOR_DEFAULTS["inception_path"],
-    batch_size=EVALUATOR_DEFAULTS["batch_size"],
-    device=EVALUATOR_DEFAULTS["device"],
-    preprocessing=EVALUATOR_DEFAULTS["preprocessing"],
-)
+DEFAULTS = defaults(ReferenceBatchConfig, EvaluatorConfig, drop=("output",))
 
 
 def make_reference_batch(image_dir: str, out_path: str, evaluator: Evaluator,
@@ -51,20 +46,11 @@ def make_reference_batch(image_dir: str, out_path: str, evaluator: Evaluator,
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    parser = build_parser(__doc__.split("\n\n")[0].strip(), ReferenceBatchConfig,
+                          EvaluatorConfig, drop=("output",))
     parser.add_argument("image_dir",
                         help="folder of .png/.jpg images (searched recursively, sorted by path)")
     parser.add_argument("out", help="the .npz to write")
-    helps = dict(image_size="resize and center-crop to this size as training data is (0: keep)",
-                 inception_path=f"Inception weights (default: ${WEIGHTS_ENV_VAR}, then the cache)",
-                 batch_size="images per Inception forward pass",
-                 device="default: cuda when available",
-                 preprocessing="'tf' (as the original's statistics) or 'pytorch_fid' "
-                               "resizing/scaling; use the one you will evaluate with")
-    for name, default in DEFAULTS.items():
-        choices = PREPROCESSING_MODES if name == "preprocessing" else None
-        parser.add_argument(f"--{name}", type=type(default), default=default, choices=choices,
-                            help=helps[name])
     return parser
 
 

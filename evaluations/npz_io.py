@@ -39,7 +39,44 @@ PREPROCESSING_KEY = "preprocessing"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
-class NpzArrayReader:
+class _RowReader:
+    """What both readers share: read_batch() counts rows and refuses past the end (a subclass
+    reads `_read(count)` rows), batches() iterates, and `with` closes."""
+
+    rows_read = 0
+    max_batch_rows = 0
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def _read(self, count: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def read_batch(self, n: int) -> np.ndarray | None:
+        """:return: the next [min(n, rows left) x ...] rows, or None when all were read."""
+        count = min(n, len(self) - self.rows_read)
+        if count <= 0:
+            return None
+        out = self._read(count)
+        self.rows_read += count
+        self.max_batch_rows = max(self.max_batch_rows, count)
+        return out
+
+    def batches(self, n: int) -> Iterator[np.ndarray]:
+        while (batch := self.read_batch(n)) is not None:
+            yield batch
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class NpzArrayReader(_RowReader):
     """
     Stream the rows of one array of an .npz file.
 
@@ -91,11 +128,7 @@ class NpzArrayReader:
     def __len__(self) -> int:
         return self.shape[0] if self.shape else 0
 
-    def read_batch(self, n: int) -> np.ndarray | None:
-        """:return: the next [min(n, rows left) x ...] rows, or None when all were read."""
-        count = min(n, len(self) - self.rows_read)
-        if count <= 0:
-            return None
+    def _read(self, count: int) -> np.ndarray:
         if self._memory is not None:
             out = self._memory[self.rows_read:self.rows_read + count]
         else:
@@ -107,24 +140,12 @@ class NpzArrayReader:
                     raise ValueError(f"{self.path}: '{self.name}' is truncated after row "
                                      f"{self.rows_read + filled // max(self._row_bytes, 1)}")
                 filled += got
-        self.rows_read += count
-        self.max_batch_rows = max(self.max_batch_rows, count)
         return out
-
-    def batches(self, n: int) -> Iterator[np.ndarray]:
-        while (batch := self.read_batch(n)) is not None:
-            yield batch
 
     def close(self) -> None:
         for f in (self._member, self._zip):
             if f is not None:
                 f.close()
-
-    def __enter__(self) -> "NpzArrayReader":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def shard_name(start: int, stop: int) -> str:
@@ -181,7 +202,7 @@ def list_shards(folder: str) -> tuple[int, list[tuple[int, int, str]]]:
     return num_samples, shards
 
 
-class ShardFolderReader:
+class ShardFolderReader(_RowReader):
     """
     Stream the rows of one array across the shards of a shard folder, in index order.
 
@@ -229,11 +250,7 @@ class ShardFolderReader:
     def __len__(self) -> int:
         return self.shape[0]
 
-    def read_batch(self, n: int) -> np.ndarray | None:
-        """:return: the next [min(n, rows left) x ...] rows, or None when all were read."""
-        count = min(n, len(self) - self.rows_read)
-        if count <= 0:
-            return None
+    def _read(self, count: int) -> np.ndarray:
         parts, got = [], 0
         while got < count:  # a batch may end one shard and begin the next
             if self._current is None or self._current.rows_read == len(self._current):
@@ -242,25 +259,12 @@ class ShardFolderReader:
                 self._next_shard += 1
             parts.append(self._current.read_batch(count - got))
             got += len(parts[-1])
-        out = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        self.rows_read += count
-        self.max_batch_rows = max(self.max_batch_rows, count)
-        return out
-
-    def batches(self, n: int) -> Iterator[np.ndarray]:
-        while (batch := self.read_batch(n)) is not None:
-            yield batch
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def close(self) -> None:
         if self._current is not None:
             self._current.close()
             self._current = None
-
-    def __enter__(self) -> "ShardFolderReader":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def open_image_batch(path: str, min_images: int = 1) -> NpzArrayReader | ShardFolderReader:

@@ -332,8 +332,9 @@ def training_data(args, **overrides):
     or add `load_data` arguments (e.g. random_crop, a validation folder's data_dir and seed).
     """
     require_path(overrides.get("data_dir", args.data_dir), "data_dir", kind="dir")
-    kwargs = dict(data_dir=args.data_dir, batch_size=args.batch_size, image_size=args.image_size,
-                  class_cond=args.class_cond, random_flip=args.random_flip)
+    kwargs = dict(data_dir=args.data_dir, batch_size=args.batch_size,
+                  image_size=getattr(args, "image_size", None),
+                  class_cond=getattr(args, "class_cond", False), random_flip=args.random_flip)
     kwargs.update(overrides)
     space = space_from_flags(args)
     if isinstance(space, LatentSpace):  # the data set's encodings, cached once

@@ -456,6 +456,35 @@ class BenchmarkConfig:
     json: str = flag("", "also write the full report (every time) here")
 
 
+# How the evaluator resizes and scales images for Inception (evaluations/inception.py): 'tf' as the
+# original's TF graph (which made the reference batches' statistics), or 'pytorch_fid'.
+PREPROCESSING_MODES = ("pytorch_fid", "tf")
+INCEPTION_WEIGHTS_ENV_VAR = "GD_INCEPTION_PATH"
+
+
+@dataclass(frozen=True)
+class EvaluatorConfig:
+    """evaluations/evaluator.py's flags (and make_reference_batch.py's, but --output)."""
+
+    inception_path: str = flag("", f"pt_inception-2015-12-05-6726825d.pth (default: "
+                                   f"${INCEPTION_WEIGHTS_ENV_VAR}, then the cache)")
+    batch_size: int = flag(64, "images per Inception forward pass", positive)
+    device: str = flag("", "cuda, cuda:1, cpu... (default: cuda when available)")
+    output: str = flag("", "also write the metrics to this JSON file")
+    preprocessing: str = flag(
+        "tf", "how images are resized to 299 and scaled: 'tf' (as the original's TF graph, which "
+              "made the reference statistics) or 'pytorch_fid' (as pytorch-fid)",
+        one_of(*PREPROCESSING_MODES))
+
+
+@dataclass(frozen=True)
+class ReferenceBatchConfig:
+    """evaluations/make_reference_batch.py's own flag."""
+
+    image_size: int = flag(0, "resize and center-crop to this size as training data is (0: keep)",
+                           non_negative)
+
+
 # ------------------------------------------------------------------------------------------------
 # Building parsers and reading them back
 

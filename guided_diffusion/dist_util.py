@@ -40,18 +40,28 @@ _MPI_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MV2_COMM_WOR
 _MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
 
 
+def _int_from_env(names: Iterable[str], default: int) -> int:
+    """The first of the environment variables `names` that holds an integer, else `default`."""
+    for var in names:
+        try:
+            return int(os.environ[var])
+        except (KeyError, ValueError):
+            pass
+    return default
+
+
+def env_rank() -> int:
+    """This process's rank from the launcher's variables (torchrun's RANK or MPI's), also before
+    the process group exists; 0 when launched plainly."""
+    return _int_from_env(("RANK", *_MPI_RANK_VARS), 0)
+
+
 def _launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def _mpi_world_size_from_env() -> int:
-    for var in _MPI_SIZE_VARS:
-        if var in os.environ:
-            try:
-                return int(os.environ[var])
-            except ValueError:
-                pass
-    return 1
+    return _int_from_env(_MPI_SIZE_VARS, 1)
 
 
 def _free_port() -> int:

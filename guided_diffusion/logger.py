@@ -366,13 +366,7 @@ def _rank_from_env() -> int:
     """This process's rank, also before the process group exists (torchrun or MPI variables)."""
     if dist_util.get_world_size() > 1:
         return dist_util.get_rank()
-    for var in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK"):
-        if var in os.environ:
-            try:
-                return int(os.environ[var])
-            except ValueError:
-                pass
-    return 0
+    return dist_util.env_rank()
 
 
 def configure(

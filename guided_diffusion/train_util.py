@@ -628,12 +628,6 @@ class ClassifierTrainLoop(TrainLoop):
     def __init__(
         self,
         *,
-        model: th.nn.Module,
-        diffusion,
-        data: Iterator,
-        batch_size: int,
-        microbatch: int,
-        lr: float,
         iterations: int,
         anneal_lr: bool = False,
         noised: bool = True,
@@ -650,9 +644,7 @@ class ClassifierTrainLoop(TrainLoop):
         kwargs.setdefault("log_interval", 10)
         kwargs.setdefault("save_interval", 10000)
         kwargs.setdefault("resume_checkpoint", "")
-        super().__init__(model=model, diffusion=diffusion, data=data, batch_size=batch_size,
-                         microbatch=microbatch, lr=lr,
-                         lr_anneal_steps=iterations if anneal_lr else 0, **kwargs)
+        super().__init__(lr_anneal_steps=iterations if anneal_lr else 0, **kwargs)
         self.total_steps = iterations
 
     def microbatch_loss(self, micro: th.Tensor, micro_cond: dict) -> th.Tensor:

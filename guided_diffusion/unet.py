@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch as th
 import torch.nn as nn
@@ -373,6 +373,37 @@ class _EncoderHalf(nn.Module):
     blocks in the state_dict (the U-Net's `label_emb`), then call `_build_encoder`.
     """
 
+    # The constructor arguments both networks store and build their shared half from.
+    _SHARED_ARGS = ("in_channels", "model_channels", "out_channels", "num_res_blocks",
+                    "attention_resolutions", "dropout", "channel_mult", "conv_resample", "dims",
+                    "use_checkpoint", "use_fp16", "num_heads", "num_head_channels",
+                    "num_heads_upsample", "use_scale_shift_norm", "resblock_updown",
+                    "use_new_attention_order")
+
+    def _build_trunk(self, args: dict, between: Callable[[int], None] | None = None):
+        """
+        Store the shared constructor arguments as attributes (the original's names), then
+        register `time_embed`, whatever `between(time_embed_dim)` adds (the U-Net's label
+        embedding, which sits between the two in the state_dict), and the encoder.
+
+        :param args: the constructor's arguments (at least `_SHARED_ARGS`).
+        :return: (time_embed_dim, block_chans, ch, ds) as `_build_encoder` returns them.
+        """
+        a = {k: args[k] for k in self._SHARED_ARGS}
+        if a["num_heads_upsample"] == -1:
+            a["num_heads_upsample"] = a["num_heads"]
+        for k in ("in_channels", "model_channels", "out_channels", "num_res_blocks",
+                  "attention_resolutions", "dropout", "channel_mult", "conv_resample",
+                  "use_checkpoint", "num_heads", "num_head_channels", "num_heads_upsample"):
+            setattr(self, k, a[k])
+        self.dtype = th.float16 if a["use_fp16"] else th.float32
+        time_embed_dim = self._build_time_embed(a["model_channels"])
+        if between is not None:
+            between(time_embed_dim)
+        encoder = {k: v for k, v in a.items()
+                   if k not in ("out_channels", "use_fp16", "num_heads_upsample")}
+        return (time_embed_dim, *self._build_encoder(time_embed_dim=time_embed_dim, **encoder))
+
     def _build_time_embed(self, model_channels: int) -> int:
         """Register `time_embed`, the MLP on the sinusoidal embedding; return its width."""
         time_embed_dim = model_channels * 4
@@ -539,52 +570,22 @@ class UNetModel(_EncoderHalf):
         class_dropout_prob: float = 0.0,
     ):
         super().__init__()
-        if num_heads_upsample == -1:
-            num_heads_upsample = num_heads
         if not 0.0 <= class_dropout_prob <= 1.0:
             raise ValueError(f"class_dropout_prob must be in [0, 1], got {class_dropout_prob}")
         if class_dropout_prob > 0 and num_classes is None:
             raise ValueError("class_dropout_prob > 0 needs a class-conditional model (num_classes)")
-
         self.image_size = image_size
-        self.in_channels = in_channels
-        self.model_channels = model_channels
-        self.out_channels = out_channels
-        self.num_res_blocks = num_res_blocks
-        self.attention_resolutions = attention_resolutions
-        self.dropout = dropout
-        self.channel_mult = channel_mult
-        self.conv_resample = conv_resample
         self.num_classes = num_classes
         self.class_dropout_prob = class_dropout_prob
-        self.use_checkpoint = use_checkpoint
-        self.dtype = th.float16 if use_fp16 else th.float32
-        self.num_heads = num_heads
-        self.num_head_channels = num_head_channels
-        self.num_heads_upsample = num_heads_upsample
 
-        time_embed_dim = self._build_time_embed(model_channels)
-        if num_classes is not None:
-            # The extra row is the learned "null" label of classifier-free guidance.
-            self.label_emb = nn.Embedding(num_classes + (class_dropout_prob > 0), time_embed_dim)
+        def label_embedding(time_embed_dim: int) -> None:
+            if num_classes is not None:
+                # The extra row is the learned "null" label of classifier-free guidance.
+                self.label_emb = nn.Embedding(num_classes + (class_dropout_prob > 0),
+                                              time_embed_dim)
 
-        block_chans, ch, ds = self._build_encoder(
-            in_channels=in_channels,
-            model_channels=model_channels,
-            time_embed_dim=time_embed_dim,
-            num_res_blocks=num_res_blocks,
-            attention_resolutions=attention_resolutions,
-            dropout=dropout,
-            channel_mult=channel_mult,
-            conv_resample=conv_resample,
-            dims=dims,
-            use_checkpoint=use_checkpoint,
-            num_heads=num_heads,
-            num_head_channels=num_head_channels,
-            use_scale_shift_norm=use_scale_shift_norm,
-            resblock_updown=resblock_updown,
-            use_new_attention_order=use_new_attention_order,
-        )
+        time_embed_dim, block_chans, ch, ds = self._build_trunk(locals(), label_embedding)
+        num_heads_upsample = self.num_heads_upsample
 
         # The decoder mirrors the encoder level by level; each block first concatenates the
         # matching encoder output (the skip connection), so it has one more ResBlock per level.
@@ -710,41 +711,8 @@ class EncoderUNetModel(_EncoderHalf):
         super().__init__()
         if pool not in self.POOLS:
             raise ValueError(f"unknown pool {pool!r} (--classifier_pool): expected one of {self.POOLS}")
-        if num_heads_upsample == -1:
-            num_heads_upsample = num_heads
-        self.in_channels = in_channels
-        self.model_channels = model_channels
-        self.out_channels = out_channels
-        self.num_res_blocks = num_res_blocks
-        self.attention_resolutions = attention_resolutions
-        self.dropout = dropout
-        self.channel_mult = channel_mult
-        self.conv_resample = conv_resample
-        self.use_checkpoint = use_checkpoint
-        self.dtype = th.float16 if use_fp16 else th.float32
-        self.num_heads = num_heads
-        self.num_head_channels = num_head_channels
-        self.num_heads_upsample = num_heads_upsample
         self.pool = pool
-
-        time_embed_dim = self._build_time_embed(model_channels)
-        block_chans, ch, ds = self._build_encoder(
-            in_channels=in_channels,
-            model_channels=model_channels,
-            time_embed_dim=time_embed_dim,
-            num_res_blocks=num_res_blocks,
-            attention_resolutions=attention_resolutions,
-            dropout=dropout,
-            channel_mult=channel_mult,
-            conv_resample=conv_resample,
-            dims=dims,
-            use_checkpoint=use_checkpoint,
-            num_heads=num_heads,
-            num_head_channels=num_head_channels,
-            use_scale_shift_norm=use_scale_shift_norm,
-            resblock_updown=resblock_updown,
-            use_new_attention_order=use_new_attention_order,
-        )
+        time_embed_dim, block_chans, ch, ds = self._build_trunk(locals())
         # The spatial pools see the mean of every input block's output and of the middle block.
         self._feature_size = sum(block_chans) + ch
 

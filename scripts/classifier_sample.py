@@ -6,19 +6,7 @@ Algorithm 1 for DDPM, Algorithm 2 for DDIM): every sample gets a random target l
 
 import argparse
 
-from guided_diffusion import cli, logger, sample_util
-from guided_diffusion.config import (
-    ClassifierConfig,
-    CommonConfig,
-    DiffusionConfig,
-    DiTConfig,
-    FastConfig,
-    GuidanceConfig,
-    SampleConfig,
-    SamplerOptions,
-    UNetConfig,
-    build_parser,
-)
+from guided_diffusion import cli, config, logger, sample_util
 from guided_diffusion.guidance import classifier_cond_fn
 
 
@@ -43,9 +31,10 @@ def main():
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    return build_parser(
-        __doc__, SampleConfig, GuidanceConfig, UNetConfig, DiffusionConfig, ClassifierConfig,
-        CommonConfig, SamplerOptions, FastConfig, DiTConfig,  # --model dit: a pixel-space DiT
+    return config.build_parser(
+        __doc__, config.SampleConfig, config.GuidanceConfig, config.UNetConfig,
+        config.DiffusionConfig, config.ClassifierConfig, config.CommonConfig, config.SamplerOptions,
+        config.FastConfig, config.DiTConfig,  # --model dit: a pixel-space DiT
     )
 
 if __name__ == "__main__":

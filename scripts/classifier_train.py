@@ -8,18 +8,8 @@ classifier_sample.py takes the model file.
 
 import argparse
 
-from guided_diffusion import cli, logger
+from guided_diffusion import cli, config, logger
 from guided_diffusion.resample import create_named_schedule_sampler
-from guided_diffusion.config import (
-    ClassifierConfig,
-    ClassifierTrainConfig,
-    CommonConfig,
-    DataConfig,
-    DiffusionConfig,
-    FastConfig,
-    TrainingConfig,
-    build_parser,
-)
 from guided_diffusion.train_util import ClassifierTrainLoop
 
 
@@ -50,9 +40,10 @@ def main():
 def create_argparser() -> argparse.ArgumentParser:
     # TrainingConfig's flags with the original classifier_train defaults, without the diffusion
     # model's EMA, lr annealing and fp16 loss scale (the classifier has --anneal_lr, --iterations).
-    return build_parser(
-        __doc__, DataConfig, ClassifierTrainConfig, TrainingConfig(lr=3e-4, batch_size=4),
-        ClassifierConfig, DiffusionConfig, CommonConfig, FastConfig,
+    return config.build_parser(
+        __doc__, config.DataConfig, config.ClassifierTrainConfig,
+        config.TrainingConfig(lr=3e-4, batch_size=4), config.ClassifierConfig,
+        config.DiffusionConfig, config.CommonConfig, config.FastConfig,
         drop=("ema_rate", "lr_anneal_steps", "fp16_scale_growth", "sample_interval"),
     )
 

@@ -13,24 +13,13 @@ Run on several processes with `torchrun --nproc_per_node=K` or `mpiexec -n K`.
 import argparse
 import copy
 
-from guided_diffusion import cli, logger
-from guided_diffusion.config import (
-    CommonConfig,
-    ConsistencyConfig,
-    DataConfig,
-    DiffusionConfig,
-    FastConfig,
-    TrainingConfig,
-    UNetConfig,
-    build_parser,
-    from_flags,
-)
+from guided_diffusion import cli, config, logger
 from guided_diffusion.cm_train import CMTrainLoop
 
 
 def main():
     args = create_argparser().parse_args()
-    cm = from_flags(ConsistencyConfig, args)
+    cm = config.from_flags(config.ConsistencyConfig, args)
     distil = cm.training_mode == "consistency_distillation"
     if distil or args.teacher_path:
         cli.require_path(args.teacher_path, "teacher_path")
@@ -62,9 +51,9 @@ def main():
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    return build_parser(
-        __doc__, ConsistencyConfig, DataConfig, TrainingConfig, UNetConfig, DiffusionConfig,
-        CommonConfig, FastConfig,
+    return config.build_parser(
+        __doc__, config.ConsistencyConfig, config.DataConfig, config.TrainingConfig,
+        config.UNetConfig, config.DiffusionConfig, config.CommonConfig, config.FastConfig,
     )
 
 

@@ -11,16 +11,7 @@ import numpy as np
 import torch as th
 import torch.distributed as dist
 
-from guided_diffusion import cli, dist_util, logger
-from guided_diffusion.config import (
-    CommonConfig,
-    DiffusionConfig,
-    FastConfig,
-    NllConfig,
-    SampleConfig,
-    UNetConfig,
-    build_parser,
-)
+from guided_diffusion import cli, config, dist_util, logger
 from guided_diffusion.image_datasets import load_data
 
 
@@ -98,9 +89,10 @@ def run_bpd_evaluation(model, diffusion, data, num_samples: int, clip_denoised: 
 
 def create_argparser() -> argparse.ArgumentParser:
     # The sampling scripts' flags with the original's nll defaults; it writes no samples or grid.
-    return build_parser(
-        __doc__, NllConfig, SampleConfig(num_samples=1000, batch_size=1), UNetConfig,
-        DiffusionConfig, CommonConfig, FastConfig, drop=("use_ddim", "grid_size"),
+    return config.build_parser(
+        __doc__, config.NllConfig, config.SampleConfig(num_samples=1000, batch_size=1),
+        config.UNetConfig, config.DiffusionConfig, config.CommonConfig, config.FastConfig,
+        drop=("use_ddim", "grid_size"),
     )
 
 if __name__ == "__main__":

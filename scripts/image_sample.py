@@ -8,18 +8,7 @@ same command to finish a killed run (see `sample_util.sample_and_save`).
 
 import argparse
 
-from guided_diffusion import cli, latent, logger, sample_util
-from guided_diffusion.config import (
-    CommonConfig,
-    DiffusionConfig,
-    DiTConfig,
-    FastConfig,
-    LatentConfig,
-    SampleConfig,
-    SamplerOptions,
-    UNetConfig,
-    build_parser,
-)
+from guided_diffusion import cli, config, latent, logger, sample_util
 
 
 def main():
@@ -42,9 +31,10 @@ def main():
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    return build_parser(
-        __doc__, SampleConfig, UNetConfig, DiffusionConfig, CommonConfig, SamplerOptions, FastConfig,
-        DiTConfig, LatentConfig,
+    return config.build_parser(
+        __doc__, config.SampleConfig, config.UNetConfig, config.DiffusionConfig,
+        config.CommonConfig, config.SamplerOptions, config.FastConfig, config.DiTConfig,
+        config.LatentConfig,
     )
 
 if __name__ == "__main__":

@@ -8,18 +8,7 @@ Trains forever unless `--lr_anneal_steps N` (then lr decays linearly to 0 over N
 
 import argparse
 
-from guided_diffusion import cli, logger
-from guided_diffusion.config import (
-    CommonConfig,
-    DataConfig,
-    DiffusionConfig,
-    DiTConfig,
-    FastConfig,
-    LatentConfig,
-    TrainingConfig,
-    UNetConfig,
-    build_parser,
-)
+from guided_diffusion import cli, config, logger
 
 
 def main():
@@ -37,9 +26,10 @@ def main():
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    return build_parser(
-        __doc__, DataConfig, TrainingConfig, UNetConfig, DiffusionConfig, CommonConfig, FastConfig,
-        DiTConfig, LatentConfig,
+    return config.build_parser(
+        __doc__, config.DataConfig, config.TrainingConfig, config.UNetConfig,
+        config.DiffusionConfig, config.CommonConfig, config.FastConfig, config.DiTConfig,
+        config.LatentConfig,
     )
 
 if __name__ == "__main__":

@@ -11,17 +11,7 @@ import zipfile
 import numpy as np
 import torch as th
 
-from guided_diffusion import cli, logger, sample_util
-from guided_diffusion.config import (
-    CommonConfig,
-    DiffusionConfig,
-    FastConfig,
-    SampleConfig,
-    SamplerOptions,
-    SuperResConfig,
-    SuperResSampleConfig,
-    build_parser,
-)
+from guided_diffusion import cli, config, logger, sample_util
 
 
 def load_base_samples(path: str, small_size: int,
@@ -85,9 +75,9 @@ def main():
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    return build_parser(
-        __doc__, SampleConfig, SuperResSampleConfig, SuperResConfig, DiffusionConfig,
-        CommonConfig, SamplerOptions, FastConfig,
+    return config.build_parser(
+        __doc__, config.SampleConfig, config.SuperResSampleConfig, config.SuperResConfig,
+        config.DiffusionConfig, config.CommonConfig, config.SamplerOptions, config.FastConfig,
     )
 
 if __name__ == "__main__":

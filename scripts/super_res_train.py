@@ -8,16 +8,7 @@ from typing import Iterator
 
 import torch.nn.functional as F
 
-from guided_diffusion import cli, logger
-from guided_diffusion.config import (
-    CommonConfig,
-    DataConfig,
-    DiffusionConfig,
-    FastConfig,
-    SuperResConfig,
-    TrainingConfig,
-    build_parser,
-)
+from guided_diffusion import cli, config, logger
 from guided_diffusion.image_datasets import load_data
 
 
@@ -66,9 +57,9 @@ class _WithLowRes:
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    return build_parser(
-        __doc__, DataConfig, TrainingConfig, SuperResConfig, DiffusionConfig, CommonConfig,
-        FastConfig,
+    return config.build_parser(
+        __doc__, config.DataConfig, config.TrainingConfig, config.SuperResConfig,
+        config.DiffusionConfig, config.CommonConfig, config.FastConfig,
     )
 
 if __name__ == "__main__":

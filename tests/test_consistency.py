@@ -18,13 +18,12 @@ import torch as th
 import torch.nn as nn
 
 from guided_diffusion import logger, samplers, sample_util
-from guided_diffusion.checkpoints import CheckpointError
+from guided_diffusion.checkpoints import CheckpointError, check_sampler_fits_model
 from guided_diffusion.config import ConsistencyConfig
+from guided_diffusion.cm_train import CMTrainLoop
 from guided_diffusion.consistency import (
-    CMTrainLoop,
     ConsistencyDistillation,
     ConsistencyFunction,
-    check_sampler_fits_model,
     cm_defaults,
     cm_timesteps,
     consistency_sample,

@@ -337,7 +337,9 @@ def test_reading_batches_imports_no_training_code(tmp_path):
     """)
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "['guided_diffusion', 'guided_diffusion.image_util']"
+    # The foundation (errors, file I/O) and image_util only: the layers contract, also at run time.
+    assert proc.stdout.strip() == ("['guided_diffusion', 'guided_diffusion.errors', "
+                                   "'guided_diffusion.fileio', 'guided_diffusion.image_util']")
 
 
 def test_failed_make_reference_batch_rerun_leaves_the_good_batch_byte_identical(tmp_path):

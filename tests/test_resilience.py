@@ -347,7 +347,7 @@ def test_sample_grids_and_loss_plot_leave_training_unchanged(tmp_path, one_threa
 
 
 def test_training_cost_counts_parameters_and_scales_with_batch_and_microbatch(one_thread):
-    from guided_diffusion.train_util import training_cost
+    from guided_diffusion.costs import training_cost
 
     flags = model_and_diffusion_defaults()
     flags.update(TINY)
