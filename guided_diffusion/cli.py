@@ -356,12 +356,14 @@ def train_loop_kwargs(args, fp16_flag: str = "use_fp16") -> dict:
     return kwargs
 
 
-def train_diffusion(args, model, diffusion, data, use_bf16: bool, loop: Callable | None = None,
+def train_diffusion(args, model, diffusion, data, loop: Callable | None = None,
                     fp16_flag: str = "use_fp16", **loop_kwargs) -> None:
-    """Run the original's TrainLoop from the `config.TrainingConfig` flags (and --use_fp16);
-    `loop` is a training mode to run instead (ClassifierTrainLoop, CMTrainLoop), given
-    `loop_kwargs` besides. A diffusion loop gets --schedule_sampler's sampler; other modes
-    draw their own indices (uniform)."""
+    """Run the original's TrainLoop from the `config.TrainingConfig` flags (and `fp16_flag`,
+    --use_fp16 by default) on `model`, after applying the fast-path flags to it (bf16 autocast
+    goes to the loop); `loop` is a training mode to run instead (ClassifierTrainLoop,
+    CMTrainLoop), given `loop_kwargs` besides. A diffusion loop gets --schedule_sampler's
+    sampler; other modes draw their own indices (uniform)."""
+    use_bf16 = apply_fast_flags(args, model, fp16_flag).use_bf16
     logger.log("training...")
     sampler = getattr(args, "schedule_sampler", "uniform")
     if loop is not None and loop_kwargs.get("schedule_sampler") is None and sampler != "uniform":

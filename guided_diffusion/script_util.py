@@ -23,7 +23,6 @@ from .config import (
     SuperResConfig,
     UNetConfig,
     add_flags,
-    default_channel_mult,
     defaults,
     from_flags,
     parse_channel_mult,
@@ -115,24 +114,32 @@ def create_model(
     in_channels=3,
 ) -> UNetModel:
     return UNetModel(
-        image_size=image_size,
-        in_channels=in_channels,
-        model_channels=num_channels,
-        out_channels=(in_channels if not learn_sigma else 2 * in_channels),
-        num_res_blocks=num_res_blocks,
-        attention_resolutions=_attention_ds(attention_resolutions, image_size),
-        dropout=dropout,
-        channel_mult=parse_channel_mult(channel_mult, image_size, "unet"),
-        num_classes=(num_classes if class_cond else None),
-        use_checkpoint=use_checkpoint,
-        use_fp16=use_fp16,
-        num_heads=num_heads,
-        num_head_channels=num_head_channels,
-        num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm,
-        resblock_updown=resblock_updown,
+        **_unet_args(locals(), "unet"),
         use_new_attention_order=use_new_attention_order,
         class_dropout_prob=(class_dropout_prob if class_cond else 0.0),
+    )
+
+
+# The flags that reach UNetModel / SuperResModel unchanged.
+_UNET_PASSED = ("num_res_blocks", "dropout", "use_checkpoint", "use_fp16", "num_heads",
+                "num_head_channels", "num_heads_upsample", "use_scale_shift_norm",
+                "resblock_updown")
+
+
+def _unet_args(flags: dict, kind: str) -> dict:
+    """The U-Net arguments both image factories derive from their flags as the original does:
+    output channels (doubled to learn sigma), attention resolutions in pixels -> downsample
+    rates, channel multipliers (defaults per image size), labels only if class-conditional."""
+    size, channels = flags["image_size"], flags["in_channels"]
+    return dict(
+        {k: flags[k] for k in _UNET_PASSED},
+        image_size=size,
+        in_channels=channels,
+        model_channels=flags["num_channels"],
+        out_channels=channels * (2 if flags["learn_sigma"] else 1),
+        attention_resolutions=_attention_ds(flags["attention_resolutions"], size),
+        channel_mult=parse_channel_mult(flags["channel_mult"], size, kind),
+        num_classes=(flags["num_classes"] if flags["class_cond"] else None),
     )
 
 
@@ -196,24 +203,9 @@ def sr_create_model(
     num_classes=NUM_CLASSES,
 ) -> SuperResModel:
     del small_size  # the low-res input is upsampled to large_size inside the model
-    return SuperResModel(
-        image_size=large_size,
-        in_channels=3,
-        model_channels=num_channels,
-        out_channels=(3 if not learn_sigma else 6),
-        num_res_blocks=num_res_blocks,
-        attention_resolutions=_attention_ds(attention_resolutions, large_size),
-        dropout=dropout,
-        channel_mult=default_channel_mult(large_size, "superres"),
-        num_classes=(num_classes if class_cond else None),
-        use_checkpoint=use_checkpoint,
-        num_heads=num_heads,
-        num_head_channels=num_head_channels,
-        num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm,
-        resblock_updown=resblock_updown,
-        use_fp16=use_fp16,
-    )
+    # The 256 px multipliers at 512 px, as the original's super-resolution model.
+    return SuperResModel(**_unet_args(
+        dict(locals(), image_size=large_size, in_channels=3, channel_mult=""), "superres"))
 
 
 def create_gaussian_diffusion(

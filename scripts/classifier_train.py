@@ -20,7 +20,6 @@ def main():
 
     logger.log("creating model and diffusion...")
     model, diffusion = cli.build_model_and_diffusion(args, "classifier")
-    fast_cfg = cli.apply_fast_flags(args, model, "classifier_use_fp16")
 
     logger.log("creating data loader...")
     data = cli.training_data(args, class_cond=True, random_crop=args.random_crop)
@@ -30,7 +29,7 @@ def main():
                                      random_flip=True, seed=cli.data_seed(args, stream=1))
 
     cli.train_diffusion(
-        args, model, diffusion, data, use_bf16=fast_cfg.use_bf16, loop=ClassifierTrainLoop,
+        args, model, diffusion, data, loop=ClassifierTrainLoop,
         fp16_flag="classifier_use_fp16", iterations=args.iterations, anneal_lr=args.anneal_lr,
         noised=args.noised, val_data=val_data, eval_interval=args.eval_interval,
         schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion),

@@ -40,11 +40,10 @@ def main():
             teacher.convert_to_fp16()
         teacher.eval()  # only evaluated: no dropout, no label dropout
         cli.apply_fast_flags(args, teacher)
-    fast_cfg = cli.apply_fast_flags(args, model)
 
     data = cli.training_data(args)  # every data flag: --seed, --num_classes, --skip_bad_images
     try:
-        cli.train_diffusion(args, model, diffusion, data, use_bf16=fast_cfg.use_bf16,
+        cli.train_diffusion(args, model, diffusion, data,
                             loop=CMTrainLoop, teacher=teacher, cm=cm)
     except ValueError as e:  # a bad consistency flag (named in the message)
         raise cli.ScriptError(str(e)) from e

@@ -18,11 +18,10 @@ def main():
 
     logger.log("creating model and diffusion...")
     model, diffusion = cli.build_model_and_diffusion(args, "unet")  # or --model dit
-    fast_cfg = cli.apply_fast_flags(args, model)
 
     logger.log("creating data loader...")
     data = cli.training_data(args)  # pixels, or --latent_vae's cached encodings
-    cli.train_diffusion(args, model, diffusion, data, use_bf16=fast_cfg.use_bf16)
+    cli.train_diffusion(args, model, diffusion, data)
 
 
 def create_argparser() -> argparse.ArgumentParser:

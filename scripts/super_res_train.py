@@ -19,12 +19,11 @@ def main():
 
     logger.log("creating model...")
     model, diffusion = cli.build_model_and_diffusion(args, "superres")
-    fast_cfg = cli.apply_fast_flags(args, model)
 
     logger.log("creating data loader...")
     data = _WithLowRes(cli.training_data(args, image_size=args.large_size), args.small_size)
 
-    cli.train_diffusion(args, model, diffusion, data, use_bf16=fast_cfg.use_bf16)
+    cli.train_diffusion(args, model, diffusion, data)
 
 
 def load_superres_data(data_dir: str, batch_size: int, large_size: int, small_size: int,
