@@ -10,6 +10,7 @@ which keeps the numbers identical to the original implementation.
 from __future__ import annotations
 
 import enum
+import inspect
 import math
 from typing import Callable, Iterator
 
@@ -567,54 +568,32 @@ class GaussianDiffusion:
             progress=progress, noise_fn=noise_fn, eta=eta,
         )
 
-    def p_sample_loop(
-        self,
-        model: Model,
-        shape,
-        noise: th.Tensor | None = None,
-        clip_denoised: bool = True,
-        denoised_fn=None,
-        cond_fn: CondFn | None = None,
-        model_kwargs: dict | None = None,
-        device=None,
-        progress: bool = False,
-        noise_fn: Callable[[th.Tensor], th.Tensor] | None = None,
-    ) -> th.Tensor:
+    def p_sample_loop(self, model: Model, shape, *args, **kwargs) -> th.Tensor:
         """
-        Generate samples with DDPM ancestral sampling.
+        Generate samples with DDPM ancestral sampling; the arguments (positional or keyword) are
+        p_sample_loop_progressive's, as in the original.
 
         :return: the final [N x C x ...] batch of samples x_0.
         """
-        return samplers.final_sample(self.p_sample_loop_progressive(
-            model, shape, noise=noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-            cond_fn=cond_fn, model_kwargs=model_kwargs, device=device, progress=progress,
-            noise_fn=noise_fn,
-        ))
+        return samplers.final_sample(
+            self.p_sample_loop_progressive(model, shape, *args, **kwargs))
 
-    def ddim_sample_loop(
-        self,
-        model: Model,
-        shape,
-        noise: th.Tensor | None = None,
-        clip_denoised: bool = True,
-        denoised_fn=None,
-        cond_fn: CondFn | None = None,
-        model_kwargs: dict | None = None,
-        device=None,
-        progress: bool = False,
-        eta: float = 0.0,
-        noise_fn: Callable[[th.Tensor], th.Tensor] | None = None,
-    ) -> th.Tensor:
+    def ddim_sample_loop(self, model: Model, shape, *args, **kwargs) -> th.Tensor:
         """
-        Generate samples with DDIM.
+        Generate samples with DDIM; the arguments (positional or keyword, `eta` included) are
+        ddim_sample_loop_progressive's, as in the original.
 
         :return: the final [N x C x ...] batch of samples x_0.
         """
-        return samplers.final_sample(self.ddim_sample_loop_progressive(
-            model, shape, noise=noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-            cond_fn=cond_fn, model_kwargs=model_kwargs, device=device, progress=progress,
-            eta=eta, noise_fn=noise_fn,
-        ))
+        return samplers.final_sample(
+            self.ddim_sample_loop_progressive(model, shape, *args, **kwargs))
+
+    # The signatures `help()` and `inspect` show: the progressive loops' (same order, same
+    # defaults), which the original's p_sample_loop / ddim_sample_loop spell out again.
+    p_sample_loop.__signature__ = inspect.signature(p_sample_loop_progressive).replace(
+        return_annotation="th.Tensor")
+    ddim_sample_loop.__signature__ = inspect.signature(ddim_sample_loop_progressive).replace(
+        return_annotation="th.Tensor")
 
     # ----------------------------------------------------------------------------------------
     # Losses and likelihood
