@@ -415,7 +415,7 @@ def dit_rules(model: DiT) -> list[_Rule]:
                 raise BridgeError(f"{theirs[0].split('.', 2)[-1]} differs between diffusers' "
                                   "blocks; DiT has one shared timestep/label embedder")
             return [t[0]]
-        return _Rule((ours,), tuple(theirs), lambda t: [t[0]] * depth, back)
+        return _Rule((ours,), tuple(theirs), lambda t: [t[0].clone() for _ in theirs], back)
 
     rules = _params("x_embedder.proj", "pos_embed.proj") + [
         _Rule(("pos_embed",), (), fixed_pos_embed, lambda t: [table.clone()])]
@@ -716,12 +716,7 @@ class DiffusersFolder:
     flags: dict
     in_channels: int
     state_dict: dict[str, th.Tensor]
-
-
-# Flags the weights and configs cannot show; taken from our flags file when the folder has one.
-_FLAGS_FILE_ONLY = ("use_new_attention_order", "class_dropout_prob", "use_fp16", "use_checkpoint",
-                    "num_heads", "num_heads_upsample", "timestep_respacing", "use_kl",
-                    "rescale_timesteps", "rescale_learned_sigmas", "cfg_channels")
+    config: dict  # the model's config.json
 
 
 def read_diffusers_folder(folder: str) -> DiffusersFolder:
@@ -748,26 +743,39 @@ def read_diffusers_folder(folder: str) -> DiffusersFolder:
     flags.update(diffusion)
     ours_path = os.path.join(folder, FLAGS_FILE)
     if os.path.isfile(ours_path):
+        # Our own export: its flags say what the configs cannot (the attention order, label
+        # dropout, fp16, ...) and how the run spelled the layout. The diffusion flags must agree
+        # here; the model flags are checked against config.json once the model is built
+        # (`check_config`).
         saved = _read_json(ours_path)
-        for key, value in flags.items():
-            if key in saved and key not in _FLAGS_FILE_ONLY and _norm(saved[key]) != _norm(value):
-                raise BridgeError(f"{ours_path}: --{key} {saved[key]!r} disagrees with the "
-                                  f"diffusers configs ({value!r}); was the folder edited?")
-        flags.update({k: saved[k] for k in _FLAGS_FILE_ONLY if k in saved})
-        if kind == "dit" and "dit_model" in saved:  # the name the run used, same sizes
-            flags.update({k: saved[k] for k in saved if k.startswith("dit_")})
-    return DiffusersFolder(kind, flags, in_channels, _read_safetensors(sub))
+        for key, value in diffusion.items():
+            if key in saved and saved[key] != value:
+                raise BridgeError(f"{ours_path}: --{key} {saved[key]!r} disagrees with "
+                                  f"scheduler/scheduler_config.json ({value!r}); was the folder "
+                                  "edited?")
+        flags.update(saved)
+    return DiffusersFolder(kind, flags, in_channels, _read_safetensors(sub), config)
 
 
-def _norm(value):
-    """Compare flags across JSON: '32,16,8' and '8,16,32' name the same attention levels."""
-    if isinstance(value, str) and value.replace(",", "").isdigit():
-        return sorted(int(x) for x in value.split(","))
-    return value
+def check_config(model: th.nn.Module, config: Mapping, source: str) -> None:
+    """Refuse, naming the key, when `model` (built from a folder's flags) is not the network
+    that `config` (the folder's config.json) describes."""
+    for key, want in diffusers_config(model).items():
+        got = config.get(key, want)
+        if key == "attn_norm_num_groups" and got is None and config.get(
+                "resnet_time_scale_shift", "default") == "default":
+            got = config.get("norm_num_groups", 32)  # UNet2DModel's default for 'default'
+        if key == "out_channels" and got is None:
+            got = config.get("in_channels")  # DiT's default: as many as in
+        if isinstance(got, (list, tuple)):
+            got, want = list(got), list(want)
+        if got != want:
+            raise BridgeError(f"{source}/config.json {key}={got!r}, but the flags build "
+                              f"{want!r}; was the folder edited?")
 
 
 __all__ = [
-    "BridgeError", "DiffusersFolder", "FLAGS_FILE", "MODEL_FOLDERS", "convert",
+    "BridgeError", "DiffusersFolder", "FLAGS_FILE", "MODEL_FOLDERS", "check_config", "convert",
     "diffusers_config", "diffusion_flags_from_scheduler", "dit_diffusers_config",
     "dit_flags_from_diffusers", "dit_rules", "export_to_diffusers", "from_diffusers_state_dict",
     "match_dit_timestep_features", "model_rules", "read_diffusers_folder", "require_diffusers",
