@@ -38,7 +38,7 @@ from . import gaussian_diffusion as gd
 from .checkpoints import atomic_write
 from .config import DiffusionConfig, from_flags
 from .dit import DiT, DiT_models, get_2d_sincos_pos_embed
-from .unet import AttentionBlock, Downsample, QKVAttention, ResBlock, UNetModel, Upsample
+from .unet import AttentionBlock, Downsample, QKVAttention, ResBlock, UNetModel
 
 INSTALL_HINT = "pip install -e .[diffusers]"
 FLAGS_FILE = "guided_diffusion_args.json"  # our flags, beside diffusers' folders (export)
@@ -362,10 +362,10 @@ def unet_flags_from_diffusers(config: Mapping) -> dict:
                                    f"downsample_type={config.get('downsample_type', 'conv')!r}")
     if down[-1] not in ("AttnDownBlock2D", "DownBlock2D", "ResnetDownsampleBlock2D"):
         refuse("down_block_types", "unknown last level")
-    if up != [("AttnUpBlock2D" if a else up_plain) for a in reversed(attention)] and not (
-            up[-1] in ("UpBlock2D", "ResnetUpsampleBlock2D", "AttnUpBlock2D")
-            and up[:-1] == [("AttnUpBlock2D" if a else up_plain)
-                            for a in reversed(attention)][:-1]):
+    want_up = [("AttnUpBlock2D" if a else up_plain) for a in reversed(attention)]
+    plain = ("UpBlock2D", "ResnetUpsampleBlock2D")  # alike at the last level: no upsampler
+    if up[:-1] != want_up[:-1] or not (
+            up[-1] == want_up[-1] or (up[-1] in plain and want_up[-1] in plain)):
         refuse("up_block_types", "must mirror down_block_types (ADM's decoder mirrors its encoder)")
     head = config.get("attention_head_dim")
     in_ch, out_ch = config.get("in_channels", 3), config.get("out_channels", 3)
@@ -663,12 +663,24 @@ def export_to_diffusers(model: th.nn.Module, flags: Mapping, output_dir: str) ->
                      "scheduler": ["diffusers", "DDPMScheduler"],
                      "unet": ["diffusers", "UNet2DModel"]}
             _write_json(os.path.join(tmp, "model_index.json"), index)
-        _write_json(os.path.join(tmp, FLAGS_FILE), dict(flags))
+        _write_json(os.path.join(tmp, FLAGS_FILE), {**flags, **_model_facts(model)})
         os.rename(tmp, output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return output_dir
+
+
+def _model_facts(model: th.nn.Module) -> dict:
+    """The flags the configs cannot show, read from the model itself (so that partial `flags`
+    still bring it back exactly)."""
+    facts = {"class_dropout_prob": float(model.class_dropout_prob)}
+    if model.num_classes is not None:  # the label table may hold the null label's row too
+        facts.update(class_cond=True, num_classes=model.num_classes)
+    if isinstance(model, UNetModel):
+        blocks = [m for m in model.modules() if isinstance(m, AttentionBlock)]
+        facts["use_new_attention_order"] = isinstance(blocks[0].attention, QKVAttention)
+    return facts
 
 
 def _write_json(path: str, obj) -> None:
