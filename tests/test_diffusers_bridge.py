@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -26,12 +27,14 @@ import torch as th
 
 diffusers = pytest.importorskip("diffusers")
 
+from guided_diffusion import cli  # noqa: E402
 from guided_diffusion import diffusers_bridge as br  # noqa: E402
 from guided_diffusion import script_util as su  # noqa: E402
 from guided_diffusion.cli import create_dit_and_diffusion, dit_and_diffusion_defaults  # noqa: E402
 from guided_diffusion.dit import DiT_models, get_2d_sincos_pos_embed  # noqa: E402
 
 from conftest import GOLDEN_DIR, crc32_init_  # noqa: E402
+from test_layouts import _build as build_released  # noqa: E402  (the README flags -> model)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAYOUTS = json.loads((GOLDEN_DIR / "released_checkpoint_layouts.json").read_text())
@@ -251,8 +254,7 @@ def _meta_state(model: th.nn.Module) -> dict[str, list[int]]:
 
 
 def _build_released(spec):
-    from test_layouts import _build
-    return _build(spec["kind"], spec["flags"])
+    return build_released(spec["kind"], spec["flags"])
 
 
 REFUSED = {  # layout -> the flag the refusal names
@@ -360,14 +362,12 @@ def test_readme_diffusers_commands_run(tmp_path, monkeypatch, capsys):
                                                 "scripts/from_diffusers.py",
                                                 "scripts/to_diffusers.py",
                                                 "scripts/from_diffusers.py"]
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import to_diffusers
-    finally:
-        sys.path.pop(0)
+    script = ROOT / "scripts" / "to_diffusers.py"
+    spec = importlib.util.spec_from_file_location("to_diffusers", script)
+    to_diffusers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(to_diffusers)  # for its parser
     for command in commands[::2]:  # each export's --model_path: a checkpoint of its flags
         args = to_diffusers.create_argparser().parse_args(command.split()[2:])
-        from guided_diffusion import cli
         model, _ = cli.build_model_and_diffusion(args)
         crc32_init_(model)
         if args.model == "dit":  # DiT's fixed position table, as training keeps it
@@ -392,6 +392,9 @@ def test_readme_diffusers_commands_run(tmp_path, monkeypatch, capsys):
                     "predict_xstart", "noise_schedule", "learn_sigma", "dit_model"):
             if key in saved:
                 assert saved[key] == getattr(args, key), key
+        spec = cli.MODEL_KINDS[saved.get("model", "unet")]
+        rebuilt, _ = spec.factory(**{k: saved[k] for k in spec.defaults()})
+        rebuilt.load_state_dict(back, strict=True)
     # The Python snippet of the section runs on the exported folder.
     snippet = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     capsys.readouterr()
