@@ -420,3 +420,16 @@ def test_scripts_refuse_with_one_line(tmp_path, monkeypatch, capsys):
     assert len(lines) == 1 and lines[0].startswith("error: --num_heads 2") and \
         "--num_head_channels" in lines[0], lines
     assert os.listdir(tmp_path) == ["m.pt"]  # no folder, no temporary left behind
+
+
+def test_unconditional_export_is_a_ddpm_pipeline(tmp_path):
+    model, _, flags = _unet("lsun", diffusion_steps=50)
+    folder = _export(model, flags, tmp_path)
+    pipe = diffusers.DDPMPipeline.from_pretrained(folder)
+    image = pipe(batch_size=1, num_inference_steps=2, output_type="np",
+                 generator=th.Generator().manual_seed(0)).images
+    assert image.shape == (1, 32, 32, 3) and ((0 <= image) & (image <= 1)).all()
+    # A class-conditional export has no pipeline file: DDPMPipeline would drop the labels.
+    model, _, flags = _unet("adm64")
+    assert not os.path.exists(os.path.join(_export(model, flags, tmp_path, "cond"),
+                                           "model_index.json"))
