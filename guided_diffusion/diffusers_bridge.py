@@ -35,9 +35,10 @@ import numpy as np
 import torch as th
 
 from . import gaussian_diffusion as gd
-from .checkpoints import atomic_write
 from .config import DiffusionConfig, from_flags
 from .dit import DiT, DiT_models, get_2d_sincos_pos_embed
+from .errors import BridgeError
+from .fileio import atomic_write
 from .unet import AttentionBlock, Downsample, QKVAttention, ResBlock, UNetModel
 
 INSTALL_HINT = "pip install -e .[diffusers]"
@@ -45,10 +46,6 @@ FLAGS_FILE = "guided_diffusion_args.json"  # our flags, beside diffusers' folder
 MODEL_FOLDERS = {"unet": "unet", "dit": "transformer"}  # our model kind -> diffusers' subfolder
 
 Tensors = list  # a list of tensors, in a rule's name order
-
-
-class BridgeError(ValueError):
-    """A model, flag or folder the bridge cannot convert; the message names which."""
 
 
 def require_diffusers():

@@ -13,18 +13,20 @@ import argparse
 import os
 
 from guided_diffusion import cli, diffusers_bridge
-from guided_diffusion.checkpoints import save_atomic, save_run_flags
+from guided_diffusion.checkpoints import save_run_flags
 from guided_diffusion.config import DiffusersImportConfig, build_parser
+from guided_diffusion.errors import ScriptError
+from guided_diffusion.fileio import save_atomic
 
 
 def main():
     args = create_argparser().parse_args()
     if not args.output:
-        raise cli.ScriptError("--output is required (the checkpoint to write, .pt)")
+        raise ScriptError("--output is required (the checkpoint to write, .pt)")
     run_dir = os.path.dirname(os.path.abspath(args.output))
     for path in (args.output, os.path.join(run_dir, "args.json")):
         if os.path.exists(path):
-            raise cli.ScriptError(f"--output: {path} exists; write into a new folder (nothing "
+            raise ScriptError(f"--output: {path} exists; write into a new folder (nothing "
                                   "is overwritten)")
     try:
         diffusers_bridge.require_diffusers()
@@ -37,8 +39,8 @@ def main():
         diffusers_bridge.check_config(model, folder.config, sub)
         weights = diffusers_bridge.from_diffusers_state_dict(
             model, folder.state_dict, source=sub)
-    except (diffusers_bridge.BridgeError, ValueError) as e:
-        raise cli.ScriptError(str(e)) from e
+    except ValueError as e:  # BridgeError, or flags the factory refuses
+        raise ScriptError(str(e)) from e
     model.load_state_dict(weights, strict=True)  # every tensor, every shape
     save_atomic(model.state_dict(), args.output)
     # The flags that rebuild it; other folder flags (e.g. --latent_vae) ride along.

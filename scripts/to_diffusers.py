@@ -22,21 +22,19 @@ from guided_diffusion.config import (
     UNetConfig,
     build_parser,
 )
+from guided_diffusion.errors import ScriptError
 
 
 def main():
     args = create_argparser().parse_args()
     if not args.output_dir:
-        raise cli.ScriptError("--output_dir is required (the diffusers folder to write)")
+        raise ScriptError("--output_dir is required (the diffusers folder to write)")
     kind = cli.model_kind(args)  # "unet" or "dit" (--model)
     model, _ = cli.build_model_and_diffusion(args)
     cli.load_checkpoint(model, args.model_path, "model_path")
     names = [*cli.MODEL_KINDS[kind].defaults(), "model", "latent_vae", "latent_scale"]
     flags = {k: getattr(args, k) for k in names if hasattr(args, k)}
-    try:
-        out = diffusers_bridge.export_to_diffusers(model.cpu(), flags, args.output_dir)
-    except diffusers_bridge.BridgeError as e:
-        raise cli.ScriptError(str(e)) from e
+    out = diffusers_bridge.export_to_diffusers(model.cpu(), flags, args.output_dir)
     print(f"wrote {out}: {diffusers_bridge.MODEL_FOLDERS[kind]}/ + scheduler/")
 
 

@@ -30,7 +30,10 @@ diffusers = pytest.importorskip("diffusers")
 from guided_diffusion import cli  # noqa: E402
 from guided_diffusion import diffusers_bridge as br  # noqa: E402
 from guided_diffusion import script_util as su  # noqa: E402
-from guided_diffusion.cli import create_dit_and_diffusion, dit_and_diffusion_defaults  # noqa: E402
+from guided_diffusion.script_util import (  # noqa: E402
+    create_dit_and_diffusion,
+    dit_and_diffusion_defaults,
+)
 from guided_diffusion.dit import DiT_models, get_2d_sincos_pos_embed  # noqa: E402
 
 from conftest import GOLDEN_DIR, crc32_init_  # noqa: E402
