@@ -44,6 +44,8 @@ from .unet import AttentionBlock, Downsample, QKVAttention, ResBlock, UNetModel
 INSTALL_HINT = "pip install -e .[diffusers]"
 FLAGS_FILE = "guided_diffusion_args.json"  # our flags, beside diffusers' folders (export)
 MODEL_FOLDERS = {"unet": "unet", "dit": "transformer"}  # our model kind -> diffusers' subfolder
+# The diffusers classes each kind reads (older diffusers saved DiTs as Transformer2DModel).
+MODEL_CLASSES = {"unet": ("UNet2DModel",), "dit": ("DiTTransformer2DModel", "Transformer2DModel")}
 
 Tensors = list  # a list of tensors, in a rule's name order
 
@@ -553,6 +555,9 @@ def diffusion_flags_from_scheduler(config: Mapping) -> dict:
     def refuse(key: str, why: str):
         raise BridgeError(f"scheduler/scheduler_config.json {key}={config.get(key)!r}: {why}")
 
+    if config.get("_class_name", "DDPMScheduler") != "DDPMScheduler":
+        refuse("_class_name", "only a DDPMScheduler config says the diffusion's variance type "
+                              "(other schedulers, e.g. a consistency model's, are not DDPM's)")
     steps = int(config.get("num_train_timesteps", 1000))
     known = set(diffusers.DDPMScheduler.from_config({}).config)
     betas = diffusers.DDPMScheduler.from_config(
@@ -739,6 +744,9 @@ def read_diffusers_folder(folder: str) -> DiffusersFolder:
         raise BridgeError(f"{folder}: neither unet/config.json nor transformer/config.json")
     sub = os.path.join(folder, MODEL_FOLDERS[kind])
     config = _read_json(os.path.join(sub, "config.json"))
+    if config.get("_class_name", MODEL_CLASSES[kind][0]) not in MODEL_CLASSES[kind]:
+        raise BridgeError(f"{sub}/config.json _class_name={config['_class_name']!r}: "
+                          f"expected {' or '.join(MODEL_CLASSES[kind])}")
     flags = (dit_flags_from_diffusers if kind == "dit" else unet_flags_from_diffusers)(config)
     in_channels = flags.pop("in_channels")
     sched_path = os.path.join(folder, "scheduler", "scheduler_config.json")

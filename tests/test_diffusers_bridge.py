@@ -244,6 +244,9 @@ def test_scheduler_config_matches_the_diffusion():
         br.diffusion_flags_from_scheduler({**cfg, "variance_type": "fixed_small"})
     with pytest.raises(br.BridgeError, match="beta"):
         br.diffusion_flags_from_scheduler({"beta_schedule": "scaled_linear"})
+    # A consistency model's scheduler has default-looking betas: refused, not read as linear.
+    with pytest.raises(br.BridgeError, match="_class_name"):
+        br.diffusion_flags_from_scheduler({"_class_name": "CMStochasticIterativeScheduler"})
     with pytest.raises(br.BridgeError, match="--rescale_timesteps"):
         br.scheduler_config({"rescale_timesteps": True, "diffusion_steps": 100})
 
