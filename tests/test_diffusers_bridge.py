@@ -439,3 +439,20 @@ def test_unconditional_export_is_a_ddpm_pipeline(tmp_path):
     model, _, flags = _unet("adm64")
     assert not os.path.exists(os.path.join(_export(model, flags, tmp_path, "cond"),
                                            "model_index.json"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["from_diffusers.py", "no/such/folder", "--output", "out/m.pt"],
+     "error: 'no/such/folder': no such folder"),
+    (["from_diffusers.py", "some/folder"], "error: --output is required"),
+    (["to_diffusers.py", "--output_dir", "out"], "error: --model_path is required"),
+])
+def test_script_bad_input_is_one_line(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "scripts" / argv[0]), *argv[1:]])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    assert exit_info.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), lines
+    assert os.listdir(tmp_path) == []  # nothing written
