@@ -24,6 +24,7 @@ legacy checkpoint computes the same attention in diffusers.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -511,6 +512,7 @@ def dit_flags_from_diffusers(config: Mapping) -> dict:
                 learn_sigma=out_ch == 2 * in_ch, in_channels=in_ch)
 
 
+@functools.lru_cache(maxsize=None)
 def _family_sizes(family: Callable[..., DiT]) -> tuple[int, dict]:
     """(depth, {hidden_size, num_heads, patch_size}) of a `DiT_models` entry, built on meta."""
     with th.device("meta"):
