@@ -12,6 +12,7 @@ setup(
         "mpi": ["mpi4py", "mpich"],
         "plot": ["matplotlib"],  # scripts/sampler_table.py's FID-against-NFE plot
         "latent": ["diffusers"],  # --latent_vae: a pretrained AutoencoderKL (latent.py)
+        "diffusers": ["diffusers"],  # scripts/to_diffusers.py, from_diffusers.py (diffusers_bridge)
         # CI runs the latent and plot tests, and the layers contract (import-linter)
         "dev": ["pytest", "mpi4py", "mpich", "diffusers", "matplotlib", "import-linter"],
     },

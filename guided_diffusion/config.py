@@ -247,6 +247,22 @@ class LatentConfig:
                                  "and image size); '': {output_dir}/latent_cache")
 
 
+@dataclass(frozen=True)
+class DiffusersExportConfig:
+    """Moving a model to diffusers (scripts/to_diffusers.py; the model's own flags as usual)."""
+
+    model_path: str = flag("", "the checkpoint to export (.pt); its model and diffusion flags as "
+                               "for image_sample.py")
+    output_dir: str = flag("", "the diffusers folder to write (must not exist yet)")
+
+
+@dataclass(frozen=True)
+class DiffusersImportConfig:
+    """Bringing a model back from diffusers (scripts/from_diffusers.py FOLDER)."""
+
+    output: str = flag("", "the checkpoint to write (.pt); args.json with its flags goes beside it")
+
+
 # ------------------------------------------------------------------------------------------------
 # Running
 

@@ -35,6 +35,11 @@ class WriteError(OSError):
     version of the file, if any, is untouched."""
 
 
+class BridgeError(ValueError):
+    """A model, flag or folder that cannot move to or from diffusers (`diffusers_bridge`); the
+    message names which."""
+
+
 class TrainingStopped(ScriptError):
     """Training cannot go on (e.g. too many non-finite steps in a row); the message says why."""
 
@@ -46,4 +51,4 @@ class PeerLostError(ScriptError):
 # The errors `cli.run_main` reports as one line. OSError: files and devices (missing, unreadable,
 # full disk, read-only), never our bugs.
 USER_ERRORS = (ScriptError, CheckpointError, CheckpointMismatchError, RunFlagsError, DataError,
-               OSError)
+               BridgeError, OSError)
