@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import importlib.util
 import os
 import subprocess
 
@@ -122,3 +123,21 @@ def test_two_process_cm_run_killed_and_resumed_equals_the_uninterrupted_run(teac
     assert resume["train_flags"]["world_size"] == 2
     assert "cm_rng_torch" not in resume  # one RNG record: the TrainLoop's, per rank
 
+
+
+@pytest.mark.parametrize("flag,value,match", [
+    ("--teacher_solver", "ddpm", "--teacher_solver"),  # stochastic: not an ODE step
+    ("--cm_steps", "1", "--cm_steps"),
+    ("--target_ema", "1.5", "--target_ema"),
+    ("--cm_loss", "l1", "--cm_loss"),
+])
+def test_consistency_flags_are_refused_when_parsed(flag, value, match, capsys):
+    """Checked by config before any model is built: exit 2, one line naming the flag."""
+    spec = importlib.util.spec_from_file_location("cm_distill", ROOT / "scripts" / "cm_distill.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises(SystemExit) as exit_:
+        script.create_argparser().parse_args([flag, value])
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and match in lines[0], lines
