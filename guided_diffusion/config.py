@@ -44,6 +44,10 @@ def non_negative(v: Any) -> str | None:
     return None if v >= 0 and v == v else "must be >= 0"
 
 
+def non_negative_or_minus_one(v: int) -> str | None:
+    return None if v >= -1 else "must be >= 0, or -1"
+
+
 def positive_or_minus_one(v: int) -> str | None:
     return None if v > 0 or v == -1 else "must be > 0, or -1"
 
@@ -345,6 +349,14 @@ class DataConfig:
     random_flip: bool = flag(True, "random horizontal flips (the original always flips)")
     skip_bad_images: bool = flag(False, "leave out unreadable images (logged) instead of "
                                         "refusing the folder (beyond)")
+    num_workers: int = flag(-1, "processes per rank that read images; 0: the rank itself; -1: "
+                                "min(8, CPUs per rank on this node - 1)", non_negative_or_minus_one)
+    data_index: str = flag("", "folder of the data index (listing and check verdicts, one file "
+                               "per data folder, reused by later starts); '': {output_dir}/"
+                               "data_index")
+    data_check: str = flag("header", "how each new or changed image is checked before training: "
+                                     "'header' (PIL verify, no decode) or 'full' (decode)",
+                           one_of("header", "full"))
 
 
 @dataclass(frozen=True)
