@@ -87,6 +87,16 @@ def int_list(allow_empty: bool = True, min_value: int = 1) -> Check:
     return check
 
 
+def subset_of(*allowed: str) -> Check:
+    """Comma-separated names, each one of `allowed`."""
+    def check(v: str) -> str | None:
+        names = v.split(",")
+        if v and all(n in allowed for n in names):
+            return None
+        return f"must be comma-separated names of {', '.join(map(repr, allowed))}"
+    return check
+
+
 def rate_list(v: str) -> str | None:
     """Comma-separated EMA rates, each in [0, 1)."""
     try:
@@ -511,6 +521,28 @@ class ReferenceBatchConfig:
 
     image_size: int = flag(0, "resize and center-crop to this size as training data is (0: keep)",
                            non_negative)
+
+
+@dataclass(frozen=True)
+class DataBenchmarkConfig:
+    """data_benchmark.py's flags: the data path's start-up cost and throughput."""
+
+    data_dir: str = flag("", "a folder of full-size images (e.g. make_synthetic_imagenet.py's)")
+    image_sizes: str = flag("64,256", "crop sizes to time the loader at", int_list(False))
+    workers: str = flag("1,2", "loader worker counts to time (0: the rank itself)",
+                        int_list(False, min_value=0))
+    batch_size: int = flag(64, "images per batch (per rank)", positive)
+    seconds: float = flag(20.0, "timed seconds per (size, workers), after the first batch",
+                          positive)
+    checks: str = flag("header", "start-up checks to time, fresh index then restart: "
+                                 "'header', 'full' or 'header,full'", subset_of("header", "full"))
+    step_configs: str = flag("64:adm64,256:adm256", "size:benchmark.py config whose training "
+                                                    "step is timed beside the loader; '': none")
+    step_batch: int = flag(0, "batch of the timed training step; 0: the config's", non_negative)
+    device: str = flag("", "cpu or cuda for the training step; '': cuda when available")
+    threads: int = flag(0, "torch threads of the training step; 0: torch's default (on a shared "
+                           "CPU, 1 measures work instead of waiting)", non_negative)
+    json: str = flag("", "also write the full report here")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -135,11 +135,12 @@ def check_images(paths: list[str], check: str, num_workers: int = 0) -> list[str
 @dataclass
 class Listing:
     """A data folder as the index describes it: `files` in listing order (relative paths) and
-    `bad`, the unreadable ones with the reason."""
+    `bad`, the unreadable ones with the reason; `checked`: how many were checked this time."""
 
     data_dir: str
     files: list[str]
     bad: dict[str, str]
+    checked: int = 0
 
     def paths(self, skip_bad: bool = False) -> list[str]:
         """Full paths (without the unreadable ones when `skip_bad`)."""
@@ -243,7 +244,7 @@ def build_listing(data_dir: str, index_dir: str | None = None, check: str = "hea
         return [e[0] for e in entries], {e[0]: e[4] for e in entries if e[4]}
 
     # The other ranks go on once the index is written (the broadcast waits for it).
-    return Listing(data_dir, *_on_rank_zero(merge))
+    return Listing(data_dir, *_on_rank_zero(merge), checked=len(todo))
 
 
 def _on_rank_zero(fn):
