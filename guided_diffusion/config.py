@@ -524,6 +524,19 @@ class ReferenceBatchConfig:
 
 
 @dataclass(frozen=True)
+class SyntheticImagesConfig:
+    """make_synthetic_imagenet.py's flags: an ImageNet-like folder of JPEGs, no download."""
+
+    out: str = flag("", "the folder to write (created; a rerun writes only missing files)")
+    num_images: int = flag(50_000, "images in all", positive)
+    num_classes: int = flag(100, "class folders (n00000000, ...)", positive)
+    quality: int = flag(75, "JPEG quality (ImageNet's files: about 75-95)",
+                        lambda v: None if 1 <= v <= 95 else "must be in 1..95")
+    seed: int = flag(0, "the seed of every image", non_negative)
+    workers: int = flag(0, "processes that write images; 0: one per CPU", non_negative)
+
+
+@dataclass(frozen=True)
 class DataBenchmarkConfig:
     """data_benchmark.py's flags: the data path's start-up cost and throughput."""
 

@@ -26,6 +26,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from guided_diffusion.config import SyntheticImagesConfig, build_parser  # noqa: E402
 from guided_diffusion.fileio import atomic_write  # noqa: E402
 
 # ImageNet's common shapes (most photos are 500 px on the long side).
@@ -60,29 +61,24 @@ def _write_share(args: tuple) -> int:
     return written
 
 
+def create_argparser() -> argparse.ArgumentParser:
+    return build_parser(__doc__.split("\n\n")[0], SyntheticImagesConfig)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="the folder to write (created)")
-    parser.add_argument("--num_images", type=int, default=50_000, help="images in all")
-    parser.add_argument("--num_classes", type=int, default=100, help="class folders")
-    parser.add_argument("--quality", type=int, default=75, help="JPEG quality (ImageNet: ~75-95)")
-    parser.add_argument("--seed", type=int, default=0, help="the seed of every image")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="processes that write images")
-    args = parser.parse_args(argv)
-    if args.num_images < 1 or args.num_classes < 1 or args.workers < 1:
-        parser.error("--num_images, --num_classes and --workers must be >= 1")
-    if not 1 <= args.quality <= 95:
-        parser.error("--quality must be in 1..95")
+    args = create_argparser().parse_args(argv)
+    if not args.out:
+        raise SystemExit("--out: name the folder to write")
+    workers = args.workers or os.cpu_count() or 1
     for label in range(min(args.num_classes, args.num_images)):
         os.makedirs(os.path.join(args.out, f"n{label:08d}"), exist_ok=True)
     start = time.perf_counter()
     jobs = [(args.out, args.seed, args.num_classes, args.num_images, args.quality, k,
-             args.workers) for k in range(args.workers)]
-    if args.workers == 1:
+             workers) for k in range(workers)]
+    if workers == 1:
         written = _write_share(jobs[0])
     else:
-        with get_context("fork").Pool(args.workers) as pool:
+        with get_context("fork").Pool(workers) as pool:
             written = sum(pool.map(_write_share, jobs))
     print(f"wrote {written} of {args.num_images} images ({args.num_classes} classes) to "
           f"{args.out} in {time.perf_counter() - start:.1f} s")
