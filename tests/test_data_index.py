@@ -279,3 +279,46 @@ def test_num_workers_flag_is_refused_below_minus_one():
         capture_output=True, text=True, timeout=120,
         env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert proc.returncode != 0 and "--num_workers" in proc.stderr and ">= 0, or -1" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# Two ranks (torchrun, gloo): each checks a disjoint share, all get the same listing
+
+
+RANK_SCRIPT = """
+import json, os, sys
+from guided_diffusion import data_index, dist_util
+dist_util.setup_dist()
+rank = dist_util.get_rank()
+seen = []
+real = data_index.check_image
+data_index.check_image = lambda path, check: seen.append(os.path.basename(path)) or real(path, check)
+listing = data_index.build_listing(sys.argv[1], sys.argv[2], "header", num_workers=0)
+with open(os.path.join(sys.argv[3], f"rank{rank}.json"), "w") as f:
+    json.dump({"seen": seen, "files": listing.files, "bad": listing.bad,
+               "world": dist_util.get_world_size()}, f)
+dist_util.cleanup()
+"""
+
+
+def test_two_ranks_check_disjoint_shares_and_agree(data, tmp_path):
+    (data / "n0" / "n0_2.png").write_bytes(b"not a png")
+    script = tmp_path / "ranks.py"
+    script.write_text(RANK_SCRIPT)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PMI_SIZE",
+                "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"):
+        env.pop(var, None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0", str(script), str(data),
+         str(tmp_path / "index"), str(tmp_path)],
+        cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert r0["world"] == r1["world"] == 2
+    assert len(r0["seen"]) == len(r1["seen"]) == 3 and not set(r0["seen"]) & set(r1["seen"])
+    assert r0["files"] == r1["files"] and len(r0["files"]) == 6
+    assert r0["bad"] == r1["bad"] and list(r0["bad"]) == ["n0/n0_2.png"]
+    assert len(os.listdir(tmp_path / "index")) == 1  # rank 0 wrote it, nothing else
