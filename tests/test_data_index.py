@@ -322,3 +322,18 @@ def test_two_ranks_check_disjoint_shares_and_agree(data, tmp_path):
     assert r0["files"] == r1["files"] and len(r0["files"]) == 6
     assert r0["bad"] == r1["bad"] and list(r0["bad"]) == ["n0/n0_2.png"]
     assert len(os.listdir(tmp_path / "index")) == 1  # rank 0 wrote it, nothing else
+
+
+def test_listing_in_threads_keeps_the_order_and_each_files_stamp(tmp_path):
+    """Above 1000 files the stats run in threads: each file still gets its own size and time."""
+    for d in ("b", "a"):
+        (tmp_path / d).mkdir()
+        for i in range(700):
+            (tmp_path / d / f"{i:04d}.PNG").write_bytes(b"x" * (i % 13))  # names only: no image
+    (tmp_path / "a" / "notes.txt").write_text("not listed")
+    listed = data_index.list_images(str(tmp_path), threads=3)
+    expected = [f"{d}/{i:04d}.PNG" for d in ("a", "b") for i in range(700)]
+    assert [rel for rel, _, _ in listed] == expected
+    for rel, size, mtime in listed:
+        st = os.stat(tmp_path / rel)
+        assert (size, mtime) == (st.st_size, st.st_mtime_ns)
