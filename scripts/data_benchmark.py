@@ -17,8 +17,10 @@ delivers, beside what a training step consumes.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -36,24 +38,39 @@ from guided_diffusion.image_datasets import load_data  # noqa: E402
 from guided_diffusion.script_util import model_and_diffusion_defaults  # noqa: E402
 
 
+def cpu_seconds() -> float:
+    """CPU seconds of this process and its finished children (the check's workers): the work
+    done, which a shared machine's load does not inflate as it inflates wall-clock time."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
+        resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def time_startup(data_dir: str, check: str, workers: int) -> dict:
     """A first start (fresh index) and a restart (the same index, nothing changed)."""
     with tempfile.TemporaryDirectory() as index_dir:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), cpu_seconds()
         first = data_index.build_listing(data_dir, index_dir, check, workers)
-        first_s = time.perf_counter() - start
-        start = time.perf_counter()
+        first_s, first_cpu = time.perf_counter() - start, cpu_seconds() - cpu
+        start, cpu = time.perf_counter(), cpu_seconds()
         again = data_index.build_listing(data_dir, index_dir, check, workers)
-        restart_s = time.perf_counter() - start
+        restart_s, restart_cpu = time.perf_counter() - start, cpu_seconds() - cpu
         size = os.path.getsize(data_index.index_path(index_dir, data_dir))
     return {"check": check, "workers": workers, "images": len(first.files),
             "unreadable": len(first.bad), "first_start_s": first_s, "checked_first": first.checked,
-            "restart_s": restart_s, "checked_restart": again.checked, "index_bytes": size}
+            "restart_s": restart_s, "checked_restart": again.checked, "index_bytes": size,
+            "first_start_cpu_s": first_cpu, "restart_cpu_s": restart_cpu}
 
 
 def time_loader(data_dir: str, index_dir: str, size: int, workers: int, batch: int,
                 seconds: float) -> dict:
-    """Images/s one rank's loader delivers (after its first batch) for `seconds`."""
+    """
+    Images/s one rank's loader delivers (after its first batch) for `seconds`, and the CPU
+    milliseconds per image of the rank and its workers together (counting the batches the workers
+    prepared ahead as undelivered: an upper bound, so 1000 / ms is at least what one free core
+    delivers).
+    """
+    cpu = cpu_seconds()
     loader = load_data(data_dir=data_dir, batch_size=batch, image_size=size, class_cond=True,
                        seed=0, num_workers=workers, index_dir=index_dir)
     start = time.perf_counter()
@@ -63,9 +80,13 @@ def time_loader(data_dir: str, index_dir: str, size: int, workers: int, batch: i
     while images < 2 * batch or time.perf_counter() - start < seconds:
         images += len(next(loader)[0])
     elapsed = time.perf_counter() - start
-    loader._it = None  # shuts the workers down
+    loader._it = None  # shuts the workers down (joined: their CPU time is counted)
+    del loader
+    gc.collect()
+    cpu_ms = 1000 * (cpu_seconds() - cpu) / (images + batch)
     return {"image_size": size, "workers": workers, "batch": batch, "first_batch_s": first_s,
-            "images": images, "seconds": elapsed, "images_per_s": images / elapsed}
+            "images": images, "seconds": elapsed, "images_per_s": images / elapsed,
+            "cpu_ms_per_image": cpu_ms}
 
 
 def time_step(config_name: str, batch: int, device: th.device, runs: int = 2) -> dict:
@@ -119,7 +140,8 @@ def run(args) -> dict:
                                   args.seconds)
                 report["loader"].append(row)
                 print(f"loader {size} px, {w} workers: {row['images_per_s']:.0f} images/s "
-                      f"(first batch {row['first_batch_s']:.1f} s)", flush=True)
+                      f"(first batch {row['first_batch_s']:.1f} s, {row['cpu_ms_per_image']:.1f} "
+                      "CPU ms per image)", flush=True)
     for size, name in steps.items():
         row = time_step(name, args.step_batch, device)
         report["step"].append(row)
@@ -133,17 +155,21 @@ def format_table(report: dict) -> str:
     lines = [f"{report['machine']}; {report['cpus']} CPUs; 1-min load average "
              f"{report['load_average_1min_start']:.1f} at the start, "
              f"{report['load_average_1min_end']:.1f} at the end", "",
-             "| start-up | images | first start s | checked | restart s | checked | restart / first |",
+             "| start-up | images | first start s (CPU s) | checked | restart s (CPU s) | checked "
+             "| restart / first: wall (CPU) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in report["startup"]:
-        lines.append(f"| {r['check']} check, {r['workers']} workers | {r['images']} | "
-                     f"{r['first_start_s']:.1f} | {r['checked_first']} | {r['restart_s']:.2f} | "
-                     f"{r['checked_restart']} | {100 * r['restart_s'] / r['first_start_s']:.1f}% |")
-    lines += ["", "| crop px | workers | images/s delivered (one rank) | first batch s |",
-              "|---:|---:|---:|---:|"]
+        lines.append(
+            f"| {r['check']} check, {r['workers']} workers | {r['images']} | "
+            f"{r['first_start_s']:.1f} ({r['first_start_cpu_s']:.1f}) | {r['checked_first']} | "
+            f"{r['restart_s']:.2f} ({r['restart_cpu_s']:.2f}) | {r['checked_restart']} | "
+            f"{100 * r['restart_s'] / r['first_start_s']:.1f}% "
+            f"({100 * r['restart_cpu_s'] / max(r['first_start_cpu_s'], 1e-9):.1f}%) |")
+    lines += ["", "| crop px | workers | images/s delivered (one rank) | first batch s | "
+              "CPU ms per image |", "|---:|---:|---:|---:|---:|"]
     for r in report["loader"]:
         lines.append(f"| {r['image_size']} | {r['workers']} | {r['images_per_s']:.0f} | "
-                     f"{r['first_batch_s']:.1f} |")
+                     f"{r['first_batch_s']:.1f} | {r['cpu_ms_per_image']:.1f} |")
     if report["step"]:
         lines += ["", "| training step | px | batch | step s | images/s consumed |",
                   "|---|---:|---:|---:|---:|"]

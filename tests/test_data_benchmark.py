@@ -64,7 +64,10 @@ def test_data_benchmark_reports_startup_loader_and_step(synth, tmp_path, capsys)
         assert row["images"] == 24 and row["checked_first"] == 24 and row["checked_restart"] == 0
     assert (header["check"], full["check"]) == ("header", "full")
     assert [(r["image_size"], r["workers"]) for r in report["loader"]] == [(16, 0), (16, 1)]
-    assert all(r["images_per_s"] > 0 and r["images"] >= 8 for r in report["loader"])
+    assert all(r["images_per_s"] > 0 and r["images"] >= 8 and r["cpu_ms_per_image"] > 0
+               for r in report["loader"])
     (step,) = report["step"]
     assert step["config"] == "tiny" and step["batch"] == 1 and step["images_per_s"] > 0
-    assert "| 16 | 1 |" in table and "restart / first" in table and "| tiny (faithful) |" in table
+    assert "| 16 | 1 |" in table and "restart / first" in table and "(CPU s)" in table
+    assert "| tiny (faithful) |" in table
+    assert header["first_start_cpu_s"] > 0 and header["restart_cpu_s"] >= 0
