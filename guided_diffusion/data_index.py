@@ -295,7 +295,7 @@ def _on_rank_zero(fn):
     if dist_util.get_rank() == 0:
         try:
             out = ("ok", fn())
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 -- whatever it is, the other ranks must not wait
             out = ("error", f"{type(e).__name__}: {e}")
             dist_util.broadcast_object(out)
             raise

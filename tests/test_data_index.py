@@ -293,17 +293,20 @@ rank = dist_util.get_rank()
 seen = []
 real = data_index.check_image
 data_index.check_image = lambda path, check: seen.append(os.path.basename(path)) or real(path, check)
-listing = data_index.build_listing(sys.argv[1], sys.argv[2], "header", num_workers=0)
+try:
+    listing = data_index.build_listing(sys.argv[1], sys.argv[2], "header", num_workers=0)
+    out = {"seen": seen, "files": listing.files, "bad": listing.bad,
+           "world": dist_util.get_world_size()}
+except OSError as e:
+    out = {"error": str(e)}
 with open(os.path.join(sys.argv[3], f"rank{rank}.json"), "w") as f:
-    json.dump({"seen": seen, "files": listing.files, "bad": listing.bad,
-               "world": dist_util.get_world_size()}, f)
+    json.dump(out, f)
 dist_util.cleanup()
 """
 
 
-def test_two_ranks_check_disjoint_shares_and_agree(data, tmp_path):
-    (data / "n0" / "n0_2.png").write_bytes(b"not a png")
-    script = tmp_path / "ranks.py"
+def _two_ranks(data, index, out) -> list[dict]:
+    script = out / "ranks.py"
     script.write_text(RANK_SCRIPT)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root)
@@ -313,10 +316,15 @@ def test_two_ranks_check_disjoint_shares_and_agree(data, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
          "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0", str(script), str(data),
-         str(tmp_path / "index"), str(tmp_path)],
+         str(index), str(out)],
         cwd=root, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_two_ranks_check_disjoint_shares_and_agree(data, tmp_path):
+    (data / "n0" / "n0_2.png").write_bytes(b"not a png")
+    r0, r1 = _two_ranks(data, tmp_path / "index", tmp_path)
     assert r0["world"] == r1["world"] == 2
     assert len(r0["seen"]) == len(r1["seen"]) == 3 and not set(r0["seen"]) & set(r1["seen"])
     assert r0["files"] == r1["files"] and len(r0["files"]) == 6
@@ -337,3 +345,11 @@ def test_listing_in_threads_keeps_the_order_and_each_files_stamp(tmp_path):
     for rel, size, mtime in listed:
         st = os.stat(tmp_path / rel)
         assert (size, mtime) == (st.st_size, st.st_mtime_ns)
+
+
+def test_an_error_on_rank_zero_reaches_the_other_rank_at_once(data, tmp_path):
+    """An unwritable index folder fails on rank 0; rank 1 gets the message, it does not wait."""
+    (tmp_path / "a_file").write_text("x")
+    r0, r1 = _two_ranks(data, tmp_path / "a_file" / "index", tmp_path)
+    assert "a_file" in r0["error"] and r1["error"].startswith("rank 0: ")
+    assert "a_file" in r1["error"] and "\n" not in r1["error"]
