@@ -327,21 +327,26 @@ def start_training(args, kind: str) -> bool:
 def training_data(args, **overrides):
     """
     The training batches of the data flags: --data_dir (required), --batch_size, --image_size,
-    --class_cond, --random_flip, --num_classes, --skip_bad_images and the seeded, resumable order
-    of --seed; in latent space (--latent_vae) the data set's cached encodings. `overrides` replace
-    or add `load_data` arguments (e.g. random_crop, a validation folder's data_dir and seed).
+    --class_cond, --random_flip, --num_classes, --skip_bad_images, --num_workers, --data_index
+    (default {output_dir}/data_index), --data_check and the seeded, resumable order of --seed;
+    in latent space (--latent_vae) the data set's cached encodings, in the same resumable order.
+    `overrides` replace or add `load_data` arguments (e.g. random_crop, a validation folder's
+    data_dir and seed).
     """
     require_path(overrides.get("data_dir", args.data_dir), "data_dir", kind="dir")
     kwargs = dict(data_dir=args.data_dir, batch_size=args.batch_size,
                   image_size=getattr(args, "image_size", None),
                   class_cond=getattr(args, "class_cond", False), random_flip=args.random_flip)
     kwargs.update(overrides)
+    kwargs.setdefault("seed", data_seed(args))
     space = space_from_flags(args)
     if isinstance(space, LatentSpace):  # the data set's encodings, cached once
         cache_dir = args.latent_cache or os.path.join(logger.get_dir(), "latent_cache")
         return load_latent_data(space=space, cache_dir=cache_dir, **kwargs)
-    kwargs.setdefault("seed", data_seed(args))
-    return load_data(num_classes=args.num_classes, skip_bad_images=args.skip_bad_images, **kwargs)
+    index_dir = args.data_index or os.path.join(logger.get_dir(), "data_index")
+    return load_data(num_classes=args.num_classes, skip_bad_images=args.skip_bad_images,
+                     num_workers=args.num_workers, index_dir=index_dir, check=args.data_check,
+                     **kwargs)
 
 
 def train_loop_kwargs(args, fp16_flag: str = "use_fp16") -> dict:

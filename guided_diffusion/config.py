@@ -44,6 +44,10 @@ def non_negative(v: Any) -> str | None:
     return None if v >= 0 and v == v else "must be >= 0"
 
 
+def non_negative_or_minus_one(v: int) -> str | None:
+    return None if v >= -1 else "must be >= 0, or -1"
+
+
 def positive_or_minus_one(v: int) -> str | None:
     return None if v > 0 or v == -1 else "must be > 0, or -1"
 
@@ -80,6 +84,16 @@ def int_list(allow_empty: bool = True, min_value: int = 1) -> Check:
             return None
         empty = " or ''" if allow_empty else ""
         return f"must be comma-separated integers >= {min_value}{empty}"
+    return check
+
+
+def subset_of(*allowed: str) -> Check:
+    """Comma-separated names, each one of `allowed`."""
+    def check(v: str) -> str | None:
+        names = v.split(",")
+        if v and all(n in allowed for n in names):
+            return None
+        return f"must be comma-separated names of {', '.join(map(repr, allowed))}"
     return check
 
 
@@ -345,6 +359,14 @@ class DataConfig:
     random_flip: bool = flag(True, "random horizontal flips (the original always flips)")
     skip_bad_images: bool = flag(False, "leave out unreadable images (logged) instead of "
                                         "refusing the folder (beyond)")
+    num_workers: int = flag(-1, "processes per rank that read images; 0: the rank itself; -1: "
+                                "min(8, CPUs per rank on this node - 1)", non_negative_or_minus_one)
+    data_index: str = flag("", "folder of the data index (listing and check verdicts, one file "
+                               "per data folder, reused by later starts); '': {output_dir}/"
+                               "data_index")
+    data_check: str = flag("header", "how each new or changed image is checked before training: "
+                                     "'header' (PIL verify, no decode) or 'full' (decode)",
+                           one_of("header", "full"))
 
 
 @dataclass(frozen=True)
@@ -499,6 +521,41 @@ class ReferenceBatchConfig:
 
     image_size: int = flag(0, "resize and center-crop to this size as training data is (0: keep)",
                            non_negative)
+
+
+@dataclass(frozen=True)
+class SyntheticImagesConfig:
+    """make_synthetic_imagenet.py's flags: an ImageNet-like folder of JPEGs, no download."""
+
+    out: str = flag("", "the folder to write (created; a rerun writes only missing files)")
+    num_images: int = flag(50_000, "images in all", positive)
+    num_classes: int = flag(100, "class folders (n00000000, ...)", positive)
+    quality: int = flag(75, "JPEG quality (ImageNet's files: about 75-95)",
+                        lambda v: None if 1 <= v <= 95 else "must be in 1..95")
+    seed: int = flag(0, "the seed of every image", non_negative)
+    workers: int = flag(0, "processes that write images; 0: one per CPU", non_negative)
+
+
+@dataclass(frozen=True)
+class DataBenchmarkConfig:
+    """data_benchmark.py's flags: the data path's start-up cost and throughput."""
+
+    data_dir: str = flag("", "a folder of full-size images (e.g. make_synthetic_imagenet.py's)")
+    image_sizes: str = flag("64,256", "crop sizes to time the loader at", int_list(False))
+    workers: str = flag("1,2", "loader worker counts to time (0: the rank itself)",
+                        int_list(False, min_value=0))
+    batch_size: int = flag(64, "images per batch (per rank)", positive)
+    seconds: float = flag(20.0, "timed seconds per (size, workers), after the first batch",
+                          positive)
+    checks: str = flag("header", "start-up checks to time, fresh index then restart: "
+                                 "'header', 'full' or 'header,full'", subset_of("header", "full"))
+    step_configs: str = flag("64:adm64,256:adm256", "size:benchmark.py config whose training "
+                                                    "step is timed beside the loader; '': none")
+    step_batch: int = flag(0, "batch of the timed training step; 0: the config's", non_negative)
+    device: str = flag("", "cpu or cuda for the training step; '': cuda when available")
+    threads: int = flag(0, "torch threads of the training step; 0: torch's default (on a shared "
+                           "CPU, 1 measures work instead of waiting)", non_negative)
+    json: str = flag("", "also write the full report here")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -150,8 +150,9 @@ def _init_from_mpi(backend: str, timeout: datetime.timedelta) -> None:
     comm = MPI.COMM_WORLD
     rank, world = comm.Get_rank(), comm.Get_size()
     # The rank among the processes that share this node's memory: no fixed GPUs-per-node.
-    local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
-    os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    os.environ.setdefault("LOCAL_RANK", str(node.Get_rank()))
+    os.environ.setdefault("LOCAL_WORLD_SIZE", str(node.Get_size()))
     if rank == 0:
         host = os.environ.get("MASTER_ADDR") or socket.gethostbyname(socket.getfqdn())
         port = int(os.environ.get("MASTER_PORT") or _free_port())
@@ -200,6 +201,11 @@ def get_world_size() -> int:
 def world() -> tuple[int, int]:
     """(rank, world size); (0, 1) without a process group."""
     return get_rank(), get_world_size()
+
+
+def get_local_world_size() -> int:
+    """The ranks on this node (torchrun's LOCAL_WORLD_SIZE, or mpiexec's node communicator)."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def barrier() -> None:

@@ -9,11 +9,16 @@ shard (`paths[rank::world_size]`). Pixels are scaled to [-1, 1] and returned as 
 The stream is resumable (`ResumableLoader`): the order of an epoch is a function of (seed, epoch,
 rank) and each image's random crop and flip of (seed, epoch, index), so a loader restored with
 `load_state_dict` yields the batches an uninterrupted one would have, without reading the images
-it skips. The training loop stores that state in its checkpoints.
+it skips; the batches do not depend on the number of worker processes. The training loop stores
+that state in its checkpoints.
+
+Before the first batch every image is checked once (`data_index`: header-only by default), and
+the listing and verdicts are kept in an index file that later starts reuse.
 """
 
 from __future__ import annotations
 
+import os
 import random
 from typing import Iterator
 
@@ -23,15 +28,17 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from . import dist_util, logger
+from . import data_index, dist_util, logger
+from .data_index import CHECKS, IMAGE_EXTENSIONS, open_image
 from .errors import DataError
 # The resize-and-crop helpers live in image_util (numpy + PIL only) so that evaluations/ can use
 # them without importing training code; these names are the original's public API here.
 from .image_util import center_crop_arr, random_crop_arr  # noqa: F401
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif")
 LABEL_SOURCES = ("filename", "folder")
 _SHOWN = 10  # unreadable files named per message
+MAX_WORKERS = 8  # the automatic --num_workers' ceiling per rank
+PREFETCH = 2  # batches each worker prepares ahead (a 256 px batch of 64 is 50 MB)
 
 
 def load_data(
@@ -48,6 +55,8 @@ def load_data(
     num_workers: int = 1,
     num_classes: int | None = None,
     skip_bad_images: bool = False,
+    index_dir: str | None = None,
+    check: str = "header",
 ) -> "ResumableLoader":
     """
     Yield (images, kwargs) batches forever.
@@ -64,10 +73,15 @@ def load_data(
     :param num_classes: with class_cond, the model's --num_classes: more classes in the data is
         an error (their labels would index past the label embedding, or be read as the
         classifier-free null label).
-    :param skip_bad_images: leave out unreadable images (logged) instead of refusing the folder.
+    :param skip_bad_images: leave out unreadable images (logged) instead of refusing the folder;
+        one that fails only at load time is replaced by the next readable one (logged).
     :param seed: the seed of the order and the augmentations (None: a random one, which the
         loader's `state_dict()` records so that a resume continues the same stream).
-    :param num_workers: processes that read images (0: read in this process).
+    :param num_workers: processes per rank that read images (0: this process; -1: 
+        `default_num_workers()`); the batches are the same for any number.
+    :param index_dir: the folder of the data index (`data_index`), reused by later starts;
+        None: no index, every image is checked at every start.
+    :param check: how each image is checked before training, "header" or "full" (decode).
     :return: a `ResumableLoader`, an iterator of ([N x 3 x image_size x image_size] float32
         tensor in [-1, 1], dict).
     """
@@ -75,22 +89,23 @@ def load_data(
         raise DataError("unspecified data directory (--data_dir)")
     if label_from not in LABEL_SOURCES:
         raise ValueError(f"label_from must be one of {LABEL_SOURCES}, got {label_from!r}")
+    if check not in CHECKS:
+        raise ValueError(f"check must be one of {CHECKS}, got {check!r}")
     if not bf.isdir(data_dir):
         raise DataError(f"--data_dir {data_dir!r}: no such folder")
-    all_files = _list_image_files_recursively(data_dir)
-    if not all_files:
+    if num_workers < 0:
+        num_workers = default_num_workers()
+    listing = data_index.build_listing(data_dir, index_dir, check, num_workers)
+    if not listing.files:
         raise DataError(
             f"--data_dir {data_dir!r}: no images ({', '.join(IMAGE_EXTENSIONS)}) found in it"
         )
+    all_files = scan_images(listing, skip_bad_images)
     classes = None
-    if class_cond:
-        # Labels first (cheap, no decoding): a wrong --num_classes fails in a second.
-        names = [_class_name(path, data_dir, label_from) for path in all_files]
-        check_num_classes(sorted(set(names)), num_classes, data_dir)
-    all_files = scan_images(all_files, data_dir, skip_bad_images)
     if class_cond:
         names = [_class_name(path, data_dir, label_from) for path in all_files]
         sorted_classes = {name: i for i, name in enumerate(sorted(set(names)))}
+        check_num_classes(sorted(sorted_classes), num_classes, data_dir)
         classes = [sorted_classes[name] for name in names]
     dataset = ImageDataset(
         image_size,
@@ -100,6 +115,7 @@ def load_data(
         num_shards=dist_util.get_world_size(),
         random_crop=random_crop,
         random_flip=random_flip,
+        skip_bad=skip_bad_images,
     )
     if len(dataset) < batch_size:
         # drop_last would leave no batch at all and the loop below would spin forever.
@@ -112,6 +128,19 @@ def load_data(
         dataset, batch_size, seed=seed, shuffle=not deterministic, rank=dist_util.get_rank(),
         num_workers=num_workers,
     )
+
+
+def default_num_workers() -> int:
+    """
+    Loader processes per rank when --num_workers is -1: the CPUs this process may use, shared by
+    the ranks of this node, less one for the rank itself, at most MAX_WORKERS (0 on a machine
+    with one CPU per rank: the rank reads the images itself).
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(0, min(MAX_WORKERS, cpus // dist_util.get_local_world_size() - 1))
 
 
 def _item_seed(seed: int, epoch: int, index: int) -> int:
@@ -155,7 +184,7 @@ class ResumableLoader:
     :param seed: the seed of the order and the augmentations (None: a random one).
     :param shuffle: a new order every epoch (False: file order).
     :param rank: this process's rank (each rank shuffles its own shard differently).
-    :param num_workers: DataLoader worker processes.
+    :param num_workers: DataLoader worker processes (0: read in this process).
     """
 
     def __init__(
@@ -191,12 +220,24 @@ class ResumableLoader:
             )
             # A private generator: creating the iterator draws the workers' base seed from it,
             # which would otherwise consume the global torch RNG that the checkpoint restores.
+            # The sampler never ends, so the workers live as long as this iterator (persistent);
+            # each prepares PREFETCH batches ahead. Batches come back in sampler order whatever
+            # the number of workers, and each item's augmentations depend on its own seed only.
+            workers = self.num_workers
             loader = DataLoader(
-                self.dataset, batch_sampler=batches, num_workers=self.num_workers,
+                self.dataset, batch_sampler=batches, num_workers=workers,
                 generator=th.Generator().manual_seed(self.seed),
+                pin_memory=th.cuda.is_available(),  # faster, asynchronous copies to the GPU
+                prefetch_factor=PREFETCH if workers else None, persistent_workers=workers > 0,
             )
             self._it = iter(loader)
-        batch = next(self._it)
+        try:
+            batch = next(self._it)
+        except DataError as e:
+            # From a worker, the message is "Caught DataError in DataLoader worker process k"
+            # followed by the worker's traceback; its last line is ours.
+            lines = str(e).strip().splitlines()
+            raise DataError(lines[-1].split("DataError: ", 1)[-1]) from None
         self.batches_done += 1
         return batch
 
@@ -231,34 +272,25 @@ def check_num_classes(class_names: list[str], num_classes: int | None, data_dir:
             f"range; pass --num_classes {len(class_names)} or fewer classes")
 
 
-def scan_images(paths: list[str], data_dir: str, skip_bad: bool = False) -> list[str]:
+def scan_images(listing: "data_index.Listing", skip_bad: bool = False) -> list[str]:
     """
-    Decode every image once before training (each rank a disjoint share, the findings shared),
-    so that a corrupt file is found now, not hours in when the loader reaches it.
+    The images of a checked listing (`data_index.build_listing`), so that a corrupt file is
+    found now, not hours in when the loader reaches it.
 
-    :return: `paths`, without the unreadable ones when `skip_bad` (they are logged).
+    :return: the full paths, without the unreadable ones when `skip_bad` (they are logged).
     :raises DataError: naming the unreadable files (all of them counted) unless `skip_bad`.
     """
-    rank, world = dist_util.get_rank(), dist_util.get_world_size()
-    bad = []
-    for path in paths[rank::world]:
-        try:
-            read_image(path)
-        except OSError as e:
-            bad.append((path, str(e.__cause__ or e).splitlines()[0][:120]))
-    if world > 1:
-        bad = [item for part in dist_util.all_gather_objects(bad) for item in part]
+    paths, bad, data_dir = listing.files, listing.bad, listing.data_dir
     if not bad:
-        return paths
-    shown = "; ".join(f"{p} ({why})" for p, why in sorted(bad)[:_SHOWN])
+        return listing.paths()
+    shown = "; ".join(f"{data_dir.rstrip('/')}/{p} ({why})" for p, why in sorted(bad.items())[:_SHOWN])
     more = f"; ... ({len(bad) - _SHOWN} more)" if len(bad) > _SHOWN else ""
     if not skip_bad:
         raise DataError(f"--data_dir {data_dir!r}: {len(bad)} of {len(paths)} images cannot be "
                         f"read: {shown}{more} (remove them, or pass --skip_bad_images True)")
     logger.log(f"--skip_bad_images: leaving out {len(bad)} of {len(paths)} images: "
                f"{shown}{more}")
-    dropped = {p for p, _ in bad}
-    kept = [p for p in paths if p not in dropped]
+    kept = listing.paths(skip_bad=True)
     if not kept:
         raise DataError(f"--data_dir {data_dir!r}: none of its {len(paths)} images can be read")
     return kept
@@ -279,15 +311,8 @@ def _class_name(path: str, data_dir: str, label_from: str) -> str:
 
 def _list_image_files_recursively(data_dir: str) -> list[str]:
     """Every image path under `data_dir`, in sorted order within each folder (depth first)."""
-    results = []
-    for entry in sorted(bf.listdir(data_dir)):
-        full_path = bf.join(data_dir, entry)
-        ext = entry.split(".")[-1]
-        if "." in entry and ext.lower() in IMAGE_EXTENSIONS:
-            results.append(full_path)
-        elif bf.isdir(full_path):
-            results.extend(_list_image_files_recursively(full_path))
-    return results
+    base = data_dir.rstrip("/")
+    return [f"{base}/{rel}" for rel, _, _ in data_index.list_images(data_dir)]
 
 
 class ImageDataset(Dataset):
@@ -298,6 +323,8 @@ class ImageDataset(Dataset):
     :param image_paths: every image (all ranks); this dataset keeps
         `image_paths[shard::num_shards]`.
     :param classes: the class index of each path, or None.
+    :param skip_bad: an image that cannot be read is replaced by the next readable one of the
+        shard (logged; the same one for any number of workers), instead of a `DataError`.
     """
 
     def __init__(
@@ -309,6 +336,7 @@ class ImageDataset(Dataset):
         num_shards: int = 1,
         random_crop: bool = False,
         random_flip: bool = True,
+        skip_bad: bool = False,
     ):
         super().__init__()
         self.resolution = resolution
@@ -316,6 +344,7 @@ class ImageDataset(Dataset):
         self.local_classes = None if classes is None else classes[shard:][::num_shards]
         self.random_crop = random_crop
         self.random_flip = random_flip
+        self.skip_bad = skip_bad
 
     def __len__(self) -> int:
         return len(self.local_images)
@@ -329,8 +358,7 @@ class ImageDataset(Dataset):
         if isinstance(idx, tuple):
             idx, item_seed = idx
             rng = random.Random(item_seed)
-        path = self.local_images[idx]
-        pil_image = read_image(path)
+        pil_image = self._read(idx)
         if self.random_crop:
             arr = random_crop_arr(pil_image, self.resolution, rng=rng)
         else:
@@ -343,6 +371,20 @@ class ImageDataset(Dataset):
             out_dict["y"] = np.array(self.local_classes[idx], dtype=np.int64)
         return np.transpose(arr, [2, 0, 1]), out_dict
 
+    def _read(self, idx: int) -> Image.Image:
+        """The image at `idx`; a file that passed the start's check but fails now (a damaged
+        body behind a good header, or changed since) is named, or replaced under skip_bad."""
+        for k in range(len(self.local_images)):
+            path = self.local_images[(idx + k) % len(self.local_images)]
+            try:
+                return read_image(path)
+            except OSError as e:
+                if not self.skip_bad:
+                    raise DataError(f"{e} (found while training; pass --skip_bad_images True to "
+                                    "train on without it)") from None
+                logger.log(f"--skip_bad_images: {e}; using the next image instead")
+        raise DataError(f"none of this rank's {len(self.local_images)} images can be read")
+
 
 def read_image(path: str) -> Image.Image:
     """
@@ -350,12 +392,7 @@ def read_image(path: str) -> Image.Image:
 
     :raises OSError: naming the file, when it is missing, truncated or not an image.
     """
-    try:
-        with bf.BlobFile(path, "rb") as f:
-            pil_image = Image.open(f)
-            pil_image.load()
-    except Exception as e:  # noqa: BLE001 -- PIL raises several types; name the file in one
-        raise OSError(f"cannot read image {path!r}: {type(e).__name__}: {e}") from e
+    pil_image = open_image(path, "full")
     if pil_image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
         # 16-bit PNGs open as 32-bit integer images; convert("RGB") would clip every value
         # above 255 to white. Scale the 16-bit range to 8 bits (65535 -> 255).

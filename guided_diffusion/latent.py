@@ -23,16 +23,21 @@ import hashlib
 import io
 import json
 import os
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch as th
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from . import dist_util, logger
-from .fileio import atomic_write
 from .errors import ScriptError
-from .image_datasets import ImageDataset, _class_name, _list_image_files_recursively
+from .fileio import atomic_write
+from .image_datasets import (
+    ImageDataset,
+    ResumableLoader,
+    _class_name,
+    _list_image_files_recursively,
+)
 
 SD_VAE_SCALE = 0.18215  # Stable Diffusion's VAE latent multiplier (DiT's `.mul_(0.18215)`)
 INSTALL_HINT = "pip install -e .[latent]"
@@ -251,36 +256,58 @@ def load_latent_data(
     random_flip: bool,
     space: LatentSpace,
     cache_dir: str,
-) -> Iterator[tuple[th.Tensor, dict[str, Any]]]:
+    seed: int | None = None,
+) -> ResumableLoader:
     """
-    Yield (latents, kwargs) batches forever, like `image_datasets.load_data` in pixel space.
+    Yield (latents, kwargs) batches forever, like `image_datasets.load_data` in pixel space, and
+    resumable like it: the order is the pixel loader's (`ResumableLoader`) and each item's draw
+    a function of its own seed, so a loader restored with `load_state_dict` continues bit for bit.
 
     This rank draws from its shard of the encodings (every world_size-th image, as load_data),
     reshuffled each pass; each item is a fresh z = scale * (mean + std * noise) of the image or,
     with random_flip, of its mirror (probability 1/2).
 
-    :return: an iterator of ([N x C x h x w] float32 latents, {"y": [N] int64} if class_cond).
+    :param seed: the seed of the order and the draws (None: a random one, recorded in the
+        loader's `state_dict()`).
+    :return: a `ResumableLoader` of ([N x C x h x w] float32 latents, {"y": [N] int64} if
+        class_cond).
     """
     path = ensure_latent_cache(data_dir, space, image_size, random_flip, cache_dir)
     arrays = read_latent_cache(path)
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
-    mean = th.from_numpy(arrays["mean"][rank::world])
-    std = th.from_numpy(arrays["std"][rank::world])
-    labels = th.from_numpy(arrays["labels"][rank::world])
-    if len(mean) < batch_size:
-        raise ScriptError(f"--data_dir {data_dir!r}: this rank's shard has {len(mean)} images, "
+    dataset = LatentDataset(arrays["mean"][rank::world], arrays["std"][rank::world],
+                            arrays["labels"][rank::world] if class_cond else None, space.scale)
+    if len(dataset) < batch_size:
+        raise ScriptError(f"--data_dir {data_dir!r}: this rank's shard has {len(dataset)} images, "
                           f"fewer than --batch_size {batch_size}")
-    # Its own generator, seeded from torch's global one (seeded per rank by --seed).
-    gen = th.Generator().manual_seed(int(th.randint(0, 2**62, (1,))))
+    # The latents are in memory and a draw costs microseconds: no worker processes.
+    return ResumableLoader(dataset, batch_size, seed=seed, rank=rank, num_workers=0)
 
-    def forever():
-        while True:
-            order = th.randperm(len(mean), generator=gen)
-            for start in range(0, len(order) - batch_size + 1, batch_size):  # drop the last
-                idx = order[start:start + batch_size]
-                view = th.randint(0, mean.shape[1], (batch_size,), generator=gen)
-                m, s = mean[idx, view], std[idx, view]
-                z = space.scale * (m + s * th.randn(m.shape, generator=gen))
-                yield z, ({"y": labels[idx]} if class_cond else {})
 
-    return forever()
+class LatentDataset(Dataset):
+    """
+    One rank's cached encodings; item (index, item_seed) is a draw from that image's posterior.
+
+    :param mean: [N x F x C x h x w] posterior means (F views: the image, and its mirror).
+    :param std: their standard deviations, same shape.
+    :param labels: [N] int64 labels, or None (unconditional: an empty kwargs dict).
+    :param scale: the latent multiplier.
+    """
+
+    def __init__(self, mean: np.ndarray, std: np.ndarray, labels: np.ndarray | None,
+                 scale: float):
+        self.mean, self.std = th.from_numpy(np.ascontiguousarray(mean)), th.from_numpy(
+            np.ascontiguousarray(std))
+        self.labels = None if labels is None else th.from_numpy(np.ascontiguousarray(labels))
+        self.scale = scale
+
+    def __len__(self) -> int:
+        return len(self.mean)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[th.Tensor, dict[str, Any]]:
+        idx, item_seed = item
+        gen = th.Generator().manual_seed(item_seed)
+        view = int(th.randint(0, self.mean.shape[1], (1,), generator=gen))  # image or mirror
+        m, s = self.mean[idx, view], self.std[idx, view]
+        z = self.scale * (m + s * th.randn(m.shape, generator=gen))
+        return z, ({} if self.labels is None else {"y": self.labels[idx]})

@@ -199,3 +199,59 @@ def test_missing_folder_and_uncached_hub_id_are_one_line_errors(tmp_path, monkey
 def test_pixel_space_without_the_flag():
     space = latent.space_from_flags(type("Args", (), {"latent_vae": ""})())
     assert space.decode is None and space.shape(PIXELS) == (3, PIXELS, PIXELS)
+
+
+def _same(a, b, where: str) -> None:
+    """Tensors equal bit for bit (torch.equal), every other value equal, recursively."""
+    if isinstance(a, th.Tensor):
+        assert a.dtype == b.dtype and th.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _same(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{where}/{i}")
+    else:
+        assert a == b, (where, a, b)
+
+
+def test_latent_run_killed_and_resumed_equals_the_uninterrupted_run(
+        vae_dir, data_dir, tmp_path, monkeypatch):
+    import shutil
+
+    # 6 images, batch 2: 3 batches per epoch, so steps 3-4 cross into epoch 1 (a new order).
+    flags = [*NETWORKS["dit"], "--image_size", str(PIXELS), "--class_cond", "True",
+             "--num_classes", "2", "--diffusion_steps", "50", "--latent_vae", str(vae_dir),
+             "--data_dir", str(data_dir), "--batch_size", "2", "--lr", "1e-3",
+             "--lr_anneal_steps", "4", "--save_interval", "2", "--seed", "0",
+             "--resume_checkpoint", "auto"]
+    ref = tmp_path / "ref"
+    _main("image_train.py", [*flags, "--output_dir", str(ref)], monkeypatch)
+    # The run as a kill after step 2's checkpoint leaves it (the lock of a dead run aside).
+    cut = tmp_path / "cut"
+    shutil.copytree(ref, cut, ignore=shutil.ignore_patterns("*000004.pt", "run.lock"))
+    _main("image_train.py", [*flags, "--output_dir", str(cut)], monkeypatch)
+    for name in ("model000004.pt", "ema_0.9999_000004.pt", "opt000004.pt"):
+        _same(th.load(ref / name, weights_only=True), th.load(cut / name, weights_only=True),
+              name)
+    resume = th.load(ref / "opt000002.pt", weights_only=True)["resume"]
+    assert resume["ranks"][0]["data"]["train"]["batches_done"] == 2  # the stream's position
+
+
+def test_latent_loader_state_continues_the_stream_bit_for_bit(vae_dir, data_dir, tmp_path):
+    space = latent.LatentSpace(str(vae_dir))
+    kwargs = dict(data_dir=str(data_dir), batch_size=4, image_size=PIXELS, class_cond=True,
+                  random_flip=True, space=space, cache_dir=str(tmp_path), seed=5)
+    whole = latent.load_latent_data(**kwargs)
+    batches = [next(whole) for _ in range(5)]  # 1 batch per epoch: 5 orders and draws
+    part = latent.load_latent_data(**kwargs)
+    next(part), next(part)
+    state = part.state_dict()
+    resumed = latent.load_latent_data(**dict(kwargs, seed=None))  # the state's seed wins
+    resumed.load_state_dict(state)
+    for k in range(2, 5):
+        z, cond = next(resumed)
+        assert th.equal(z, batches[k][0]) and th.equal(cond["y"], batches[k][1]["y"]), k
+    assert not th.equal(batches[0][0], batches[1][0])

@@ -74,9 +74,9 @@ def parse(path: str, flags: list[str]):
 
 def test_every_command_parses_and_fine_tuning_builds_the_released_64x64_layout():
     commands = doc_commands()
-    assert [a[0] for a in commands] == ["python"] * 4 + ["torchrun"]
+    assert [a[0] for a in commands] == ["python"] * 4 + ["torchrun"] + ["python"] * 3
     train = [script_argv(a) for a in commands if "image_train.py" in " ".join(a)]
-    assert len(train) == 4
+    assert len(train) == 5
     for path, flags in train:
         parse(path, flags)
     fine_tune = parse(*train[2])
@@ -122,7 +122,7 @@ def test_the_page_runs_end_to_end_at_tiny_scale(tmp_path, monkeypatch, capsys):
             pixels = rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(tmp_path / "photos" / cls / f"{i}.png")
     paths = {p: f"{tmp_path}/{p}" for p in ("photos/", "data/", "runs/", "models/")}
-    flatten, dry, scratch, fine_tune, torchrun = doc_commands()
+    flatten, dry, scratch, fine_tune, torchrun, *_ = doc_commands()
 
     # 1. Flatten (a plain script: run it as the page does).
     path, flags = script_argv(flatten)
@@ -176,3 +176,38 @@ def test_the_page_runs_end_to_end_at_tiny_scale(tmp_path, monkeypatch, capsys):
     path, flags = script_argv(torchrun)
     assert parse(path, flags).dist_timeout == 600
     assert torchrun[1:5] == ["--nproc_per_node", "8", "--max-restarts", "3"]
+
+
+def test_the_imagenet_section_runs_at_tiny_scale(tmp_path, monkeypatch):
+    """Section 6: a synthetic ImageNet-layout folder, the data benchmark on it, and the training
+    command (shrunk) on it: the index goes to --data_index, and a second start reuses it."""
+    th.set_num_threads(1)
+    logger.reset()  # the default logger of an earlier test may hold that test's closed stdout
+    train, make, bench = doc_commands()[-3:]
+    paths = {p: f"{tmp_path}/{p}" for p in ("imagenet/", "cache/", "runs/")}
+    paths["/tmp/imnet-synth"] = f"{tmp_path}/imnet-synth"
+    path, flags = script_argv(make)
+    flags = shrink(flags, paths) + ["--num_images", "8", "--num_classes", "2", "--workers", "1"]
+    load_script(path).main(flags)
+    data = tmp_path / "imnet-synth"
+    assert sorted(p.name for p in data.iterdir()) == ["n00000000", "n00000001"]
+    path, flags = script_argv(bench)
+    args = parse(path, flags)
+    assert args.workers == "1,2,4,8" and args.image_sizes == "64,256"
+    load_script(path).main(shrink(flags, paths) + [
+        "--workers", "0", "--image_sizes", "16", "--batch_size", "2", "--seconds", "0.01",
+        "--step_configs", ""])
+    path, flags = script_argv(train)
+    args = parse(path, flags)
+    assert (args.data_index, args.num_workers) == ("cache/index", 8)
+    (tmp_path / "imagenet").mkdir()
+    (tmp_path / "imagenet" / "train").symlink_to(data)
+    flags = shrink(flags, paths) + EXTRA + ["--num_workers", "0"]
+    run_script(path, flags, monkeypatch)
+    (index,) = (tmp_path / "cache" / "index").iterdir()
+    assert len(json.loads(index.read_text())["files"]) == 8
+    flags[flags.index("--lr_anneal_steps") + 1] = "3"
+    run_script(path, flags, monkeypatch)  # resumes: nothing in the folder is checked again
+    log = (tmp_path / "runs" / "in64" / "log.txt").read_text()
+    assert "data index: 8 images, none changed" in log
+    assert (tmp_path / "runs" / "in64" / "model000003.pt").exists()
