@@ -117,8 +117,9 @@ def test_rerun_writes_only_missing_and_damaged_shards(tmp_path):
     wrong = folder / "samples_00000015-00000020.npz"  # complete file, but 4 rows for 5 indices
     sample_util.write_samples_npz(str(wrong), (4, 4, 4, 3), [np.zeros((4, 4, 4, 3), np.uint8)],
                                   np.zeros(4))
-    (folder / ".samples_00000020-00000023.npz.x1.tmp").write_bytes(b"partial")
-    (tmp_path / ".samples_23x4x4x3.npz.x2.tmp").write_bytes(b"partial merge")
+    # atomic_write's temporary names: "." + name + "." + mkstemp's 8 characters + ".tmp".
+    (folder / ".samples_00000020-00000023.npz.x1abcdef.tmp").write_bytes(b"partial")
+    (tmp_path / ".samples_23x4x4x3.npz.x2abcdef.tmp").write_bytes(b"partial merge")
     kept = {n: os.stat(folder / n).st_mtime_ns for n in
             ("samples_00000000-00000005.npz", "samples_00000020-00000023.npz")}
     with logger.scoped_configure(dir=str(tmp_path / "log"), format_strs=["log"]):
