@@ -78,6 +78,7 @@ def create_argparser() -> argparse.ArgumentParser:
     return config.build_parser(
         __doc__, config.SampleConfig, config.SuperResSampleConfig, config.SuperResConfig,
         config.DiffusionConfig, config.CommonConfig, config.SamplerOptions, config.FastConfig,
+        config.PresetConfig,
     )
 
 if __name__ == "__main__":
