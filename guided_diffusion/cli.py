@@ -5,6 +5,9 @@
   device, fp16, eval mode, fast path, for each `MODEL_KINDS` entry (U-Net, DiT, super-res,
   classifier); `--model dit` picks the DiT for the image model, `--latent_vae` sizes it for
   latents (`latent.py`).
+- `flags_from_run`: the model flags not given, from the args.json beside a checkpoint (or the
+  preset of a released file's name); `training_flags` does it for --init_checkpoint and
+  --teacher_path and splits --global_batch_size.
 - `apply_fast_flags`: the fast-path flags of a script applied to a model (`fast.apply_fast_path`
   does the work; this resolves the flags first).
 - `train_diffusion`: the original's TrainLoop run from the `config.TrainingConfig` flags.
@@ -168,6 +171,8 @@ NOT_FROM_RUN = ("timestep_respacing", "cfg_channels", "latent_cache")
 # identified, and then refused by the checkpoint's fit check).
 _PRESET_KINDS = {"unet": ("unet", "dit"), "superres": ("superres",),
                  "classifier": ("classifier",)}
+_ANY_MODEL_FLAG = {f.name for groups in RUN_FLAG_GROUPS.values() for group in groups
+                   for f in dataclasses.fields(group)}
 
 
 def flags_from_run(args, path_flag: str, kind: str = "unet", refuse: bool = True) -> list[str]:
@@ -204,7 +209,10 @@ def flags_from_run(args, path_flag: str, kind: str = "unet", refuse: bool = True
         run = {**defaults(*groups), **preset_flags(name, sampling=hasattr(args, "cfg_scale"))}
         source = (f"the released {os.path.basename(path)}'s (preset {name}, by its file name; "
                   "--preset none: only the flags given)")
-        fill = names + [k for k in run if k not in names and hasattr(args, k)]
+        # and the command's other networks' (classifier_sample's --classifier_depth) and sampling
+        # flags; not a training recipe (--init_checkpoint fine-tunes with the flags given).
+        fill = names + [k for k in run if k not in names and hasattr(args, k) and (
+            k in _ANY_MODEL_FLAG or k in PRESETS[name].sampling)]
     if run is None:
         return []
     given = given_flags(args)

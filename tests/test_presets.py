@@ -289,6 +289,13 @@ def test_init_checkpoint_and_teacher_take_the_runs_flags(log_dir):
     args = parse("cm_distill", ["--teacher_path", path, *data])
     cli.training_flags(args, "unet")
     assert args.learn_sigma is True and args.image_size == 16
+    # A released file fine-tuned: its model flags, not DiT's training recipe (the flags given).
+    released = str(log_dir / "models" / "DiT-XL-2-256x256.pt")
+    args = parse("image_train", ["--init_checkpoint", released, "--batch_size", "8", *data])
+    cli.training_flags(args, "unet")
+    assert (args.model, args.dit_model, args.image_size) == ("dit", "DiT-XL/2", 256)
+    assert (args.batch_size, args.global_batch_size, args.lr) == (8, 0, 1e-4)
+    assert args.timestep_respacing == ""  # and no sampling flags in training
 
 
 def test_global_batch_is_split_over_the_ranks(log_dir):
