@@ -272,6 +272,13 @@ def test_run_flags_fill_in_and_given_meaning_flags_are_refused(log_dir):
             cli.flags_from_run(args, "model_path", "unet")
 
 
+def test_diffusers_export_takes_the_runs_flags(log_dir):
+    path = make_run(log_dir / "run")
+    args = parse("to_diffusers", ["--model_path", path, "--output_dir", str(log_dir / "out")])
+    cli.flags_from_run(args, "model_path")
+    assert (args.num_channels, args.noise_schedule, args.num_classes) == (32, "cosine", 3)
+
+
 def test_init_checkpoint_and_teacher_take_the_runs_flags(log_dir):
     path = make_run(log_dir / "run")
     data = ["--data_dir", str(log_dir)]
