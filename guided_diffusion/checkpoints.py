@@ -500,7 +500,8 @@ def read_run_flags(run_dir: str, filename: str = "args.json") -> dict | None:
 
 
 def compare_run_flags(flags: Mapping[str, Any], run_dir: str, refuse: Iterable[str],
-                      warn: Iterable[str], source: str) -> list[str]:
+                      warn: Iterable[str], source: str, run: Mapping[str, Any] | None = None,
+                      run_source: str | None = None) -> list[str]:
     """
     Compare this command's flags with the run's `args.json` in `run_dir` (resuming it, or sampling
     from one of its checkpoints): a differing flag in `refuse` (it changes what the weights mean:
@@ -509,11 +510,14 @@ def compare_run_flags(flags: Mapping[str, Any], run_dir: str, refuse: Iterable[s
     skipped (runs of older versions).
 
     :param source: how the message names the run, e.g. "--model_path 'run/model000100.pt'".
+    :param run: the run's flags when already known (e.g. a released checkpoint's preset), instead
+        of reading args.json; `run_source` names them in the message.
     :return: the names of the differing flags in `warn`.
     """
-    old = read_run_flags(run_dir)
+    old = read_run_flags(run_dir) if run is None else run
     if old is None:
         return []
+    run_source = run_source or f"the run's args.json in {run_dir}"
 
     def differs(k):
         return k in old and k in flags and old[k] != flags[k]
@@ -521,12 +525,12 @@ def compare_run_flags(flags: Mapping[str, Any], run_dir: str, refuse: Iterable[s
     bad = [k for k in refuse if differs(k)]
     if bad:
         shown = ", ".join(f"--{k} {flags[k]!r} (the run: {old[k]!r})" for k in bad)
-        raise RunFlagsError(f"{source}: flags differ from the run's args.json in {run_dir}: "
-                            f"{shown}; pass the run's values")
+        raise RunFlagsError(f"{source}: flags differ from {run_source}: {shown}; pass the "
+                            "run's values")
     changed = [k for k in warn if differs(k)]
     if changed:
         shown = ", ".join(f"--{k} {flags[k]!r} (the run: {old[k]!r})" for k in changed)
-        logger.log(f"warning: {source}: flags differ from the run's args.json: {shown}")
+        logger.log(f"warning: {source}: flags differ from {run_source}: {shown}")
     return changed
 
 

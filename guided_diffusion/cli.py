@@ -5,6 +5,9 @@
   device, fp16, eval mode, fast path, for each `MODEL_KINDS` entry (U-Net, DiT, super-res,
   classifier); `--model dit` picks the DiT for the image model, `--latent_vae` sizes it for
   latents (`latent.py`).
+- `flags_from_run`: the model flags not given, from the args.json beside a checkpoint (or the
+  preset of a released file's name); `training_flags` does it for --init_checkpoint and
+  --teacher_path and splits --global_batch_size.
 - `apply_fast_flags`: the fast-path flags of a script applied to a model (`fast.apply_fast_path`
   does the work; this resolves the flags first).
 - `train_diffusion`: the original's TrainLoop run from the `config.TrainingConfig` flags.
@@ -16,6 +19,7 @@ Sampling and its output (seeded noise, ranks, gathering, .npz and grids) live in
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import sys
@@ -28,8 +32,28 @@ import torch as th
 
 from . import dist_util, logger, run_lock
 from .dist_util import world
-from .checkpoints import AUTO_RESUME, compare_run_flags, load_model_checkpoint, save_run_flags
-from .config import MODEL_CHOICES
+from .checkpoints import (
+    AUTO_RESUME,
+    compare_run_flags,
+    load_model_checkpoint,
+    read_run_flags,
+    save_run_flags,
+)
+from .config import (
+    MODEL_CHOICES,
+    PRESET_BY_FILE_NAME,
+    PRESETS,
+    ClassifierConfig,
+    DiffusionConfig,
+    DiTConfig,
+    LatentConfig,
+    SuperResConfig,
+    UNetConfig,
+    defaults,
+    given_flags,
+    preset_flags,
+    preset_for_file,
+)
 from .errors import USER_ERRORS, CheckpointError, RunFlagsError, ScriptError
 from .fast import apply_fast_flags, fast_config  # noqa: F401 -- the scripts' names, re-exported
 from .fileio import remove_stale_temp_files
@@ -56,15 +80,19 @@ from .train_util import TrainLoop, parse_ema_rates
 # Process setup
 
 
-def setup(args, training: bool = False) -> None:
+def setup(args, training: bool = False, kind: str | None = None) -> None:
     """
-    Start the process group, point the logger at `--output_dir`, and seed torch if asked.
+    Start the process group, set the CUDA math flags (--tf32, --cudnn_benchmark), point the logger
+    at `--output_dir`, and seed torch if asked.
 
-    With `training`, also: take the output folder's lock (one training run per folder, see
-    `run_lock`), remove the temporary files of killed writes there, and when resuming compare the
-    flags with the run's `args.json` (`check_resume_flags`).
+    With `kind` (a training script's network), take the flags of --init_checkpoint's or
+    --teacher_path's run (`training_flags`). With `training`, also: take the output folder's lock
+    (one training run per folder, see `run_lock`), remove the temporary files of killed writes
+    there, and when resuming compare the flags with the run's `args.json` (`check_resume_flags`).
     """
     dist_util.setup_dist(timeout=getattr(args, "dist_timeout", None))
+    if hasattr(args, "tf32"):  # every training and sampling script: fixed shapes, fp32 on CUDA
+        dist_util.cuda_settings(tf32=args.tf32, benchmark=args.cudnn_benchmark)
     output_dir = getattr(args, "output_dir", "") or None
     folder = output_dir or os.getenv("OPENAI_LOGDIR")  # None: logger makes a new temp folder
     if folder:
@@ -77,6 +105,8 @@ def setup(args, training: bool = False) -> None:
         th.manual_seed(seed + world()[0])
         np.random.seed((seed + world()[0]) % 2**32)
         random.seed(seed + world()[0])  # all three global generators: checkpoints save them
+    if kind is not None:
+        training_flags(args, kind)
     if training:
         if not folder:
             _lock_run_folder(logger.get_dir())
@@ -126,6 +156,103 @@ MEANING_FLAGS = (
 # Model/diffusion flags that are free choices at sampling time (not compared).
 SAMPLING_CHOICES = ("timestep_respacing", "use_fp16", "classifier_use_fp16", "use_checkpoint",
                     "dropout", "use_kl", "rescale_learned_sigmas")
+
+
+# The flag groups that describe a checkpoint of each kind: what `flags_from_run` takes from the
+# run's args.json. A classifier's run also trained with diffusion flags, which guidance ignores.
+RUN_FLAG_GROUPS = {
+    "unet": (UNetConfig, DiffusionConfig, DiTConfig, LatentConfig),
+    "superres": (SuperResConfig, DiffusionConfig),
+    "classifier": (ClassifierConfig,),
+}
+# Of those, the choices of each job rather than facts of the network: never taken from a run.
+NOT_FROM_RUN = ("timestep_respacing", "cfg_channels", "latent_cache")
+# The presets a checkpoint of each kind may be (a released file under another kind's flag is not
+# identified, and then refused by the checkpoint's fit check).
+_PRESET_KINDS = {"unet": ("unet", "dit"), "superres": ("superres",),
+                 "classifier": ("classifier",)}
+_ANY_MODEL_FLAG = {f.name for groups in RUN_FLAG_GROUPS.values() for group in groups
+                   for f in dataclasses.fields(group)}
+
+
+def flags_from_run(args, path_flag: str, kind: str = "unet", refuse: bool = True) -> list[str]:
+    """
+    Flags come with the model: the model and diffusion flags (`RUN_FLAG_GROUPS[kind]`) that the
+    command line did not give are taken from the run's args.json beside `--path_flag`'s file;
+    with no args.json there and no --preset, from the preset whose released file has that name
+    (e.g. 64x64_diffusion.pt, its sampling flags too; `--preset none` turns this off). Given flags
+    win; one that changes what the weights mean (`MEANING_FLAGS`) and differs is refused in one
+    line naming it (with `refuse`; else logged, as the other differing model flags are). Taken
+    flags count as given afterwards, so a second checkpoint (the classifier) must agree with them.
+
+    Call it before building the network. A Namespace not parsed by `config.FlagParser` (its given
+    flags unknown) is only compared, never filled.
+
+    :param kind: "unet" (the image model, U-Net or DiT), "superres" or "classifier".
+    :return: the names of the flags taken.
+    """
+    path = getattr(args, path_flag, "")
+    if not path or "://" in path:
+        return []
+    run_dir = os.path.dirname(os.path.abspath(path))
+    groups = RUN_FLAG_GROUPS[kind]
+    names = list(dict.fromkeys(  # image_size is in several groups
+        f.name for group in groups for f in dataclasses.fields(group)
+        if f.name not in NOT_FROM_RUN and hasattr(args, f.name)))
+    run, source, fill = read_run_flags(run_dir), f"the run's args.json in {run_dir}", names
+    preset = getattr(args, "preset", PRESET_BY_FILE_NAME)
+    if run is None and preset == PRESET_BY_FILE_NAME:
+        name = preset_for_file(path)
+        if name is None or PRESETS[name].kind not in _PRESET_KINDS[kind]:
+            return []
+        # A released checkpoint's flags: its command's, the rest at their defaults.
+        run = {**defaults(*groups), **preset_flags(name, sampling=hasattr(args, "cfg_scale"))}
+        source = (f"the released {os.path.basename(path)}'s (preset {name}, by its file name; "
+                  "--preset none: only the flags given)")
+        # and the command's other networks' (classifier_sample's --classifier_depth) and sampling
+        # flags; not a training recipe (--init_checkpoint fine-tunes with the flags given).
+        fill = names + [k for k in run if k not in names and hasattr(args, k) and (
+            k in _ANY_MODEL_FLAG or k in PRESETS[name].sampling)]
+    if run is None:
+        return []
+    given = given_flags(args)
+    taken = [] if given is None else [k for k in fill if k in run and k not in given]
+    for k in taken:
+        setattr(args, k, run[k])
+    if given is not None:
+        given.update(taken)
+    if taken:
+        logger.log(f"--{path_flag}: {', '.join(taken)} from {source}")
+    compared = [k for k in names if k not in SAMPLING_CHOICES]
+    meaning = [k for k in compared if refuse and k in MEANING_FLAGS]
+    try:
+        compare_run_flags(vars(args), run_dir, meaning, [k for k in compared if k not in meaning],
+                          f"--{path_flag} {path!r}", run=run, run_source=source)
+    except RunFlagsError as e:
+        raise ScriptError(str(e)) from e
+    return taken
+
+
+def training_flags(args, kind: str) -> None:
+    """
+    The flags a training script takes before it builds its network: those of --teacher_path's
+    run (refused where they differ in meaning: the student must learn the teacher's ODE) and of
+    --init_checkpoint's (fine-tuning may change a flag's meaning on purpose: logged, not refused),
+    then --global_batch_size split over the ranks into --batch_size.
+    """
+    for path_flag, refuse in (("teacher_path", True), ("init_checkpoint", False)):
+        flags_from_run(args, path_flag, kind, refuse=refuse)
+    total = getattr(args, "global_batch_size", 0)
+    if total:
+        ranks = world()[1]
+        if total % ranks:
+            raise ScriptError(f"--global_batch_size {total} does not split evenly over {ranks} "
+                              "ranks")
+        given = given_flags(args) or set()
+        if "batch_size" in given and args.batch_size != total // ranks:
+            raise ScriptError(f"--batch_size {args.batch_size} and --global_batch_size {total} "
+                              f"over {ranks} rank(s) ({total // ranks} each) disagree: give one")
+        args.batch_size = total // ranks
 
 
 def check_resume_flags(args) -> None:
@@ -231,28 +358,19 @@ def load_checkpoint(model: th.nn.Module, path: str, flag: str) -> None:
 
 def load_model_and_diffusion(args, kind: str = "unet"):
     """
-    Build the network of `kind` from flags, load its checkpoint (`--model_path`, or
-    `--classifier_path` for the classifier), move it to the device, convert it to fp16 when its
+    Build the network of `kind` from flags (those not given taken from the checkpoint's run,
+    `flags_from_run`), load its checkpoint (`--model_path`, or `--classifier_path` for the
+    classifier), move it to the device, convert it to fp16 when its
     fp16 flag is set (after loading: released checkpoints hold float32 weights), switch it to
     eval mode and apply the fast-path flags.
 
     :return: (model, diffusion).
     """
+    path_flag = MODEL_KINDS[kind].path_flag
+    flags_from_run(args, path_flag, kind)  # the run's args.json (or released preset) fills in
     spec = MODEL_KINDS[model_kind(args, kind)]
     model, diffusion = build_model_and_diffusion(args, kind)
-    path = getattr(args, spec.path_flag)
-    load_checkpoint(model, path, spec.path_flag)
-    if "://" not in path:  # sampling from a run folder: its args.json must agree
-        names = [k for k in spec.defaults() if k not in SAMPLING_CHOICES]
-        if kind == "classifier":  # its diffusion flags were for training it only
-            names = [k for k in names if k.startswith("classifier_") or k == "image_size"]
-        try:
-            compare_run_flags(vars(args), os.path.dirname(os.path.abspath(path)),
-                              [k for k in names if k in MEANING_FLAGS],
-                              [k for k in names if k not in MEANING_FLAGS],
-                              f"--{spec.path_flag} {path!r}")
-        except RunFlagsError as e:
-            raise ScriptError(str(e)) from e
+    load_checkpoint(model, getattr(args, path_flag), path_flag)
     model.to(dist_util.dev())
     if getattr(args, spec.fp16_flag):
         model.convert_to_fp16()
@@ -316,7 +434,7 @@ def start_training(args, kind: str) -> bool:
     :return: False for a dry run (the script stops), else True.
     """
     dry = bool(getattr(args, "dry_run", False))
-    setup(args, training=not dry)
+    setup(args, training=not dry, kind=kind)
     if dry:
         dry_run(args, kind)
         return False

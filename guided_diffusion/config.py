@@ -16,7 +16,7 @@ import dataclasses
 import math
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 NUM_CLASSES = 1000  # ImageNet, as the original hard-codes
 
@@ -119,6 +119,8 @@ SPACINGS = ("logsnr", "uniform")
 CM_TRAINING_MODES = ("consistency_distillation", "consistency_training")
 CM_DISTANCES = ("pseudo_huber", "l2")
 CM_WEIGHTINGS = ("uniform", "inverse_step")
+# How samples in [-1, 1] become uint8 (image_util.to_uint8_nhwc).
+QUANTIZE_MODES = ("truncate", "round")
 
 
 def at_least(low: float) -> Check:
@@ -287,6 +289,10 @@ class CommonConfig:
 
     seed: int = flag(-1, ">= 0: reproducible runs (a sample's noise depends on seed and index)")
     output_dir: str = flag("", "where logs, checkpoints and samples go; '': $OPENAI_LOGDIR or /tmp")
+    tf32: bool = flag(True, "CUDA: TF32 for float32 matmuls and convolutions (as PyTorch < 1.12 "
+                            "did by default, and DiT sets); False: full float32")
+    cudnn_benchmark: bool = flag(True, "CUDA: let cuDNN time its convolution algorithms once per "
+                                       "shape; False: the same algorithms every run")
 
 
 @dataclass(frozen=True)
@@ -334,6 +340,10 @@ class SampleConfig:
     consistency_model: str = flag(
         "auto", "is --model_path a consistency model? auto: per the args.json beside it; yes; no",
         one_of("auto", "yes", "no"))
+    quantize: str = flag(
+        "truncate", "float samples -> uint8: 'truncate' ((x+1)*127.5, the original ADM's) or "
+                    "'round' (to the nearest level, DiT's sample_ddp.py; DiT presets set it)",
+        one_of(*QUANTIZE_MODES))
 
 
 @dataclass(frozen=True)
@@ -389,7 +399,11 @@ class TrainingConfig:
     resume_checkpoint: str = flag("", "a model*.pt to resume, or 'auto': newest in --output_dir")
     fp16_scale_growth: float = flag(1e-3, "log2 growth of the fp16 loss scale per step",
                                     finite_non_negative)
-    init_checkpoint: str = flag("", "fine-tune: these weights at step 0, fresh optimizer")
+    init_checkpoint: str = flag("", "fine-tune: these weights at step 0, fresh optimizer; the "
+                                    "model flags come from the args.json beside it (or preset)")
+    global_batch_size: int = flag(0, "> 0: images per step over all ranks, split evenly "
+                                     "(sets --batch_size); 0: --batch_size is per rank",
+                                  non_negative)
     grad_clip: float = flag(0.0, "clip the global gradient norm to this; 0: off (the original)",
                             finite_non_negative)
     lr_warmup_steps: int = flag(0, "raise the lr linearly over this many steps; 0: off",
@@ -559,6 +573,151 @@ class DataBenchmarkConfig:
 
 
 # ------------------------------------------------------------------------------------------------
+# Presets: the released checkpoints' commands by name (--preset), or by the checkpoint's file name
+
+
+class Preset(NamedTuple):
+    """
+    The flags of one released checkpoint's command, as the original README (or DiT's scripts)
+    spell them. `flags` are the network's and diffusion's (plus, for a sampling command that
+    names a classifier, the classifier's; a script takes those it has); `sampling` only applies
+    in the sampling scripts (those with --cfg_scale): steps, guidance weights, quantisation.
+    """
+
+    kind: str  # the network: unet, dit, superres or classifier (a key of cli.MODEL_KINDS)
+    about: str  # one line for the README's table
+    flags: Mapping[str, Any]
+    sampling: Mapping[str, Any] = {}  # never mutated
+
+
+# The original README's MODEL_FLAGS, shared by its 256/512 px ImageNet and LSUN models.
+_ADM_BIG = dict(attention_resolutions="32,16,8", diffusion_steps=1000, learn_sigma=True,
+                noise_schedule="linear", num_channels=256, num_head_channels=64,
+                num_res_blocks=2, resblock_updown=True, use_fp16=True, use_scale_shift_norm=True)
+# The README's SAMPLE_FLAGS: 250 steps for ImageNet, 1000 for LSUN ("the best samples").
+_ADM_250, _ADM_1000 = {"timestep_respacing": "250"}, {"timestep_respacing": "1000"}
+_LSUN = dict(_ADM_BIG, class_cond=False, dropout=0.1, image_size=256)
+_UPSAMPLER = dict(class_cond=True, diffusion_steps=1000, learn_sigma=True, noise_schedule="linear",
+                  num_channels=192, num_res_blocks=2, resblock_updown=True, use_fp16=True,
+                  use_scale_shift_norm=True)
+# DiT (Peebles & Xie 2023): DiT-XL/2 in the SD VAE's latents (8x smaller, 4 channels); DiT's
+# train.py recipe (AdamW lr 1e-4, no weight decay, EMA 0.9999, global batch 256, label dropout
+# 0.1) applies in the training scripts, sample_ddp.py's FID setting (250 DDPM steps, CFG 1.5 on
+# the first 3 channels, rounding to uint8) in the sampling scripts.
+_DIT_XL2 = dict(model="dit", dit_model="DiT-XL/2", class_cond=True, num_classes=1000,
+                class_dropout_prob=0.1, learn_sigma=True, diffusion_steps=1000,
+                noise_schedule="linear", latent_vae="stabilityai/sd-vae-ft-ema",
+                lr=1e-4, weight_decay=0.0, ema_rate="0.9999", global_batch_size=256)
+_DIT_SAMPLING = dict(timestep_respacing="250", cfg_scale=1.5, cfg_channels=3, quantize="round")
+
+PRESETS: dict[str, Preset] = {
+    "64x64_diffusion": Preset(
+        "unet", "ImageNet 64, class-conditional (+ 64x64_classifier at scale 1.0)",
+        dict(attention_resolutions="32,16,8", class_cond=True, diffusion_steps=1000, dropout=0.1,
+             image_size=64, learn_sigma=True, noise_schedule="cosine", num_channels=192,
+             num_head_channels=64, num_res_blocks=3, resblock_updown=True,
+             use_new_attention_order=True, use_fp16=True, use_scale_shift_norm=True,
+             classifier_depth=4),
+        dict(_ADM_250, classifier_scale=1.0)),
+    "128x128_diffusion": Preset(
+        "unet", "ImageNet 128, class-conditional (+ 128x128_classifier at scale 0.5)",
+        dict(attention_resolutions="32,16,8", class_cond=True, diffusion_steps=1000,
+             image_size=128, learn_sigma=True, noise_schedule="linear", num_channels=256,
+             num_heads=4, num_res_blocks=2, resblock_updown=True, use_fp16=True,
+             use_scale_shift_norm=True),
+        dict(_ADM_250, classifier_scale=0.5)),
+    "256x256_diffusion": Preset(
+        "unet", "ImageNet 256, class-conditional (+ 256x256_classifier at scale 1.0)",
+        dict(_ADM_BIG, class_cond=True, image_size=256), dict(_ADM_250, classifier_scale=1.0)),
+    "256x256_diffusion_uncond": Preset(
+        "unet", "ImageNet 256, unconditional (+ 256x256_classifier at scale 10.0)",
+        dict(_ADM_BIG, class_cond=False, image_size=256), dict(_ADM_250, classifier_scale=10.0)),
+    "512x512_diffusion": Preset(
+        "unet", "ImageNet 512, class-conditional, fp32 (+ 512x512_classifier at scale 4.0)",
+        dict(_ADM_BIG, class_cond=True, image_size=512, use_fp16=False),
+        dict(_ADM_250, classifier_scale=4.0)),
+    "64x64_classifier": Preset("classifier", "noisy ImageNet classifier, 64 px",
+                               dict(image_size=64, classifier_depth=4)),
+    "128x128_classifier": Preset("classifier", "noisy ImageNet classifier, 128 px",
+                                 dict(image_size=128)),
+    "256x256_classifier": Preset("classifier", "noisy ImageNet classifier, 256 px",
+                                 dict(image_size=256)),
+    "512x512_classifier": Preset("classifier", "noisy ImageNet classifier, 512 px",
+                                 dict(image_size=512)),
+    "64_256_upsampler": Preset(
+        "superres", "ImageNet 64 -> 256 super-resolution, class-conditional",
+        dict(_UPSAMPLER, attention_resolutions="32,16,8", large_size=256, small_size=64,
+             num_heads=4), _ADM_250),
+    "128_512_upsampler": Preset(
+        "superres", "ImageNet 128 -> 512 super-resolution, class-conditional",
+        dict(_UPSAMPLER, attention_resolutions="32,16", large_size=512, small_size=128,
+             num_head_channels=64), _ADM_250),
+    "lsun_bedroom": Preset("unet", "LSUN bedroom 256, unconditional", _LSUN, _ADM_1000),
+    "lsun_cat": Preset("unet", "LSUN cat 256, unconditional", _LSUN, _ADM_1000),
+    "lsun_horse": Preset("unet", "LSUN horse 256, unconditional", _LSUN, _ADM_1000),
+    "lsun_horse_nodropout": Preset("unet", "LSUN horse 256, trained without dropout",
+                                   dict(_LSUN, dropout=0.0), _ADM_1000),
+    "DiT-XL-2-256x256": Preset(
+        "dit", "DiT-XL/2, ImageNet 256 in SD-VAE latents (FID 2.27 at CFG 1.5); DiT's training "
+               "recipe in image_train.py", dict(_DIT_XL2, image_size=256), _DIT_SAMPLING),
+    "DiT-XL-2-512x512": Preset(
+        "dit", "DiT-XL/2, ImageNet 512 in SD-VAE latents (FID 3.04 at CFG 1.5); DiT's training "
+               "recipe in image_train.py", dict(_DIT_XL2, image_size=512), _DIT_SAMPLING),
+}
+# --preset's other values: '' finds the preset by --model_path's file name; 'none' never does.
+PRESET_BY_FILE_NAME, NO_PRESET = "", "none"
+# The flag that, present in a parser, shows that it builds the network of a preset's kind (the
+# super-resolution model has the U-Net's flags too, but its size is --large_size).
+_KIND_FLAG = {"unet": "use_new_attention_order", "dit": "dit_model", "superres": "large_size",
+              "classifier": "classifier_width"}
+
+
+def preset_for_file(path: str) -> str | None:
+    """The preset whose released checkpoint has `path`'s file name (e.g. '.../64x64_diffusion.pt'
+    -> '64x64_diffusion'), else None."""
+    name = path.replace("\\", "/").rsplit("/", 1)[-1]
+    stem = name[: -len(".pt")] if name.endswith(".pt") else None
+    return stem if stem in PRESETS else None
+
+
+def preset_flags(name: str, sampling: bool) -> dict[str, Any]:
+    """The flags preset `name` sets: its model flags, and its sampling flags when `sampling`."""
+    preset = PRESETS[name]
+    return {**preset.flags, **(preset.sampling if sampling else {})}
+
+
+@dataclass(frozen=True)
+class PresetConfig:
+    """Named presets: the flags of a released checkpoint's command (README: Presets)."""
+
+    preset: str = flag(
+        PRESET_BY_FILE_NAME, "set the flags of this released checkpoint's command (flags given "
+        "also win over it): " + ", ".join(PRESETS) + "; '': by --model_path's (and "
+        "--classifier_path's, --init_checkpoint's, --teacher_path's) file name when no args.json "
+        "is beside it; 'none': never", one_of(PRESET_BY_FILE_NAME, NO_PRESET, *PRESETS))
+
+
+def apply_preset(ns: argparse.Namespace, given: set[str]) -> None:
+    """
+    --preset NAME: set each of the preset's flags that `ns` has and the command line did not give
+    (given flags win, as flags typed after the README's $MODEL_FLAGS do), and count them as given.
+    Sampling flags apply where `ns` has --cfg_scale. A ValueError names a preset of a network
+    the script does not build.
+    """
+    name = getattr(ns, "preset", PRESET_BY_FILE_NAME)
+    if name not in PRESETS:
+        return
+    kind_flag = _KIND_FLAG[PRESETS[name].kind]
+    if not hasattr(ns, kind_flag):
+        raise ValueError(f"--preset {name}: a {PRESETS[name].kind} preset, and this script has "
+                         f"no --{kind_flag} (a preset of another network?)")
+    for key, value in preset_flags(name, sampling=hasattr(ns, "cfg_scale")).items():
+        if hasattr(ns, key) and key not in given:
+            setattr(ns, key, value)
+            given.add(key)
+
+
+# ------------------------------------------------------------------------------------------------
 # Building parsers and reading them back
 
 
@@ -610,10 +769,27 @@ def cross_check(*class_names: str) -> Callable:
     return register
 
 
+class ParsedFlags(argparse.Namespace):
+    """The parsed flags, and which of them the command line gave (`given_flags`); `given` is a
+    slot, so `vars(args)` (what args.json stores) holds the flags only."""
+
+    __slots__ = ("given",)
+
+
+def given_flags(args: argparse.Namespace) -> set[str] | None:
+    """The flags the command line gave (or --preset set), to be kept when flags are taken from a
+    run's args.json; None when unknown (a Namespace not parsed by `FlagParser`)."""
+    return getattr(args, "given", None)
+
+
+_NOT_GIVEN = object()  # a flag's value before parsing: still there afterwards = not given
+
+
 class FlagParser(argparse.ArgumentParser):
     """
     argparse with the scripts' error format: one line `error: ...` on stderr and exit status 2
-    (no usage block), and the cross-flag checks of its config groups run after parsing.
+    (no usage block); it records which flags were given (`given_flags`), applies --preset, then
+    runs the cross-flag checks of its config groups.
     """
 
     def __init__(self, *args, **kwargs):
@@ -621,7 +797,22 @@ class FlagParser(argparse.ArgumentParser):
         self.cross_checks: list[Callable[[argparse.Namespace], None]] = []
 
     def parse_known_args(self, args=None, namespace=None):
+        optionals = [a.dest for a in self._actions
+                     if a.option_strings and a.dest is not argparse.SUPPRESS and a.dest != "help"]
+        if namespace is None:
+            # argparse sets a default only where the namespace lacks the attribute: a flag still
+            # holding the marker afterwards was not on the command line.
+            namespace = ParsedFlags(**{dest: _NOT_GIVEN for dest in optionals})
         ns, extra = super().parse_known_args(args, namespace)
+        if isinstance(ns, ParsedFlags):
+            ns.given = {d for d in optionals if getattr(ns, d) is not _NOT_GIVEN}
+            for action in self._actions:
+                if action.dest in optionals and action.dest not in ns.given:
+                    setattr(ns, action.dest, action.default)
+            try:
+                apply_preset(ns, ns.given)
+            except ValueError as e:
+                self.error(str(e))
         for check in self.cross_checks:
             try:
                 check(ns)

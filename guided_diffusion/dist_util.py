@@ -172,6 +172,23 @@ def _set_cuda_device() -> None:
         th.cuda.set_device(dev())
 
 
+def cuda_settings(tf32: bool = True, benchmark: bool = True) -> None:
+    """
+    The CUDA math settings of a training or sampling job (they change nothing on the CPU).
+
+    :param tf32: float32 matmuls and convolutions in TF32 (10-bit mantissa) on Ampere and later:
+        several times faster. PyTorch < 1.12, which the original ran on, did so for matmuls by
+        default; DiT's scripts set it. Off: full float32. (The legacy `allow_tf32` switches: the
+        evaluator reads them, and torch refuses to mix them with `fp32_precision`.)
+    :param benchmark: cuDNN times its convolution algorithms on the first call of each shape and
+        keeps the fastest; worth it where shapes are fixed (a job's batches), at the price of
+        run-to-run differences in the last bits.
+    """
+    th.backends.cuda.matmul.allow_tf32 = bool(tf32)
+    th.backends.cudnn.allow_tf32 = bool(tf32)
+    th.backends.cudnn.benchmark = bool(benchmark)
+
+
 def dev() -> th.device:
     """
     The device for this process: `cuda:LOCAL_RANK` (modulo the visible GPUs, so a user's

@@ -61,9 +61,23 @@ def random_crop_arr(
     return arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size]
 
 
-def to_uint8_nhwc(sample: th.Tensor) -> th.Tensor:
-    """[N x C x H x W] floats in [-1, 1] -> [N x H x W x C] uint8, rounding as the original."""
-    return ((sample + 1) * 127.5).clamp(0, 255).to(th.uint8).permute(0, 2, 3, 1).contiguous()
+def to_uint8_nhwc(sample: th.Tensor, quantize: str = "truncate") -> th.Tensor:
+    """
+    [N x C x H x W] floats in [-1, 1] -> [N x H x W x C] uint8: the one place samples are
+    quantised (--quantize).
+
+    :param quantize: "truncate": (x + 1) * 127.5 cut towards zero, as the original ADM writes its
+        samples (every level is on average half a level darker than the float); "round": to the
+        nearest level, as DiT's sample_ddp.py (127.5 x + 128, then cut) writes the samples of its
+        FID. Both clamp to [0, 255] first.
+    """
+    if quantize == "truncate":
+        levels = (sample + 1) * 127.5
+    elif quantize == "round":
+        levels = sample * 127.5 + 128.0
+    else:
+        raise ValueError(f"quantize must be 'truncate' or 'round', got {quantize!r}")
+    return levels.clamp(0, 255).to(th.uint8).permute(0, 2, 3, 1).contiguous()
 
 
 def image_grid(arr: np.ndarray, labels: np.ndarray | None = None, max_images: int = 100,

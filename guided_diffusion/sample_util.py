@@ -168,7 +168,7 @@ def make_sample_fn(
         require_finite_samples(sample, indices)  # not black images from NaN
         if decode is not None:
             sample = decode(sample)
-        return to_uint8_nhwc(sample), model_kwargs.get("y")
+        return to_uint8_nhwc(sample, getattr(args, "quantize", "truncate")), model_kwargs.get("y")
 
     return sample_fn
 

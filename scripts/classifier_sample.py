@@ -35,6 +35,7 @@ def create_argparser() -> argparse.ArgumentParser:
         __doc__, config.SampleConfig, config.GuidanceConfig, config.UNetConfig,
         config.DiffusionConfig, config.ClassifierConfig, config.CommonConfig, config.SamplerOptions,
         config.FastConfig, config.DiTConfig,  # --model dit: a pixel-space DiT
+        config.PresetConfig,
     )
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ def create_argparser() -> argparse.ArgumentParser:
         __doc__, config.DataConfig, config.ClassifierTrainConfig,
         config.TrainingConfig(lr=3e-4, batch_size=4), config.ClassifierConfig,
         config.DiffusionConfig, config.CommonConfig, config.FastConfig,
+        config.PresetConfig,
         drop=("ema_rate", "lr_anneal_steps", "fp16_scale_growth", "sample_interval"),
     )
 

@@ -53,6 +53,7 @@ def create_argparser() -> argparse.ArgumentParser:
     return config.build_parser(
         __doc__, config.ConsistencyConfig, config.DataConfig, config.TrainingConfig,
         config.UNetConfig, config.DiffusionConfig, config.CommonConfig, config.FastConfig,
+        config.PresetConfig,
     )
 
 

@@ -6,7 +6,7 @@ beside it with the flags that rebuild the model and its diffusion (the flags a f
 to_diffusers.py carries in `guided_diffusion_args.json` are used where the configs cannot tell).
 
     python scripts/from_diffusers.py exported --output back/model.pt
-    python scripts/image_sample.py --model_path back/model.pt $MODEL_FLAGS  # flags: args.json
+    python scripts/image_sample.py --model_path back/model.pt  # the model flags: its args.json
 """
 
 import argparse

@@ -92,6 +92,7 @@ def create_argparser() -> argparse.ArgumentParser:
     return config.build_parser(
         __doc__, config.NllConfig, config.SampleConfig(num_samples=1000, batch_size=1),
         config.UNetConfig, config.DiffusionConfig, config.CommonConfig, config.FastConfig,
+        config.PresetConfig,
         drop=("use_ddim", "grid_size"),
     )
 

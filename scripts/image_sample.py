@@ -34,7 +34,7 @@ def create_argparser() -> argparse.ArgumentParser:
     return config.build_parser(
         __doc__, config.SampleConfig, config.UNetConfig, config.DiffusionConfig,
         config.CommonConfig, config.SamplerOptions, config.FastConfig, config.DiTConfig,
-        config.LatentConfig,
+        config.LatentConfig, config.PresetConfig,
     )
 
 if __name__ == "__main__":

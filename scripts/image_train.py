@@ -28,7 +28,7 @@ def create_argparser() -> argparse.ArgumentParser:
     return config.build_parser(
         __doc__, config.DataConfig, config.TrainingConfig, config.UNetConfig,
         config.DiffusionConfig, config.CommonConfig, config.FastConfig, config.DiTConfig,
-        config.LatentConfig,
+        config.LatentConfig, config.PresetConfig,
     )
 
 if __name__ == "__main__":

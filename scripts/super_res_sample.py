@@ -54,6 +54,7 @@ def main():
     cli.setup(args)
 
     logger.log("loading data...")
+    cli.flags_from_run(args, "model_path", "superres")  # --small_size, --class_cond of the model
     images, labels = load_base_samples(args.base_samples, args.small_size, args.class_cond)
 
     logger.log("creating model...")
@@ -78,6 +79,7 @@ def create_argparser() -> argparse.ArgumentParser:
     return config.build_parser(
         __doc__, config.SampleConfig, config.SuperResSampleConfig, config.SuperResConfig,
         config.DiffusionConfig, config.CommonConfig, config.SamplerOptions, config.FastConfig,
+        config.PresetConfig,
     )
 
 if __name__ == "__main__":

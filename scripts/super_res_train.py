@@ -58,7 +58,7 @@ class _WithLowRes:
 def create_argparser() -> argparse.ArgumentParser:
     return config.build_parser(
         __doc__, config.DataConfig, config.TrainingConfig, config.SuperResConfig,
-        config.DiffusionConfig, config.CommonConfig, config.FastConfig,
+        config.DiffusionConfig, config.CommonConfig, config.FastConfig, config.PresetConfig,
     )
 
 if __name__ == "__main__":

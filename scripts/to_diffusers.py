@@ -29,6 +29,7 @@ def main():
     args = create_argparser().parse_args()
     if not args.output_dir:
         raise ScriptError("--output_dir is required (the diffusers folder to write)")
+    cli.flags_from_run(args, "model_path")  # flags not given: the run's args.json, or preset
     kind = cli.model_kind(args)  # "unet" or "dit" (--model)
     model, _ = cli.build_model_and_diffusion(args)
     cli.load_checkpoint(model, args.model_path, "model_path")
