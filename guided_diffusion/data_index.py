@@ -33,6 +33,7 @@ from operator import attrgetter
 
 import blobfile as bf
 from PIL import Image
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from . import dist_util, logger
@@ -154,7 +155,10 @@ def check_images(paths: list[str], check: str, num_workers: int = 0) -> list[str
     if num_workers == 0:
         chunks = (tasks[k] for k in range(len(tasks)))
     else:
-        chunks = DataLoader(tasks, batch_size=None, num_workers=min(num_workers, len(tasks)))
+        # A private generator: the workers' base seed is drawn from it, not from torch's global
+        # RNG, which the training run's noise comes from (a bit-exact resume depends on it).
+        chunks = DataLoader(tasks, batch_size=None, num_workers=min(num_workers, len(tasks)),
+                            generator=torch.Generator())
     return [verdict for chunk in chunks for verdict in chunk]
 
 

@@ -63,9 +63,10 @@ def checkpoint(step: int, phase: str) -> None:
     The loop is about to do `phase` of step `step` (1-based; "training", "logging", "saving"):
     leave a heartbeat, and let a test kill or stop this process here (`inject_fault`).
     """
-    _heartbeat(step, phase)
-    # GD_FAULT's "step" point: right after step N, before its logging.
+    # GD_FAULT's "step" point: right after step N, before its logging. Before the heartbeat, so a
+    # process stopped there is last seen at the step it finished, behind the ranks that go on.
     inject_fault("step" if phase == "logging" else phase, step)
+    _heartbeat(step, phase)
 
 
 def _heartbeat(step: int, phase: str) -> None:

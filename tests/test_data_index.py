@@ -258,6 +258,16 @@ def test_the_scan_in_worker_processes_gives_the_same_verdicts(body_damaged):
     assert [bool(v) for v in inline[:4]] == [False, True, False, False]
 
 
+def test_the_scan_in_worker_processes_leaves_the_global_rngs_alone(body_damaged):
+    """The training run's noise comes from torch's global RNG: scanning with worker processes
+    must not draw from it (it did, so 0 and 1 workers trained to different weights)."""
+    paths = sorted(str(p) for p in body_damaged.iterdir()) * 40
+    th.manual_seed(0)
+    before = th.get_rng_state()
+    data_index.check_images(paths, "header", num_workers=2)
+    assert th.equal(th.get_rng_state(), before)
+
+
 @pytest.mark.parametrize("cpus,local_ranks,expected", [
     (2, 1, 1),  # this machine: one worker beside the rank
     (1, 1, 0),  # the rank reads itself
