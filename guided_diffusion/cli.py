@@ -372,7 +372,7 @@ def load_model_and_diffusion(args, kind: str = "unet"):
     model, diffusion = build_model_and_diffusion(args, kind)
     load_checkpoint(model, getattr(args, path_flag), path_flag)
     model.to(dist_util.dev())
-    if getattr(args, spec.fp16_flag):
+    if fast_config(args, spec.fp16_flag).use_fp16:  # the flag, or --fast on CUDA < 8.0
         model.convert_to_fp16()
     model.eval()  # sampling and evaluation only: dropout stays off
     apply_fast_flags(args, model, spec.fp16_flag)
@@ -475,7 +475,7 @@ def train_loop_kwargs(args, fp16_flag: str = "use_fp16") -> dict:
              "grad_clip", "lr_warmup_steps", "max_bad_steps", "init_checkpoint",
              "sample_interval")
     kwargs = {k: getattr(args, k) for k in names if hasattr(args, k)}
-    kwargs["use_fp16"] = bool(getattr(args, fp16_flag))
+    kwargs["use_fp16"] = fast_config(args, fp16_flag).use_fp16  # the flag, or --fast on CUDA < 8.0
     return kwargs
 
 
