@@ -17,7 +17,7 @@ Variants are timed interleaved (run i of every variant, then run i + 1 of every 
 machine whose load changes during the run slows all of them alike and the ratios stay fair.
 
     python scripts/benchmark.py --config bench64 --runs 5
-    python scripts/benchmark.py --config bench64 --variants faithful,bf16,sdpa,channels_last,fast
+    python scripts/benchmark.py --config bench64 --variants original,faithful,sdpa,fused,fast
     python scripts/benchmark.py --config adm256 --device cuda      # faithful, fp16, fast
 """
 
@@ -44,6 +44,7 @@ from guided_diffusion.script_util import (  # noqa: E402
     create_model_and_diffusion,
     model_and_diffusion_defaults,
 )
+from guided_diffusion.unet import AttentionBlock  # noqa: E402
 
 # Named configs: overrides of model_and_diffusion_defaults() and the batch sizes to time.
 CONFIGS = {
@@ -83,6 +84,9 @@ CONFIGS = {
 # Variant atoms; a variant is atoms joined by "+", e.g. "bf16+sdpa".
 ATOMS = {
     "faithful": {},
+    # The original guided-diffusion's computation: the faithful path with every attention block
+    # checkpointed, as the original always does (attention recomputed in the backward pass).
+    "original": {},
     "fp16": dict(use_fp16=True),  # the original's fp16 weights (CUDA)
     "bf16": dict(use_bf16=True),
     "sdpa": dict(use_sdpa=True),
@@ -200,6 +204,10 @@ class Variant:
         if self.use_fp16:
             self.sampler.convert_to_fp16()
         fast.apply_fast_path(self.sampler, **self.cfg.model_kwargs())
+        if "original" in name.split("+"):
+            for module in self.model.modules():
+                if isinstance(module, AttentionBlock):
+                    module.use_checkpoint = True
         self.times = {"train": [], "sample": []}
         self.first_call = {}
         self.memory = {"train": PeakMemory(device), "sample": PeakMemory(device)}

@@ -5,6 +5,7 @@ import json
 import pathlib
 
 import pytest
+import torch as th
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 
@@ -49,3 +50,17 @@ def test_unknown_names_are_refused(benchmark):
         benchmark.main(["--config", "huge"])
     with pytest.raises(SystemExit, match="fp16 needs --device cuda"):
         benchmark.main(["--config", "tiny", "--runs", "1", "--variants", "fp16", "--device", "cpu"])
+
+
+def test_original_variant_checkpoints_attention_like_the_original(benchmark):
+    flags = dict(benchmark.model_and_diffusion_defaults(), **benchmark.CONFIGS["tiny"]["flags"])
+    base, _ = benchmark.create_model_and_diffusion(**flags)
+    state = base.state_dict()
+
+    def attention(variant):
+        return [m for m in variant.model.modules() if isinstance(m, benchmark.AttentionBlock)]
+
+    original = benchmark.Variant("original", flags, state, th.device("cpu"))
+    faithful = benchmark.Variant("faithful", flags, state, th.device("cpu"))
+    assert attention(original) and all(m.use_checkpoint for m in attention(original))
+    assert not any(m.use_checkpoint for m in attention(faithful))
