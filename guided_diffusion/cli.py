@@ -399,8 +399,8 @@ def dry_run(args, kind: str) -> dict:
             inputs["low_res"] = th.zeros(micro, 3, args.small_size, args.small_size)
         if getattr(model, "num_classes", None) and kind != "classifier":
             inputs["y"] = th.zeros(micro).long()
-    precision = "fp16" if getattr(args, spec.fp16_flag, False) else (
-        "bf16" if getattr(args, "use_bf16", False) else "fp32")
+    cfg = fast_config(args, spec.fp16_flag)  # --fast resolved for this device, as training does
+    precision = "fp16" if cfg.use_fp16 else ("bf16" if cfg.use_bf16 else "fp32")
     if precision == "fp16" and hasattr(model, "convert_to_fp16"):
         model.convert_to_fp16()  # as MixedPrecisionTrainer does before training
     n_ema = len(parse_ema_rates(getattr(args, "ema_rate", "")))

@@ -23,7 +23,8 @@ faithful path by `scripts/benchmark.py`.
   shift folded into the norm's affine, and attention computed on [N x T x C] views of the
   activations (no layout copies under channels_last). Same function, different rounding
   (tests/test_fast.py states the tolerance).
-- `tf32` (preset only, CUDA >= 8.0): float32 matmuls on TF32 tensor cores, process-wide.
+TF32 for what stays float32 on CUDA >= 8.0 is not a fast-path switch: `--tf32` (on by default,
+`dist_util.cuda_settings`) sets it for every script.
 
 Wiring in a script is three lines::
 
@@ -69,7 +70,6 @@ class FastPathConfig:
     compile_model: bool = False  # torch.compile of the model's forward (falls back to eager)
     fused_blocks: bool = False  # GroupNorm+SiLU(+AdaGN) in one pass; attention without copies
     use_fp16: bool = False  # the original's fp16 weights and loss scaling (CUDA)
-    tf32: bool = False  # TF32 tensor cores for the matmuls that stay float32 (CUDA >= 8.0)
     reason: str = dataclasses.field(default="", compare=False)  # why the preset chose these
 
     def model_kwargs(self) -> dict:
@@ -80,7 +80,6 @@ class FastPathConfig:
             channels_last=self.channels_last,
             compile_model=self.compile_model,
             fused_blocks=self.fused_blocks,
-            tf32=self.tf32,
         )
 
     def describe(self) -> str:
@@ -100,7 +99,8 @@ def choose_switches(facts: hardware.DeviceFacts) -> tuple[dict, str]:
     - CPU: bf16 autocast only with bf16 instructions (AVX512-BF16, AMX, ARM BF16); without them
       oneDNN emulates bf16 at a fraction of float32's speed, so the preset stays float32.
       SDPA, channels_last and the fused blocks on either kind.
-    - CUDA >= 8.0: bf16 autocast, TF32 for what stays float32, SDPA, channels_last, fused blocks.
+    - CUDA >= 8.0: bf16 autocast, SDPA, channels_last, fused blocks (TF32 for what stays
+      float32 comes from `--tf32`, on by default).
     - CUDA < 8.0 (V100, T4): no bf16 tensor cores; the original's fp16 with loss scaling instead.
     - anything else: SDPA only.
     torch.compile is never in the preset (its first call costs minutes; README).
@@ -116,8 +116,9 @@ def choose_switches(facts: hardware.DeviceFacts) -> tuple[dict, str]:
     if facts.kind == "cuda" and facts.cuda_capability is not None:
         cc = f"{facts.cuda_capability[0]}.{facts.cuda_capability[1]}"
         if tuple(facts.cuda_capability) >= hardware.CUDA_BF16_CAPABILITY:
-            return (dict(layout, use_bf16=True, tf32=True),
-                    f"CUDA compute capability {cc} >= 8.0: bf16 autocast, TF32 for float32 matmuls")
+            return (dict(layout, use_bf16=True),
+                    f"CUDA compute capability {cc} >= 8.0: bf16 autocast (TF32 for what stays "
+                    "float32: --tf32)")
         return (dict(layout, use_fp16=True),
                 f"CUDA compute capability {cc} < 8.0, no bf16 tensor cores: the original's fp16 "
                 "with loss scaling")
@@ -265,7 +266,6 @@ def apply_fast_path(
     compile_model: bool = False,
     compile_mode: str | None = None,
     fused_blocks: bool = False,
-    tf32: bool = False,
 ) -> nn.Module:
     """Apply the model-side switches in place and return the model (same object, same state_dict).
 
@@ -280,13 +280,9 @@ def apply_fast_path(
     :param compile_model: torch.compile the forward; on failure, stay eager and say why.
     :param compile_mode: passed to torch.compile (None, "reduce-overhead", "max-autotune", ...).
     :param fused_blocks: the fused forward of every ResBlock and AttentionBlock (`set_fused`).
-    :param tf32: TF32 for float32 matmuls (process-wide; CUDA only).
     """
     if fused_blocks:
         set_fused(model, True)  # a model without U-Net blocks (DiT) has none to switch
-    if tf32 and next(model.parameters()).device.type == "cuda":
-        # Process-wide. cuDNN convolutions already use TF32 by PyTorch's default; matmuls not.
-        th.backends.cuda.matmul.allow_tf32 = True
     if use_bf16:
         use_autocast_norms(model, True)
     if use_sdpa:

@@ -213,13 +213,7 @@ class Variant:
         self.memory = {"train": PeakMemory(device), "sample": PeakMemory(device)}
         self.output = None
 
-    def precision(self):
-        # TF32 is process-wide (apply_fast_path turns it on): each variant gets its own setting.
-        if self.device.type == "cuda":
-            th.backends.cuda.matmul.allow_tf32 = self.cfg.tf32
-
     def train_step(self, batch):
-        self.precision()
         x, t, kwargs = batch
         self.trainer.zero_grad()
         with self.trainer.autocast():
@@ -228,7 +222,6 @@ class Variant:
         self.trainer.optimize(self.opt)
 
     def sample_forward(self, batch):
-        self.precision()
         x, t, kwargs = batch
         with th.no_grad(), fast.autocast_context(self.device, self.cfg.use_bf16):
             self.output = self.sampler(x, t, **kwargs)

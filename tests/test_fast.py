@@ -250,8 +250,8 @@ LAYOUT = dict(use_sdpa=True, channels_last=True, fused_blocks=True)
     (CPU_NO_BF16, LAYOUT),  # bf16 would be emulated: float32
     (cuda(7, 0), dict(LAYOUT, use_fp16=True)),  # V100: the original's fp16, loss scaling
     (cuda(7, 5), dict(LAYOUT, use_fp16=True)),  # T4
-    (cuda(8, 0), dict(LAYOUT, use_bf16=True, tf32=True)),  # A100
-    (cuda(9, 0), dict(LAYOUT, use_bf16=True, tf32=True)),  # H100
+    (cuda(8, 0), dict(LAYOUT, use_bf16=True)),  # A100 (TF32 for float32: --tf32, default on)
+    (cuda(9, 0), dict(LAYOUT, use_bf16=True)),  # H100
     (hardware.DeviceFacts("mps"), dict(use_sdpa=True)),
 ])
 def test_fast_preset_follows_the_hardware_rule(facts, expected):
@@ -272,7 +272,7 @@ def test_explicit_switches_override_the_preset():
     assert fast.resolve_fast_flags(dict(base, use_bf16=True), facts=cuda(7, 0)) == \
         fast.FastPathConfig(**LAYOUT, use_bf16=True)
     on_h100 = fast.resolve_fast_flags(dict(base, use_fp16=True), facts=cuda(9, 0))
-    assert on_h100 == fast.FastPathConfig(**LAYOUT, use_fp16=True, tf32=True)
+    assert on_h100 == fast.FastPathConfig(**LAYOUT, use_fp16=True)
     # A switch the preset leaves off can be added.
     assert fast.resolve_fast_flags(dict(base, compile_model=True), facts=CPU_BF16).compile_model
 
