@@ -372,7 +372,7 @@ def load_model_and_diffusion(args, kind: str = "unet"):
     model, diffusion = build_model_and_diffusion(args, kind)
     load_checkpoint(model, getattr(args, path_flag), path_flag)
     model.to(dist_util.dev())
-    if getattr(args, spec.fp16_flag):
+    if fast_config(args, spec.fp16_flag).use_fp16:  # the flag, or --fast on CUDA < 8.0
         model.convert_to_fp16()
     model.eval()  # sampling and evaluation only: dropout stays off
     apply_fast_flags(args, model, spec.fp16_flag)
@@ -399,8 +399,8 @@ def dry_run(args, kind: str) -> dict:
             inputs["low_res"] = th.zeros(micro, 3, args.small_size, args.small_size)
         if getattr(model, "num_classes", None) and kind != "classifier":
             inputs["y"] = th.zeros(micro).long()
-    precision = "fp16" if getattr(args, spec.fp16_flag, False) else (
-        "bf16" if getattr(args, "use_bf16", False) else "fp32")
+    cfg = fast_config(args, spec.fp16_flag)  # --fast resolved for this device, as training does
+    precision = "fp16" if cfg.use_fp16 else ("bf16" if cfg.use_bf16 else "fp32")
     if precision == "fp16" and hasattr(model, "convert_to_fp16"):
         model.convert_to_fp16()  # as MixedPrecisionTrainer does before training
     n_ema = len(parse_ema_rates(getattr(args, "ema_rate", "")))
@@ -475,7 +475,7 @@ def train_loop_kwargs(args, fp16_flag: str = "use_fp16") -> dict:
              "grad_clip", "lr_warmup_steps", "max_bad_steps", "init_checkpoint",
              "sample_interval")
     kwargs = {k: getattr(args, k) for k in names if hasattr(args, k)}
-    kwargs["use_fp16"] = bool(getattr(args, fp16_flag))
+    kwargs["use_fp16"] = fast_config(args, fp16_flag).use_fp16  # the flag, or --fast on CUDA < 8.0
     return kwargs
 
 

@@ -303,7 +303,9 @@ class FastConfig:
     use_sdpa: bool = flag(False, "fused scaled_dot_product_attention")
     channels_last: bool = flag(False, "NHWC memory format")
     compile_model: bool = flag(False, "torch.compile the model (eager if it cannot)")
-    fast: bool = flag(False, "the measured preset: bf16 + SDPA + channels_last")
+    fused_blocks: bool = flag(False, "GroupNorm+SiLU(+AdaGN) in one pass, attention without "
+                                     "layout copies")
+    fast: bool = flag(False, "the preset for this device (fast.choose_switches; logged)")
 
 
 @dataclass(frozen=True)

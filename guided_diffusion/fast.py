@@ -1,6 +1,8 @@
 """The fast path: switches that trade bit-exactness with the original for speed.
 
-Each switch works alone; `--fast True` turns on the preset measured to pay (see `FAST_PRESET`).
+Each switch works alone; `--fast True` turns on the preset chosen for the device the model runs
+on (`choose_switches`: bf16 only where the hardware has bf16 instructions or tensor cores) and
+logs what it chose and why in one line.
 Nothing here is on by default: without these flags the model computes exactly what the original
 computes (the golden fixtures check it), so every speed-up is opt-in and measured against that
 faithful path by `scripts/benchmark.py`.
@@ -17,6 +19,12 @@ faithful path by `scripts/benchmark.py`.
   and cuDNN (tensor-core) convolution kernels prefer.
 - `compile_model`: `torch.compile` the model's forward, falling back to eager (with a warning
   or dynamo's log line that says why) when no compiler is available or compilation fails.
+- `fused_blocks`: GroupNorm + SiLU in one call with the activation in place, AdaGN's scale and
+  shift folded into the norm's affine, and attention computed on [N x T x C] views of the
+  activations (no layout copies under channels_last). Same function, different rounding
+  (tests/test_fast.py states the tolerance).
+TF32 for what stays float32 on CUDA >= 8.0 is not a fast-path switch: `--tf32` (on by default,
+`dist_util.cuda_settings`) sets it for every script.
 
 Wiring in a script is three lines::
 
@@ -41,17 +49,10 @@ import torch as th
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import dist_util
+from . import dist_util, hardware, logger
 from .config import FastConfig, defaults
 from .errors import ScriptError
 from .nn import GroupNorm32
-
-# What `--fast True` turns on, chosen by scripts/benchmark.py on the benchmark config (README,
-# "Fast path"; 2-core AVX512-BF16 CPU): bf16 and SDPA each pay alone and more together (sampling
-# forward 0.46x, training step 0.47x the faithful time); channels_last takes sampling from 0.46x
-# to 0.41x and costs training a little (0.47x -> 0.49x). torch.compile stays out of the preset:
-# its compile time (minutes on 2 cores) outweighs its gain for short runs.
-FAST_PRESET = dict(use_bf16=True, use_sdpa=True, channels_last=True)
 
 
 def fast_defaults() -> dict:
@@ -61,37 +62,84 @@ def fast_defaults() -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class FastPathConfig:
-    """The resolved switches (after expanding the `fast` preset)."""
+    """The resolved switches (after expanding the `fast` preset for the device)."""
 
     use_bf16: bool = False  # bfloat16 autocast around forward and backward
     use_sdpa: bool = False  # fused scaled_dot_product_attention in every attention block
     channels_last: bool = False  # NHWC memory format for weights and activations
     compile_model: bool = False  # torch.compile of the model's forward (falls back to eager)
+    fused_blocks: bool = False  # GroupNorm+SiLU(+AdaGN) in one pass; attention without copies
+    use_fp16: bool = False  # the original's fp16 weights and loss scaling (CUDA)
+    reason: str = dataclasses.field(default="", compare=False)  # why the preset chose these
 
     def model_kwargs(self) -> dict:
-        """The keyword arguments of `apply_fast_path`."""
+        """The keyword arguments of `apply_fast_path` (fp16 conversion is the loader's job)."""
         return dict(
             use_bf16=self.use_bf16,
             use_sdpa=self.use_sdpa,
             channels_last=self.channels_last,
             compile_model=self.compile_model,
+            fused_blocks=self.fused_blocks,
         )
 
     def describe(self) -> str:
-        on = [f.name for f in dataclasses.fields(self) if getattr(self, f.name)]
+        on = [f.name for f in dataclasses.fields(self) if f.name != "reason" and getattr(self, f.name)]
         return "+".join(on) if on else "faithful"
+
+    def log_line(self) -> str:
+        """One line for the run's log: what runs, and why when the preset chose it."""
+        return f"fast path: {self.describe()}" + (f" ({self.reason})" if self.reason else "")
+
+
+def choose_switches(facts: hardware.DeviceFacts) -> tuple[dict, str]:
+    """
+    The preset for a device: the switches `--fast True` turns on, and a one-line reason.
+
+    The rule (README, "Fast path"), measured on CPUs and stated for GPUs:
+    - CPU: bf16 autocast only with bf16 instructions (AVX512-BF16, AMX, ARM BF16); without them
+      oneDNN emulates bf16 at a fraction of float32's speed, so the preset stays float32.
+      SDPA, channels_last and the fused blocks on either kind.
+    - CUDA >= 8.0: bf16 autocast, SDPA, channels_last, fused blocks (TF32 for what stays
+      float32 comes from `--tf32`, on by default).
+    - CUDA < 8.0 (V100, T4): no bf16 tensor cores; the original's fp16 with loss scaling instead.
+    - anything else: SDPA only.
+    torch.compile is never in the preset (its first call costs minutes; README).
+
+    :param facts: what the device can do (`hardware.detect`, or faked in tests).
+    :return: (switch name -> True for the switches to turn on, reason).
+    """
+    layout = dict(use_sdpa=True, channels_last=True, fused_blocks=True)
+    if facts.kind == "cpu":
+        if facts.cpu_bf16:
+            return dict(layout, use_bf16=True), f"{facts.describe()}: bf16 autocast"
+        return layout, f"{facts.describe()}: float32, bf16 would be emulated"
+    if facts.kind == "cuda" and facts.cuda_capability is not None:
+        cc = f"{facts.cuda_capability[0]}.{facts.cuda_capability[1]}"
+        if tuple(facts.cuda_capability) >= hardware.CUDA_BF16_CAPABILITY:
+            return (dict(layout, use_bf16=True),
+                    f"CUDA compute capability {cc} >= 8.0: bf16 autocast (TF32 for what stays "
+                    "float32: --tf32)")
+        return (dict(layout, use_fp16=True),
+                f"CUDA compute capability {cc} < 8.0, no bf16 tensor cores: the original's fp16 "
+                "with loss scaling")
+    return dict(use_sdpa=True), f"{facts.kind}: SDPA only"
 
 
 def resolve_fast_flags(
-    flags: Mapping[str, Any] | Any, device: th.device | str | None = None
+    flags: Mapping[str, Any] | Any,
+    device: th.device | str | None = None,
+    facts: hardware.DeviceFacts | None = None,
 ) -> FastPathConfig:
     """Turn parsed flags (a dict or an argparse Namespace) into a `FastPathConfig`.
 
-    `fast=True` turns on every member of `FAST_PRESET`, except that bf16 autocast stays off when
-    the model already runs in the original's fp16 (`use_fp16=True`): the two are alternatives.
+    `fast=True` adds the preset `choose_switches` picks for the device. Switches given
+    explicitly (`--use_bf16 True`, `--use_fp16 True`, ...) stay on whatever the preset says, and
+    pick the precision: with `--use_fp16 True` the preset adds no bf16, with `--use_bf16 True`
+    no fp16.
 
     :param flags: must contain the keys of `fast_defaults()`; `use_fp16` is read if present.
-    :param device: where the model runs; used to refuse bf16 autocast where it cannot work.
+    :param device: where the model runs (default CPU); its facts are detected unless given.
+    :param facts: the device's facts (tests fake them; default `hardware.detect(device)`).
     """
     if not isinstance(flags, Mapping):
         flags = vars(flags)
@@ -101,20 +149,29 @@ def resolve_fast_flags(
             f"fast-path flags missing: {missing} (build the parser from fast_defaults())"
         )
     chosen = {k: bool(flags[k]) for k in fast_defaults() if k != "fast"}
-    use_fp16 = bool(flags.get("use_fp16", False))
-    if flags["fast"]:
-        for key, value in FAST_PRESET.items():
-            if key == "use_bf16" and use_fp16:
-                continue  # the original's fp16 is already the reduced-precision choice
-            chosen[key] = chosen[key] or value
-    if chosen["use_bf16"] and use_fp16:
+    chosen["use_fp16"] = bool(flags.get("use_fp16", False))
+    if chosen["use_bf16"] and chosen["use_fp16"]:
         raise ValueError(
             "--use_bf16 True and --use_fp16 True are alternatives (bf16 autocast vs the original's "
             "fp16 weights); pick one"
         )
-    if chosen["use_bf16"] and device is not None and th.device(device).type not in ("cpu", "cuda"):
+    reason = ""
+    if flags["fast"]:
+        if facts is None:
+            facts = hardware.detect(device if device is not None else "cpu")
+        preset, reason = choose_switches(facts)
+        explicit_precision = chosen["use_bf16"] or chosen["use_fp16"]
+        for key, value in preset.items():
+            if key in ("use_bf16", "use_fp16") and explicit_precision:
+                continue  # the user's precision wins
+            chosen[key] = chosen.get(key, False) or value
+        forced = [k for k in ("use_bf16", "use_fp16") if chosen[k] and not preset.get(k)]
+        if forced:
+            reason += f"; --{forced[0]} True given"
+    kind = th.device(device).type if device is not None else None
+    if chosen["use_bf16"] and kind is not None and kind not in ("cpu", "cuda"):
         raise ValueError(f"--use_bf16 True needs a CPU or CUDA device, got {device}")
-    return FastPathConfig(**chosen)
+    return FastPathConfig(**chosen, reason=reason)
 
 
 def autocast_context(device: th.device | str, use_bf16: bool) -> contextlib.AbstractContextManager:
@@ -137,6 +194,19 @@ def set_sdpa(model: nn.Module, enabled: bool = True) -> int:
     for module in model.modules():
         if hasattr(module, "use_sdpa"):
             module.use_sdpa = enabled
+            count += 1
+    return count
+
+
+def set_fused(model: nn.Module, enabled: bool = True) -> int:
+    """Switch the fused forward of every block of `model` that has one (a `fused` attribute).
+
+    :return: how many blocks were switched.
+    """
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "fused"):
+            module.fused = enabled
             count += 1
     return count
 
@@ -195,6 +265,7 @@ def apply_fast_path(
     channels_last: bool = False,
     compile_model: bool = False,
     compile_mode: str | None = None,
+    fused_blocks: bool = False,
 ) -> nn.Module:
     """Apply the model-side switches in place and return the model (same object, same state_dict).
 
@@ -208,7 +279,10 @@ def apply_fast_path(
     :param channels_last: convert parameters to NHWC and feed the first convolution NHWC.
     :param compile_model: torch.compile the forward; on failure, stay eager and say why.
     :param compile_mode: passed to torch.compile (None, "reduce-overhead", "max-autotune", ...).
+    :param fused_blocks: the fused forward of every ResBlock and AttentionBlock (`set_fused`).
     """
+    if fused_blocks:
+        set_fused(model, True)  # a model without U-Net blocks (DiT) has none to switch
     if use_bf16:
         use_autocast_norms(model, True)
     if use_sdpa:
@@ -249,9 +323,14 @@ def is_compiled(model: nn.Module) -> bool:
 
 
 def fast_config(args, fp16_flag: str = "use_fp16") -> FastPathConfig:
-    """The fast-path switches of the flags; all off for a parser without them."""
+    """
+    The fast-path switches of the flags, `--fast True` resolved for this process's device
+    (`choose_switches`); with a parser without fast-path flags only the fp16 flag counts.
+    Its `use_fp16` is the precision to load, sample and train in: the flag, or the preset's
+    choice on CUDA below compute capability 8.0.
+    """
     if not all(hasattr(args, k) for k in fast_defaults()):
-        return FastPathConfig()
+        return FastPathConfig(use_fp16=bool(getattr(args, fp16_flag, False)))
     flags = dict(vars(args), use_fp16=bool(getattr(args, fp16_flag, False)))
     try:
         return resolve_fast_flags(flags, dist_util.dev())
@@ -269,4 +348,6 @@ def apply_fast_flags(args, model: th.nn.Module, fp16_flag: str = "use_fp16") -> 
     """
     cfg = fast_config(args, fp16_flag)
     apply_fast_path(model, **cfg.model_kwargs())
+    if cfg.describe() != "faithful":
+        logger.log(cfg.log_line())  # what the preset chose on this device, and why
     return cfg

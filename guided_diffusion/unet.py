@@ -22,6 +22,7 @@ from .nn import (
     avg_pool_nd,
     checkpoint,
     conv_nd,
+    group_norm_act,
     linear,
     normalization,
     timestep_embedding,
@@ -144,6 +145,7 @@ class ResBlock(TimestepBlock):
         self.use_conv = use_conv
         self.use_checkpoint = use_checkpoint
         self.use_scale_shift_norm = use_scale_shift_norm
+        self.fused = False  # --fused_blocks: `_forward_fused` (same weights, one pass per norm)
 
         self.in_layers = nn.Sequential(
             normalization(channels),
@@ -190,6 +192,8 @@ class ResBlock(TimestepBlock):
         return checkpoint(self._forward, (x, emb), self.parameters(), self.use_checkpoint)
 
     def _forward(self, x: th.Tensor, emb: th.Tensor) -> th.Tensor:
+        if self.fused:
+            return self._forward_fused(x, emb)
         if self.updown:
             *in_rest, in_conv = self.in_layers
             h = x
@@ -210,6 +214,23 @@ class ResBlock(TimestepBlock):
         else:
             h = self.out_layers(h + emb_out)
         return self.skip_connection(x) + h
+
+    def _forward_fused(self, x: th.Tensor, emb: th.Tensor) -> th.Tensor:
+        """`_forward` with each norm, its AdaGN and its SiLU as one `group_norm_act`."""
+        in_norm, _, in_conv = self.in_layers
+        out_norm, _, dropout, out_conv = self.out_layers
+        h = group_norm_act(in_norm, x)
+        if self.updown:
+            h, x = self.h_upd(h), self.x_upd(x)
+        h = in_conv(h)
+        emb_out = self.emb_layers(emb)
+        if self.use_scale_shift_norm:
+            scale, shift = th.chunk(emb_out, 2, dim=1)
+            h = group_norm_act(out_norm, h, scale, shift)
+        else:
+            emb_out = emb_out.type(h.dtype)
+            h = group_norm_act(out_norm, h + emb_out.reshape(*emb_out.shape, *([1] * (h.ndim - 2))))
+        return self.skip_connection(x) + out_conv(dropout(h))
 
 
 class AttentionBlock(nn.Module):
@@ -244,6 +265,7 @@ class AttentionBlock(nn.Module):
                 )
             self.num_heads = channels // num_head_channels
         self.use_checkpoint = use_checkpoint
+        self.fused = False  # --fused_blocks: `_forward_fused` when attention uses SDPA
         self.norm = normalization(channels)
         self.qkv = conv_nd(1, channels, channels * 3, 1)
         attention_cls = QKVAttention if use_new_attention_order else QKVAttentionLegacy
@@ -255,10 +277,27 @@ class AttentionBlock(nn.Module):
         return checkpoint(self._forward, (x,), self.parameters(), self.use_checkpoint)
 
     def _forward(self, x: th.Tensor) -> th.Tensor:
+        if self.fused and self.attention.use_sdpa:
+            return self._forward_fused(x)
         b, c, *spatial = x.shape
         x = x.reshape(b, c, -1)
         h = self.proj_out(self.attention(self.qkv(self.norm(x))))
         return (x + h).reshape(b, c, *spatial)
+
+    def _forward_fused(self, x: th.Tensor) -> th.Tensor:
+        """
+        `_forward` on [N x T x C] (channels-last) views: the 1x1 convolutions become linear
+        layers on the channel dimension, and q, k, v are strided views of the qkv output that
+        SDPA reads as they are. For a channels_last input every reshape here is free; the
+        faithful [N x C x T] route copies the activations around the attention three times.
+        """
+        b, c, *spatial = x.shape
+        tokens = x.movedim(1, -1).reshape(b, -1, c)  # [N x T x C]; a view when channels_last
+        h = group_norm_act(self.norm, x, act=False).movedim(1, -1).reshape(b, -1, c)
+        qkv = F.linear(h, self.qkv.weight.squeeze(-1), self.qkv.bias)  # [N x T x 3C]
+        a = self.attention.forward_tokens(qkv)  # [N x T x C]
+        h = F.linear(a, self.proj_out.weight.squeeze(-1), self.proj_out.bias)
+        return (tokens + h).reshape(b, *spatial, c).movedim(-1, 1)  # channels_last strides
 
 
 class _QKVAttentionBase(nn.Module):
@@ -276,6 +315,25 @@ class _QKVAttentionBase(nn.Module):
 
     def _split_heads(self, qkv: th.Tensor) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
         raise NotImplementedError
+
+    def _qkv_token_layout(self, qkv: th.Tensor) -> th.Tensor:
+        """[N x T x 3*H*C] -> a [N x T x 3 x H x C] view: how the order packs q, k, v per token."""
+        raise NotImplementedError
+
+    def forward_tokens(self, qkv: th.Tensor) -> th.Tensor:
+        """
+        SDPA on token-major packed queries, keys and values (the fused blocks' layout).
+
+        :param qkv: an [N x T x (3 * H * C)] tensor (the qkv projection applied per token).
+        :return: an [N x T x (H * C)] tensor after attention.
+        """
+        bs, length, width = qkv.shape
+        if width % (3 * self.n_heads):
+            raise ValueError(f"qkv width {width} is not divisible by 3 * {self.n_heads} heads")
+        # Strided [N x H x T x C] views with contiguous channels: SDPA's fused kernel reads them.
+        q, k, v = self._qkv_token_layout(qkv).permute(2, 0, 3, 1, 4).unbind(0)
+        a = F.scaled_dot_product_attention(q, k, v)  # [N x H x T x C]
+        return a.transpose(1, 2).reshape(bs, length, -1)
 
     @staticmethod
     def count_flops(model, _x, y):
@@ -318,6 +376,10 @@ class QKVAttentionLegacy(_QKVAttentionBase):
         ch = width // (3 * self.n_heads)
         return qkv.reshape(bs * self.n_heads, ch * 3, length).split(ch, dim=1)
 
+    def _qkv_token_layout(self, qkv):
+        bs, length, width = qkv.shape  # channels ordered (head, q/k/v, c)
+        return qkv.view(bs, length, self.n_heads, 3, -1).transpose(2, 3)
+
 
 class QKVAttention(_QKVAttentionBase):
     """Attention that splits q, k, v first, then the heads: qkv is read as [N x 3 x H*C x T]."""
@@ -328,6 +390,10 @@ class QKVAttention(_QKVAttentionBase):
         return tuple(
             part.reshape(bs * self.n_heads, ch, length) for part in qkv.chunk(3, dim=1)
         )
+
+    def _qkv_token_layout(self, qkv):
+        bs, length, width = qkv.shape  # channels ordered (q/k/v, head, c)
+        return qkv.view(bs, length, 3, self.n_heads, -1)
 
 
 class AttentionPool2d(nn.Module):

@@ -17,7 +17,7 @@ Variants are timed interleaved (run i of every variant, then run i + 1 of every 
 machine whose load changes during the run slows all of them alike and the ratios stay fair.
 
     python scripts/benchmark.py --config bench64 --runs 5
-    python scripts/benchmark.py --config bench64 --variants faithful,bf16,sdpa,channels_last,fast
+    python scripts/benchmark.py --config bench64 --variants original,faithful,sdpa,fused,fast
     python scripts/benchmark.py --config adm256 --device cuda      # faithful, fp16, fast
 """
 
@@ -28,7 +28,6 @@ import contextlib
 import ctypes
 import json
 import os
-import platform
 import statistics
 import sys
 import threading
@@ -38,13 +37,14 @@ import torch as th
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from guided_diffusion import fast  # noqa: E402
+from guided_diffusion import fast, hardware  # noqa: E402
 from guided_diffusion.config import BenchmarkConfig, build_parser  # noqa: E402
 from guided_diffusion.fp16_util import MixedPrecisionTrainer  # noqa: E402
 from guided_diffusion.script_util import (  # noqa: E402
     create_model_and_diffusion,
     model_and_diffusion_defaults,
 )
+from guided_diffusion.unet import AttentionBlock  # noqa: E402
 
 # Named configs: overrides of model_and_diffusion_defaults() and the batch sizes to time.
 CONFIGS = {
@@ -84,12 +84,16 @@ CONFIGS = {
 # Variant atoms; a variant is atoms joined by "+", e.g. "bf16+sdpa".
 ATOMS = {
     "faithful": {},
+    # The original guided-diffusion's computation: the faithful path with every attention block
+    # checkpointed, as the original always does (attention recomputed in the backward pass).
+    "original": {},
     "fp16": dict(use_fp16=True),  # the original's fp16 weights (CUDA)
     "bf16": dict(use_bf16=True),
     "sdpa": dict(use_sdpa=True),
     "channels_last": dict(channels_last=True),
     "compile": dict(compile_model=True),
-    "fast": dict(fast=True),
+    "fused": dict(fused_blocks=True),
+    "fast": dict(fast=True),  # the preset for this device (what it resolved to is printed)
 }
 
 
@@ -182,7 +186,7 @@ class Variant:
         self.name = name
         flags = variant_flags(name)
         self.cfg = fast.resolve_fast_flags(flags, device)
-        self.use_fp16 = flags["use_fp16"]
+        self.use_fp16 = self.cfg.use_fp16
         self.device = device
         # Training copy: the trainer converts to fp16 itself and keeps float32 master weights.
         self.model, self.diffusion = create_model_and_diffusion(**model_flags)
@@ -200,6 +204,10 @@ class Variant:
         if self.use_fp16:
             self.sampler.convert_to_fp16()
         fast.apply_fast_path(self.sampler, **self.cfg.model_kwargs())
+        if "original" in name.split("+"):
+            for module in self.model.modules():
+                if isinstance(module, AttentionBlock):
+                    module.use_checkpoint = True
         self.times = {"train": [], "sample": []}
         self.first_call = {}
         self.memory = {"train": PeakMemory(device), "sample": PeakMemory(device)}
@@ -264,18 +272,10 @@ def timed(fn, device, clock=time.perf_counter) -> float:
 
 
 def machine_description(device) -> str:
+    facts = hardware.detect(device)
     if device.type == "cuda":
-        return th.cuda.get_device_name(device)
-    name, flags = platform.processor() or "CPU", set()
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and name in ("CPU", platform.processor()):
-                    name = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-    bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
-    return f"{name}, {th.get_num_threads()} threads, bf16 instructions: {', '.join(bf16) or 'none'}"
+        return f"{th.cuda.get_device_name(device)}, {facts.describe()}"
+    return f"{hardware.cpu_name()}, {th.get_num_threads()} threads, {facts.describe()}"
 
 
 def run(args) -> dict:
@@ -341,7 +341,7 @@ def run(args) -> dict:
 
     results = []
     for v in runners:
-        row = {"variant": v.name, "switches": v.cfg.describe() + ("+fp16" if v.use_fp16 else "")}
+        row = {"variant": v.name, "switches": v.cfg.describe(), "reason": v.cfg.reason}
         for phase in phases:
             med = statistics.median(v.times[phase])
             row[phase] = {
@@ -419,6 +419,9 @@ def format_table(report: dict) -> str:
             cells.append(f"{row['rel_err']:.1e}")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    for row in report["results"]:
+        if row.get("reason"):
+            lines.append(f"{row['variant']}: {row['switches']} ({row['reason']})")
     lines.append(
         f"÷ {report['results'][0]['variant']}: median over runs of the time ratio within a run. "
         "peak MiB: CUDA allocator peak; on CPU, the peak RSS growth during the step. "

@@ -36,7 +36,7 @@ def main():
     teacher = None
     if distil:
         teacher = copy.deepcopy(model).requires_grad_(False)
-        if args.use_fp16:
+        if cli.fast_config(args).use_fp16:  # --use_fp16, or --fast on CUDA < 8.0
             teacher.convert_to_fp16()
         teacher.eval()  # only evaluated: no dropout, no label dropout
         cli.apply_fast_flags(args, teacher)

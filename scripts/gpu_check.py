@@ -8,7 +8,9 @@ README's flags, and for each precision
 
 - `fp32`: the faithful path in float32;
 - `fp16`: the original's `--use_fp16` (`convert_to_fp16`, fp16 loss scaling in training);
-- `bf16-fast`: the fast path (`guided_diffusion.fast`: bf16 autocast + SDPA + channels_last),
+- `bf16-fast`: `--fast True`, the preset `guided_diffusion.fast` picks for the GPU (compute
+  capability >= 8.0: bf16 autocast + SDPA + channels_last + fused blocks; below 8.0 the
+  original's fp16 with the same layout switches),
 
 it reports sampling throughput (images through one network evaluation per second: divide by the
 number of sampling steps for finished samples per second), the time of one training step

@@ -5,6 +5,7 @@ import json
 import pathlib
 
 import pytest
+import torch as th
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 
@@ -17,7 +18,9 @@ def benchmark():
     return module
 
 
-def test_tiny_benchmark_prints_faithful_and_fast_side_by_side(benchmark, capsys, tmp_path):
+def test_tiny_benchmark_prints_faithful_and_fast_side_by_side(benchmark, capsys, tmp_path,
+                                                             monkeypatch):
+    monkeypatch.setenv("GD_CPU_BF16", "1")  # the preset with bf16, whatever this CPU has
     out_json = tmp_path / "bench.json"
     report = benchmark.main(["--config", "tiny", "--runs", "1", "--threads", "1",
                              "--variants", "faithful,fast", "--json", str(out_json)])
@@ -25,7 +28,8 @@ def test_tiny_benchmark_prints_faithful_and_fast_side_by_side(benchmark, capsys,
     assert "| faithful |" in table and "| fast |" in table
     assert "GFLOP/s" in table and "÷ faithful" in table
     faithful, fast_row = report["results"]
-    assert fast_row["switches"] == "use_bf16+use_sdpa+channels_last"
+    assert fast_row["switches"] == "use_bf16+use_sdpa+channels_last+fused_blocks"
+    assert "fast: use_bf16+use_sdpa+channels_last+fused_blocks (CPU bf16 instructions" in table
     # FlopCounterMode counts the convolutions and matmuls: fwd+bwd costs about 3x a forward per
     # image (the backward computes gradients for inputs and weights).
     per_image = {p: report["gflop"][p] / report[f"{p}_batch"] for p in ("train", "sample")}
@@ -46,3 +50,17 @@ def test_unknown_names_are_refused(benchmark):
         benchmark.main(["--config", "huge"])
     with pytest.raises(SystemExit, match="fp16 needs --device cuda"):
         benchmark.main(["--config", "tiny", "--runs", "1", "--variants", "fp16", "--device", "cpu"])
+
+
+def test_original_variant_checkpoints_attention_like_the_original(benchmark):
+    flags = dict(benchmark.model_and_diffusion_defaults(), **benchmark.CONFIGS["tiny"]["flags"])
+    base, _ = benchmark.create_model_and_diffusion(**flags)
+    state = base.state_dict()
+
+    def attention(variant):
+        return [m for m in variant.model.modules() if isinstance(m, benchmark.AttentionBlock)]
+
+    original = benchmark.Variant("original", flags, state, th.device("cpu"))
+    faithful = benchmark.Variant("faithful", flags, state, th.device("cpu"))
+    assert attention(original) and all(m.use_checkpoint for m in attention(original))
+    assert not any(m.use_checkpoint for m in attention(faithful))

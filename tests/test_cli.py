@@ -36,10 +36,14 @@ def test_build_model_from_flags_and_bad_values_are_one_line_errors():
         cli.build_model_and_diffusion(_args(image_size=24, channel_mult=""), "unet")
 
 
-def test_apply_fast_flags_resolves_the_preset_and_refuses_bf16_with_fp16():
+def test_apply_fast_flags_resolves_the_preset_and_refuses_bf16_with_fp16(monkeypatch):
     model, _ = cli.build_model_and_diffusion(_args(), "unet")
+    monkeypatch.setenv("GD_CPU_BF16", "1")  # the preset follows the CPU's bf16 instructions
     cfg = cli.apply_fast_flags(_args(fast=True), model)
-    assert cfg == fast.FastPathConfig(use_bf16=True, use_sdpa=True, channels_last=True)
+    assert cfg == fast.FastPathConfig(use_bf16=True, use_sdpa=True, channels_last=True,
+                                      fused_blocks=True)
+    monkeypatch.setenv("GD_CPU_BF16", "0")
+    assert not cli.fast_config(_args(fast=True)).use_bf16
     assert all(m.use_sdpa for m in model.modules() if hasattr(m, "use_sdpa"))
     with pytest.raises(cli.ScriptError, match="use_fp16"):
         cli.fast_config(_args(use_bf16=True, use_fp16=True))

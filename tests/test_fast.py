@@ -1,21 +1,36 @@
-"""The fast path keeps each switch within its stated tolerance of the faithful path.
+"""The fast path keeps each switch within its stated tolerance of the faithful path, and its
+preset follows the hardware rule.
 
 Stated tolerances (relative L2 error of the tiny U-Net's output against the faithful float32 path):
-SDPA and channels_last 1e-5 (same float32 arithmetic, different kernels and summation order);
-bf16 autocast 2e-2 (bfloat16 keeps 8 mantissa bits, ~4e-3 per rounding).
+SDPA, channels_last and the fused blocks 1e-5 (same float32 arithmetic, different kernels and
+summation order); bf16 autocast 2e-2 (bfloat16 keeps 8 mantissa bits, ~4e-3 per rounding).
 """
 
 import copy
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch as th
 import torch._dynamo  # noqa: F401  (th._dynamo is not loaded by `import torch` alone)
 
 from conftest import crc32_init_
-from guided_diffusion import fast
+import torch.nn.functional as F
+
+from guided_diffusion import fast, hardware
 from guided_diffusion.fp16_util import MixedPrecisionTrainer
+from guided_diffusion.nn import GroupNorm32, group_norm_act
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
-from guided_diffusion.unet import AttentionBlock
+from guided_diffusion.unet import AttentionBlock, ResBlock
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "datasets"))
+from digits import write_digits  # noqa: E402
+
+CPU_BF16 = hardware.DeviceFacts("cpu", cpu_bf16=("avx512_bf16",))
+CPU_NO_BF16 = hardware.DeviceFacts("cpu")
 
 FP32_TOL = 1e-5
 BF16_TOL = 2e-2
@@ -130,8 +145,9 @@ def test_bf16_autocast_within_stated_error_and_really_bf16():
 
 def test_fast_preset_within_bf16_tolerance_and_trains_through_the_trainer():
     ref_model, diffusion = tiny_model()
-    cfg = fast.resolve_fast_flags(dict(fast.fast_defaults(), fast=True), "cpu")
-    assert cfg == fast.FastPathConfig(use_bf16=True, use_sdpa=True, channels_last=True)
+    cfg = fast.resolve_fast_flags(dict(fast.fast_defaults(), fast=True), "cpu", facts=CPU_BF16)
+    assert cfg == fast.FastPathConfig(use_bf16=True, use_sdpa=True, channels_last=True,
+                                      fused_blocks=True)
     model = fast.apply_fast_path(copy.deepcopy(ref_model), **cfg.model_kwargs())
     assert rel_err(forward(model, cfg.use_bf16), forward(ref_model)) < BF16_TOL
     # One step through the project's trainer in bf16 mode moves the float32 weights.
@@ -156,8 +172,8 @@ def test_resolve_fast_flags_rules():
     only = fast.resolve_fast_flags(dict(base, use_sdpa=True))
     assert only.describe() == "use_sdpa"
     # With the original's fp16 the preset keeps fp16 and adds only the other switches.
-    with_fp16 = fast.resolve_fast_flags(dict(base, fast=True, use_fp16=True))
-    assert not with_fp16.use_bf16 and with_fp16.use_sdpa
+    with_fp16 = fast.resolve_fast_flags(dict(base, fast=True, use_fp16=True), facts=CPU_BF16)
+    assert not with_fp16.use_bf16 and with_fp16.use_fp16 and with_fp16.use_sdpa
     with pytest.raises(ValueError, match="use_fp16"):
         fast.resolve_fast_flags(dict(base, use_bf16=True, use_fp16=True))
     with pytest.raises(KeyError, match="compile_model"):
@@ -216,3 +232,172 @@ def test_deepcopy_of_a_compiled_model_uses_its_own_weights(monkeypatch):
         for p in ema.parameters():
             p.mul_(0.5)
     assert not th.allclose(forward(ema), forward(model))
+
+
+# ------------------------------------------------------------------------------------------------
+# The preset per device, from faked hardware facts
+
+
+def cuda(major, minor):
+    return hardware.DeviceFacts("cuda", cuda_capability=(major, minor))
+
+
+LAYOUT = dict(use_sdpa=True, channels_last=True, fused_blocks=True)
+
+
+@pytest.mark.parametrize("facts, expected", [
+    (CPU_BF16, dict(LAYOUT, use_bf16=True)),
+    (CPU_NO_BF16, LAYOUT),  # bf16 would be emulated: float32
+    (cuda(7, 0), dict(LAYOUT, use_fp16=True)),  # V100: the original's fp16, loss scaling
+    (cuda(7, 5), dict(LAYOUT, use_fp16=True)),  # T4
+    (cuda(8, 0), dict(LAYOUT, use_bf16=True)),  # A100 (TF32 for float32: --tf32, default on)
+    (cuda(9, 0), dict(LAYOUT, use_bf16=True)),  # H100
+    (hardware.DeviceFacts("mps"), dict(use_sdpa=True)),
+])
+def test_fast_preset_follows_the_hardware_rule(facts, expected):
+    cfg = fast.resolve_fast_flags(dict(fast.fast_defaults(), fast=True), facts=facts)
+    assert cfg == fast.FastPathConfig(**expected)
+    assert not cfg.compile_model  # never in the preset
+    assert cfg.log_line().startswith(f"fast path: {cfg.describe()} (")
+    # Without --fast the facts change nothing: the faithful path.
+    assert fast.resolve_fast_flags(fast.fast_defaults(), facts=facts) == fast.FastPathConfig()
+
+
+def test_explicit_switches_override_the_preset():
+    base = dict(fast.fast_defaults(), fast=True)
+    # bf16 forced on a CPU without bf16 instructions: on, and the log line says it was asked for.
+    forced = fast.resolve_fast_flags(dict(base, use_bf16=True), facts=CPU_NO_BF16)
+    assert forced.use_bf16 and "--use_bf16 True given" in forced.reason
+    # bf16 asked for on a V100: no fp16 added; fp16 asked for on an H100: no bf16 added.
+    assert fast.resolve_fast_flags(dict(base, use_bf16=True), facts=cuda(7, 0)) == \
+        fast.FastPathConfig(**LAYOUT, use_bf16=True)
+    on_h100 = fast.resolve_fast_flags(dict(base, use_fp16=True), facts=cuda(9, 0))
+    assert on_h100 == fast.FastPathConfig(**LAYOUT, use_fp16=True)
+    # A switch the preset leaves off can be added.
+    assert fast.resolve_fast_flags(dict(base, compile_model=True), facts=CPU_BF16).compile_model
+
+
+@pytest.mark.parametrize("flags, environ, expected", [
+    ({"avx512f", "avx512_bf16"}, {}, ("avx512_bf16",)),
+    ({"avx512f", "amx_bf16", "avx512_bf16"}, {}, ("avx512_bf16", "amx_bf16")),
+    ({"fp", "asimd", "bf16"}, {}, ("bf16",)),  # aarch64 'Features'
+    ({"avx512f", "avx2"}, {}, ()),  # AVX512 Xeon without AVX512-BF16
+    ({"avx512_bf16"}, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}, ()),  # oneDNN told not to use them
+    ({"avx512_bf16"}, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, ("avx512_bf16",)),
+    ({"avx512_bf16"}, {"GD_CPU_BF16": "0"}, ()),
+    (set(), {"GD_CPU_BF16": "1"}, ("GD_CPU_BF16=1",)),
+])
+def test_cpu_bf16_detection_and_overrides(flags, environ, expected):
+    assert hardware.cpu_bf16_instructions(flags, environ)[0] == expected
+
+
+def test_cpu_flags_parse_proc_cpuinfo_and_bad_override_is_named(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu avx512_bf16 sse\n")
+    assert hardware.cpu_flags(str(info)) == {"fpu", "avx512_bf16", "sse"}
+    assert hardware.cpu_name(str(info)) == "Some CPU"
+    assert hardware.cpu_flags(str(tmp_path / "missing")) == set()
+    with pytest.raises(ValueError, match="GD_CPU_BF16='yes'"):
+        hardware.cpu_bf16_instructions(set(), {"GD_CPU_BF16": "yes"})
+
+
+# ------------------------------------------------------------------------------------------------
+# Fused blocks
+
+
+def reference_norm_act(x, weight, bias, groups, scale=None, shift=None, eps=1e-5):
+    """GroupNorm -> AdaGN -> SiLU written out from the definitions (float64)."""
+    x = x.double()
+    n, c = x.shape[:2]
+    g = x.reshape(n, groups, -1)
+    g = (g - g.mean(-1, keepdim=True)) / (g.var(-1, unbiased=False, keepdim=True) + eps).sqrt()
+    shape = (1, c) + (1,) * (x.ndim - 2)
+    y = g.reshape(x.shape) * weight.double().view(shape) + bias.double().view(shape)
+    if scale is not None:
+        sshape = (n, c) + (1,) * (x.ndim - 2)
+        y = y * (1 + scale.double().view(sshape)) + shift.double().view(sshape)
+    return y * th.sigmoid(y)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("adagn", [False, True])
+def test_group_norm_act_matches_the_definition(layout, adagn):
+    g = th.Generator().manual_seed(0)
+    norm = GroupNorm32(4, 8)
+    with th.no_grad():
+        norm.weight.copy_(1 + 0.3 * th.randn(8, generator=g))
+        norm.bias.copy_(0.3 * th.randn(8, generator=g))
+    x = 2 + 3 * th.randn(3, 8, 5, 6, generator=g)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=th.channels_last)
+    scale, shift = (0.5 * th.randn(3, 8, generator=g), th.randn(3, 8, generator=g)) if adagn \
+        else (None, None)
+    want = reference_norm_act(x, norm.weight, norm.bias, 4, scale, shift)
+    with th.no_grad():
+        got = group_norm_act(norm, x, scale, shift)
+    assert got.dtype == th.float32
+    assert rel_err(got, want) < 1e-6
+    # bfloat16 in: bfloat16 out, within bf16 rounding.
+    with th.no_grad():
+        got16 = group_norm_act(norm, x.bfloat16(), scale, shift)
+    assert got16.dtype == th.bfloat16 and 1e-4 < rel_err(got16, want) < 2e-2
+    # Gradients flow (no in-place SiLU when autograd needs its input).
+    x_req = x.clone().requires_grad_(True)
+    group_norm_act(norm, x_req, scale, shift).square().sum().backward()
+    x64 = x.double().requires_grad_(True)
+    reference_norm_act(x64, norm.weight, norm.bias, 4, scale, shift).square().sum().backward()
+    assert rel_err(x_req.grad, x64.grad) < 1e-5
+
+
+@pytest.mark.parametrize("scale_shift", [True, False])
+@pytest.mark.parametrize("new_order", [True, False])
+def test_fused_blocks_match_the_unfused_model(scale_shift, new_order):
+    ref_model, diffusion = tiny_model(use_scale_shift_norm=scale_shift,
+                                      use_new_attention_order=new_order)
+    ref, ref_grads = forward(ref_model), grads(ref_model, diffusion)
+    for kwargs in (dict(use_sdpa=True, fused_blocks=True),
+                   dict(use_sdpa=True, fused_blocks=True, channels_last=True),
+                   dict(fused_blocks=True)):  # without SDPA attention keeps its faithful route
+        model = fast.apply_fast_path(copy.deepcopy(ref_model), **kwargs)
+        blocks = [m for m in model.modules() if isinstance(m, (ResBlock, AttentionBlock))]
+        assert blocks and all(m.fused for m in blocks)
+        assert list(model.state_dict()) == list(ref_model.state_dict())
+        assert rel_err(forward(model), ref) < FP32_TOL, kwargs
+        assert rel_err(grads(model, diffusion), ref_grads) < FP32_TOL, kwargs
+    # bf16: the preset on a CPU with bf16, within bf16's tolerance of the float32 model.
+    model = fast.apply_fast_path(copy.deepcopy(ref_model), use_bf16=True, use_sdpa=True,
+                                 channels_last=True, fused_blocks=True)
+    assert 1e-4 < rel_err(forward(model, use_bf16=True), ref) < BF16_TOL
+    assert rel_err(grads(model, diffusion, use_bf16=True), ref_grads) < 5 * BF16_TOL
+
+
+def test_fused_attention_keeps_channels_last_without_copies():
+    block = AttentionBlock(64, num_head_channels=32, use_new_attention_order=True)
+    fast.apply_fast_path(block, use_sdpa=True, fused_blocks=True)
+    x = th.randn(2, 64, 8, 8).contiguous(memory_format=th.channels_last)
+    with th.no_grad():
+        out = block(x)
+    assert out.is_contiguous(memory_format=th.channels_last)
+    block.fused = False
+    with th.no_grad():
+        assert rel_err(out, block(x)) < FP32_TOL
+
+
+def test_fast_preset_runs_image_train_end_to_end(tmp_path):
+    """--fast True through the real training script: logs its choice, writes checkpoints."""
+    write_digits(str(tmp_path / "digits"), image_size=16, val_every=6)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", GD_CPU_BF16="0")
+    env.pop("OPENAI_LOGDIR", None)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "image_train.py"), "--image_size", "16",
+         "--num_channels", "32", "--num_res_blocks", "1", "--channel_mult", "1,2",
+         "--attention_resolutions", "8", "--num_head_channels", "32", "--class_cond", "True",
+         "--num_classes", "10", "--diffusion_steps", "100", "--use_scale_shift_norm", "True",
+         "--data_dir", str(tmp_path / "digits" / "train"), "--batch_size", "2",
+         "--lr_anneal_steps", "1", "--save_interval", "1", "--random_flip", "False",
+         "--output_dir", str(tmp_path / "run"), "--seed", "0", "--fast", "True"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    log = proc.stdout + proc.stderr
+    assert "fast path: use_sdpa+channels_last+fused_blocks (CPU bf16 instructions: none" in log
+    assert (tmp_path / "run" / "model000001.pt").exists()
