@@ -110,11 +110,12 @@ def rate_list(v: str) -> str | None:
 
 # The one list of sampler names: `samplers.STEPS` holds a step function for each but "consistency"
 # (samplers checks that at import); --sampler also takes "" (the original's rule, per --use_ddim).
-SAMPLER_NAMES = ("ddpm", "ddim", "plms", "heun", "dpm++2m", "dpm++3m", "dpm++2m-sde", "consistency")
+SAMPLER_NAMES = ("ddpm", "ddim", "plms", "heun", "dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc",
+                 "consistency")
 # The deterministic steps of the probability-flow ODE (a consistency teacher's step).
-ODE_SAMPLERS = ("ddim", "plms", "heun", "dpm++2m", "dpm++3m")
+ODE_SAMPLERS = ("ddim", "plms", "heun", "dpm++2m", "dpm++3m", "unipc")
 # How --steps (and consistency distillation's grid) pick timesteps from a diffusion's grid.
-SPACINGS = ("logsnr", "uniform")
+SPACINGS = ("logsnr", "uniform", "karras")
 # Consistency models: the two training modes, the distances and the loss weightings.
 CM_TRAINING_MODES = ("consistency_distillation", "consistency_training")
 CM_DISTANCES = ("pseudo_huber", "l2")
@@ -315,8 +316,11 @@ class SamplerOptions:
     steps: int = flag(0, "N grid timesteps for any sampler; 0: the grid of --timestep_respacing",
                       non_negative)
     sampler_spacing: str = flag(
-        "logsnr", "how --steps picks timesteps: 'logsnr' or 'uniform' (= --timestep_respacing N)",
-        one_of(*SPACINGS))
+        "logsnr", "how --steps picks timesteps: 'logsnr', 'uniform' (= --timestep_respacing N) or "
+                  "'karras' (rho-spaced in sigma/alpha up to --sigma_max)", one_of(*SPACINGS))
+    sigma_max: float = flag(80.0, "karras spacing: the noisiest sigma/alpha after the entry step",
+                            positive)
+    rho: float = flag(7.0, "karras spacing: the exponent rho (EDM: 7)", positive)
     cfg_scale: float = flag(1.0, "classifier-free guidance weight; 1: conditional, 0: uncond.",
                             finite)
     eta: float = flag(0.0, "DDIM's eta; 0: deterministic DDIM as the original",

@@ -45,7 +45,7 @@ import torch as th
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .config import SAMPLER_NAMES, SamplerOptions, defaults, space_timesteps
+from .config import SAMPLER_NAMES, SPACINGS, SamplerOptions, defaults, space_timesteps
 from .guidance import cfg_model
 from .losses import _extract_into_tensor, _nonzero_mask, _per_example
 
@@ -66,12 +66,15 @@ class Prediction:
     :param eps: the [N x C x ...] noise prediction, consistent with x0.
     :param x0: the [N x C x ...] prediction of x_0 (clipped, denoised_fn'd, score-guided).
     :param out: the dict of `p_mean_variance` ('mean', 'variance', 'log_variance', 'pred_xstart').
+    :param x: the [N x C x ...] sample at t that the loop steps on from: the one the model saw,
+        until a corrector (UniPC's) replaces it with its corrected value.
     """
 
     t: int | th.Tensor
     eps: th.Tensor
     x0: th.Tensor
     out: dict
+    x: th.Tensor | None = None
 
 
 class Denoiser:
@@ -173,7 +176,7 @@ class Denoiser:
         x0 = out["pred_xstart"]
         # eps consistent with the (clipped, guided) x0, as the original DDIM step computes it.
         eps = self.diffusion.predict_eps(x, tt, x0)
-        return Prediction(t, eps, x0, out)
+        return Prediction(t, eps, x0, out, x)
 
 
 def _batch_t(t: int | th.Tensor, x: th.Tensor) -> th.Tensor:
@@ -367,6 +370,66 @@ def _step_heun(den: Denoiser, x: th.Tensor, t: int, t_next: int, hist: list) -> 
     return den.alpha(t_next) * x_tilde
 
 
+def _unipc_update(den: Denoiser, hist: list, t_next: int, order: int, m_next=None) -> th.Tensor:
+    """
+    UniPC's update (Zhao et al. 2023, "UniPC", Algorithm 2, data prediction, B(h) = e^h - 1:
+    the bh2 variant) from hist[-1] (at t, its sample `.x`, its x0 prediction m_0) to t_next:
+      x_next = (sigma_next / sigma) x - alpha_next (e^-h - 1) m_0
+               - alpha_next B(h) sum_k a_k D_k,   D_k = (m_k - m_0) / r_k,
+    over the `order - 1` earlier predictions m_k at r_k = (lambda_k - lambda) / h (< 0) and, for
+    the corrector UniC, the prediction `m_next` at t_next (r = 1). The weights a solve the order
+    conditions sum_k a_k r_k^(j-1) = j! phi_(j+1)(-h) (-h) / B(h), j = 1..p (p = number of D_k),
+    phi the exponential integrator's phi functions; in float64. The predictor of order 2 takes
+    a = 1/2, which makes it DPM-Solver++(2M); a corrector with only m_next takes 1/2 (trapezoid).
+    """
+    p0 = hist[-1]
+    lam0 = den.lam(p0.t)
+    h = den.lam(t_next) - lam0
+    prev = list(reversed(hist[-order:-1]))  # the order - 1 predictions before p0, newest first
+    r = [(den.lam(p.t) - lam0) / h for p in prev]
+    d = [(p.x0 - p0.x0) / rk for p, rk in zip(prev, r)]
+    if m_next is not None:
+        r.append(1.0)
+        d.append(m_next - p0.x0)
+    hh = -h
+    h_phi_1 = math.expm1(hh)  # (-h) phi_1(-h) = e^-h - 1
+    b_h = h_phi_1  # bh2: B(h) = e^h - 1 in the data-prediction time -h
+    x_next = (den.sigma(t_next) / den.sigma(p0.t)) * p0.x - den.alpha(t_next) * h_phi_1 * p0.x0
+    if not d:
+        return x_next
+    if len(d) == 1 and (m_next is not None or order == 2):
+        a = np.array([0.5])
+    else:
+        # g_j = (-h) phi_(j+1)(-h) j!, by the recursion phi_(j+1)(z) = (phi_j(z) - 1/j!) / z.
+        g, h_phi_k, fact = [], h_phi_1 / hh - 1.0, 1.0
+        for j in range(1, len(d) + 1):
+            g.append(h_phi_k * fact / b_h)
+            fact *= j + 1
+            h_phi_k = h_phi_k / hh - 1.0 / fact
+        vander = np.array([[rk ** (j - 1) for rk in r] for j in range(1, len(d) + 1)])
+        a = np.linalg.solve(vander, np.array(g))
+    return x_next - den.alpha(t_next) * b_h * sum(float(ak) * dk for ak, dk in zip(a, d))
+
+
+def _step_unipc(den: Denoiser, x: th.Tensor, t: int, t_next: int, hist: list,
+                order: int = 2) -> th.Tensor:
+    """
+    UniPC-p, bh2 (Zhao et al. 2023): the corrector UniC of the previous step, then the predictor
+    UniP of this one, both `_unipc_update`. UniC costs no evaluation: it reuses the prediction at
+    t, which the model made at the predictor's x_t (hist[-1].x0), to correct x_t; the loop then
+    steps on from the corrected x_t (stored in hist[-1].x). The predictor uses up to order - 1
+    earlier predictions; the corrected step is of order p + 1. Into sigma = 0 (CLEAN) the step is
+    the last prediction of x_0 (h = inf), as DPM-Solver++'s.
+    """
+    if len(hist) >= 2:
+        # UniC for the step hist[-2] -> t, at the order its predictor had.
+        p_prev = min(order, len(hist) - 1)
+        hist[-1].x = _unipc_update(den, hist[:-1], t, p_prev, m_next=hist[-1].x0)
+    if t_next == CLEAN:
+        return hist[-1].x0
+    return _unipc_update(den, hist, t_next, min(order, len(hist)))
+
+
 STEPS: dict[str, StepFn] = {
     "ddpm": _step_ddpm,
     "ddim": _step_ddim,
@@ -375,6 +438,7 @@ STEPS: dict[str, StepFn] = {
     "dpm++3m": _step_dpmpp_3m,
     "dpm++2m-sde": _step_dpmpp_2m_sde,
     "heun": _step_heun,
+    "unipc": _step_unipc,
 }
 SAMPLERS = tuple(STEPS)  # the samplers of the one loop (diffusion models)
 # What `--sampler` accepts (besides "", the original's choice) is config.SAMPLER_NAMES, the one
@@ -521,14 +585,29 @@ def sample_loop_progressive(
     yield from solve_progressive(sampler, den, noise, grid(diffusion), progress, eta)
 
 
-def select_timesteps(alphas_cumprod, steps: int, spacing: str = "logsnr") -> np.ndarray:
+def sigma_tilde(alphas_cumprod) -> np.ndarray:
+    """EDM's noise level sigma~ = sigma / alpha = sqrt((1 - abar) / abar) of each grid point."""
+    acp = np.asarray(alphas_cumprod, dtype=np.float64)
+    return np.sqrt((1.0 - acp) / acp)
+
+
+def select_timesteps(
+    alphas_cumprod,
+    steps: int,
+    spacing: str = "logsnr",
+    sigma_max: float = 80.0,
+    rho: float = 7.0,
+) -> np.ndarray:
     """
     Choose `steps` integer grid indices, decreasing from the noisiest (len - 1) to the cleanest (0):
     the one rule behind `--steps` for every sampler.
 
     :param alphas_cumprod: the grid's [T] cumulative alphas.
     :param spacing: "logsnr": nearest to uniform in lambda = log(alpha / sigma) (Lu et al. 2022);
-        "uniform": evenly spaced in t, exactly the original's `--timestep_respacing N`.
+        "uniform": evenly spaced in t, exactly the original's `--timestep_respacing N`;
+        "karras": EDM's rho-spacing in sigma~ = sigma / alpha (Karras et al. 2022, eq. 5),
+        capped at `sigma_max` (`karras_sigmas`).
+    :param sigma_max, rho: the cap and the exponent of "karras" (ignored by the others).
     :return: int64 array [steps], strictly decreasing. Indices that would coincide near t = 0, where
         one grid step spans a large log-SNR interval, are pushed one grid step apart.
     """
@@ -537,22 +616,77 @@ def select_timesteps(alphas_cumprod, steps: int, spacing: str = "logsnr") -> np.
     if not 1 <= steps <= n_grid:
         raise ValueError(
             f"--steps must be between 1 and the grid's {n_grid} timesteps, got {steps}")
+    if spacing not in SPACINGS:
+        raise ValueError(f"--sampler_spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
     if spacing == "uniform":
         return np.array(sorted(space_timesteps(n_grid, [steps]), reverse=True), dtype=np.int64)
-    if spacing != "logsnr":
-        raise ValueError(f"--sampler_spacing must be 'logsnr' or 'uniform', got {spacing!r}")
     if steps == 1:
         return np.array([n_grid - 1], dtype=np.int64)
+    if spacing == "karras":
+        return _snap_karras(acp, steps, sigma_max, rho)
     lam = 0.5 * (np.log(acp) - np.log1p(-acp))
     targets = np.linspace(lam[-1], lam[0], steps)
     ts = np.abs(lam[None, :] - targets[:, None]).argmin(axis=1).astype(np.int64)
-    # Make the indices strictly decreasing: push up from the clean end, then down from the top.
-    for k in range(steps - 2, -1, -1):
+    return _strictly_decreasing(ts, n_grid)
+
+
+def _strictly_decreasing(ts: np.ndarray, n_grid: int) -> np.ndarray:
+    """Push snapped indices apart: up from the clean end, then down from the top."""
+    ts = ts.copy()
+    for k in range(len(ts) - 2, -1, -1):
         ts[k] = max(ts[k], ts[k + 1] + 1)
     ts[0] = min(ts[0], n_grid - 1)
-    for k in range(1, steps):
+    for k in range(1, len(ts)):
         ts[k] = min(ts[k], ts[k - 1] - 1)
     return ts
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
+    """
+    EDM's n noise levels from sigma_max down to sigma_min (Karras et al. 2022, eq. 5):
+      sigma_i = (sigma_max^(1/rho) + i / (n - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho.
+    rho = 7 shortens the steps near sigma_min, where the image's detail forms. n = 1 is
+    [sigma_min]: the one point a sampler must evaluate is its clean end.
+    """
+    if n == 1:
+        return np.array([sigma_min])
+    i = np.arange(n) / (n - 1)
+    lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
+    return (hi + i * (lo - hi)) ** rho
+
+
+def _snap_karras(acp: np.ndarray, steps: int, sigma_max: float, rho: float) -> np.ndarray:
+    """
+    `select_timesteps(..., "karras")`. The grid's top (T - 1) stays the entry point, where x_T is
+    drawn, and one step jumps from it down to the cap: the noisiest grid point c with
+    sigma~_c <= sigma_max (a cosine grid's top is at sigma~ ~ 2e4, where steps are wasted: EDM
+    found sigma_max = 80 enough). The other steps - 1 points follow `karras_sigmas` from
+    sigma~_c down to sigma~_0, each snapped to the nearest grid point in log sigma~ among 0..c.
+    A grid that lies wholly at or below the cap is spaced from its top. Only when more points are
+    asked than the grid has below the cap do the extra ones lie above it.
+    """
+    if not (sigma_max > 0 and rho > 0):
+        raise ValueError(f"--sigma_max and --rho must be > 0, got {sigma_max} and {rho}")
+    sig = sigma_tilde(acp)
+    n_grid = len(acp)
+    below = np.flatnonzero(sig <= sigma_max)  # sigma~ increases with t: indices 0..c
+    if len(below) == 0:
+        raise ValueError(f"--sigma_max {sigma_max} is below the grid's least noise level "
+                         f"sigma~ = {sig[0]:.4g}")
+    top = int(below[-1])
+    n_inner = steps if top == n_grid - 1 else steps - 1
+    targets = np.log(karras_sigmas(sig[0], sig[top], n_inner, rho))
+    inner = np.abs(np.log(sig[: top + 1])[None, :] - targets[:, None]).argmin(axis=1)
+    # rho = 7 crowds the points at both ends, where grid points are sparse in sigma~; points that
+    # snapped together move apart down from the cap first (never above it), and up from 0 only
+    # where that ran out of grid.
+    for k in range(1, len(inner)):
+        inner[k] = min(inner[k], inner[k - 1] - 1)
+    inner[-1] = max(inner[-1], 0)
+    for k in range(len(inner) - 2, -1, -1):
+        inner[k] = max(inner[k], inner[k + 1] + 1)
+    ts = inner if top == n_grid - 1 else np.concatenate([[n_grid - 1], inner])
+    return _strictly_decreasing(ts.astype(np.int64), n_grid)
 
 
 def sample(
@@ -600,9 +734,15 @@ def sample(
     _step_fn(name, opts.eta)  # fail on a bad --sampler / --eta before any work
     if opts.steps < 0:
         raise ValueError(f"--steps must be >= 0, got {opts.steps}")
+    if opts.steps == 1:
+        # A one-point grid cannot be built (nor can the original's --timestep_respacing 1), and
+        # its one evaluation would predict x_0 from pure noise.
+        raise ValueError(f"--steps 1 is too few for --sampler {name}: use >= 2, or a "
+                         f"consistency model (--sampler consistency) for one-step sampling")
     if opts.steps:
         diffusion = diffusion.respace(
-            select_timesteps(diffusion.alphas_cumprod, opts.steps, opts.sampler_spacing)
+            select_timesteps(diffusion.alphas_cumprod, opts.steps, opts.sampler_spacing,
+                             opts.sigma_max, opts.rho)
         )
     if noise is None and device is None and not isinstance(model, th.nn.Module):
         device = "cpu"  # a plain function has no parameters to take the device from

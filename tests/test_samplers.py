@@ -21,7 +21,7 @@ from guided_diffusion.samplers import CLEAN, Denoiser, sample, select_timesteps,
 from guided_diffusion.script_util import create_gaussian_diffusion
 
 MU, S = 0.3, 0.5
-ODE_SOLVERS = ["ddim", "plms", "dpm++2m", "dpm++3m", "heun"]
+ODE_SOLVERS = ["ddim", "plms", "dpm++2m", "dpm++3m", "heun", "unipc"]
 
 
 class GaussianModel:
@@ -183,7 +183,7 @@ def test_samples_match_the_data_moments(name):
     assert coarse_mean > tol_mean or coarse_var > tol_var, errors
 
 
-@pytest.mark.parametrize("name", ["plms", "dpm++2m", "dpm++3m", "heun"])
+@pytest.mark.parametrize("name", ["plms", "dpm++2m", "dpm++3m", "heun", "unipc"])
 def test_eps_x0_and_learned_variance_models_give_the_same_samples(name):
     shape = (8, 3, 2, 2)
     outs = []
@@ -243,7 +243,7 @@ class CountingModel(GaussianModel):
 
 
 @pytest.mark.parametrize("name", samplers.SAMPLERS)
-@pytest.mark.parametrize("spacing", ["logsnr", "uniform"])
+@pytest.mark.parametrize("spacing", ["logsnr", "uniform", "karras"])
 def test_every_sampler_runs_the_one_loop_on_the_steps_timesteps_with_nfe(
         name, spacing, monkeypatch):
     """
@@ -267,7 +267,7 @@ def test_every_sampler_runs_the_one_loop_on_the_steps_timesteps_with_nfe(
     assert x.shape == shape and th.isfinite(x).all()
     assert [n for n, _ in loops] == [name]
     assert loops[0][1].nfe == len(model.calls) == samplers.nfe(name, steps)
-    chosen = select_timesteps(diffusion.alphas_cumprod, steps, spacing)
+    chosen = select_timesteps(diffusion.alphas_cumprod, steps, spacing)  # default cap and rho
     assert sorted(set(model.calls), reverse=True) == chosen.tolist()
     # The original's loops are the same loop.
     loops.clear()
@@ -320,7 +320,7 @@ def test_sample_validates_its_options():
     with pytest.raises(ValueError, match="previous grid point"):
         solve("ddpm", Denoiser(diffusion, model), noise(shape), [99, 50, CLEAN])
     assert set(samplers.sampler_defaults()) == {"sampler", "steps", "sampler_spacing",
-                                                "cfg_scale", "eta"}
+                                                "sigma_max", "rho", "cfg_scale", "eta"}
     assert samplers.nfe("heun", 10) == 19 and samplers.nfe("dpm++2m", 20) == 20
 
 
