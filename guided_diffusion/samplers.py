@@ -28,7 +28,7 @@ close as possible to uniform in log-SNR lambda_t = log(alpha_t / sigma_t) (the s
 recommends for pixel-space models, Lu et al. 2022), "uniform" evenly in t exactly as
 `--timestep_respacing N` does. The respaced diffusion is built by `diffusion.respace`, the same
 `SpacedDiffusion` construction as the factory's. So `--steps N` costs N network evaluations (NFE)
-for every sampler except Heun, whose corrector makes it 2N - 1. `--steps 0` keeps the diffusion's
+for every sampler except Heun, whose corrector makes it 2N - 2. `--steps 0` keeps the diffusion's
 grid (the full schedule, or `--timestep_respacing`, which with `--use_ddim` behave exactly as the
 original's).
 """
@@ -358,12 +358,16 @@ def _step_heun(den: Denoiser, x: th.Tensor, t: int, t_next: int, hist: list) -> 
     Heun's 2nd-order method on the probability-flow ODE (Karras et al. 2022, EDM, Algorithm 1,
     deterministic) for the VP schedule: in x~ = x / alpha and sigma~ = sigma / alpha the ODE reads
     dx~/dsigma~ = eps(alpha x~, t). Euler step, then the trapezoidal correction with a second
-    evaluation at t_next, except into sigma~ = 0 where the Euler step is taken as is.
+    evaluation at t_next, except into sigma~ = 0 and out of the grid's noisiest point (the entry
+    step from x_T), where the Euler step is taken as is. The entry step spans sigma~ from ~2e4
+    (cosine) to EDM's sigma_max = 80 or below, where D(x) is nearly the data mean and
+    x~ - D moves in proportion to sigma~: Euler (= DDIM) is then exact, while the trapezoid averages
+    two slopes over that range and, measured on closed-form data, ruins the sample.
     """
     s, s_next = den.sigma_tilde(t), den.sigma_tilde(t_next)
     d = hist[-1].eps
     x_tilde = x / den.alpha(t) + (s_next - s) * d  # Euler (= DDIM)
-    if t_next != CLEAN:
+    if t_next != CLEAN and t != len(den.alphas_cumprod) - 1:
         a_next = den.alpha(t_next)
         d_next = den(a_next * x_tilde, t_next).eps
         x_tilde = x / den.alpha(t) + (s_next - s) * 0.5 * (d + d_next)
@@ -777,7 +781,8 @@ def nfe(sampler: str, steps: int) -> int:
     """Network evaluations per sample of `sample()` with --steps `steps` (CFG doubles them)."""
     if sampler == "consistency":
         return max(steps, 1)
-    return 2 * steps - 1 if sampler == "heun" else steps
+    # Heun: two evaluations per step, but one for the step into sigma = 0 and for the entry step.
+    return max(2 * steps - 2, 1) if sampler == "heun" else steps
 
 
 # ------------------------------------------------------------------------------------------------

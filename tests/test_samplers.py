@@ -248,7 +248,7 @@ def test_every_sampler_runs_the_one_loop_on_the_steps_timesteps_with_nfe(
         name, spacing, monkeypatch):
     """
     `--steps N` means one thing for every sampler: the loop `solve_progressive` runs on the N grid
-    timesteps `select_timesteps` picks, evaluating the model nfe(sampler, N) times (N, Heun 2N - 1)
+    timesteps `select_timesteps` picks, evaluating the model nfe(sampler, N) times (N, Heun 2N - 2)
     and at no other timesteps; the Denoiser counts the same number.
     """
     loops = []
@@ -321,7 +321,7 @@ def test_sample_validates_its_options():
         solve("ddpm", Denoiser(diffusion, model), noise(shape), [99, 50, CLEAN])
     assert set(samplers.sampler_defaults()) == {"sampler", "steps", "sampler_spacing",
                                                 "sigma_max", "rho", "cfg_scale", "eta"}
-    assert samplers.nfe("heun", 10) == 19 and samplers.nfe("dpm++2m", 20) == 20
+    assert samplers.nfe("heun", 10) == 18 and samplers.nfe("dpm++2m", 20) == 20
 
 
 def test_sampler_table_metrics():
