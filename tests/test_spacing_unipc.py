@@ -137,3 +137,25 @@ def test_few_steps_run_for_every_sampler_and_spacing(name, spacing):
     with pytest.raises(ValueError, match="--steps"):
         sample(diffusion, model, shape, sampler=name, steps=1001, sampler_spacing=spacing,
                device="cpu")
+
+
+def test_heun_with_per_sample_timesteps_is_the_int_step_in_one_batched_evaluation():
+    """
+    Distillation's teacher step: a batch with a different (t, t_next) per sample, entry step
+    (Euler) and clean end included, equals the int-timestep Heun step sample by sample (float64
+    data: to rounding), in 2 evaluations of the whole batch.
+    """
+    diffusion = create_gaussian_diffusion(steps=1000)
+    model = GaussianModel(diffusion.alphas_cumprod)
+    pairs = [(999, 990), (990, 935), (400, 399), (20, 0), (5, samplers.CLEAN)]
+    x = noise((len(pairs), 3, 1, 1))
+    t = th.tensor([a for a, _ in pairs])
+    t_next = th.tensor([b for _, b in pairs])
+    den = Denoiser(diffusion, model, clip_denoised=False)
+    batched = samplers.STEPS["heun"](den, x, t, t_next, [den(x, t)])
+    assert den.nfe == 2
+    for i, (a, b) in enumerate(pairs):
+        one = Denoiser(diffusion, model, clip_denoised=False)
+        xi = x[i:i + 1]
+        ref = samplers.STEPS["heun"](one, xi, a, b, [one(xi, a)])
+        assert th.allclose(batched[i:i + 1], ref, rtol=1e-10, atol=1e-12), (a, b)
