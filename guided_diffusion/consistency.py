@@ -58,11 +58,11 @@ from .samplers import (  # noqa: F401 -- the consistency function and its sample
     STEPS,
     ConsistencyFunction,
     Denoiser,
-    _sigma_tilde,
     consistency_sample,
     ddim_update,
     sample_timesteps,
     select_timesteps,
+    sigma_tilde,
 )
 
 # The flags (cm_distill.py's `--cm_steps`, `--teacher_solver`, `--cm_loss`, ...) and their allowed
@@ -186,7 +186,7 @@ class ConsistencyDistillation:
         self.step = STEPS[solver]
         self.distance = distance
         self.huber_c = huber_c
-        sig = _sigma_tilde(diffusion.alphas_cumprod)[self.timesteps]
+        sig = sigma_tilde(diffusion.alphas_cumprod)[self.timesteps]
         self.weights = np.ones(self.num_timesteps) if weighting == "uniform" else 1.0 / np.diff(sig)
         if teacher is not None:
             teacher.eval()  # the teacher is only evaluated: no dropout in its ODE step

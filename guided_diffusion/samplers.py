@@ -818,12 +818,6 @@ def nfe(sampler: str, steps: int) -> int:
 # `consistency.py`'s)
 
 
-def _sigma_tilde(alphas_cumprod) -> np.ndarray:
-    """EDM's noise level of the VP ODE in x / alpha space, sigma~ = sigma / alpha, float64 [T]."""
-    acp = np.asarray(alphas_cumprod, dtype=np.float64)
-    return np.sqrt((1.0 - acp) / acp)
-
-
 class ConsistencyFunction:
     """
     The consistency function f(x_t, t) around a network of the teacher's format:
@@ -859,7 +853,7 @@ class ConsistencyFunction:
     def __init__(self, diffusion, model: nn.Module, t_min: int = 0):
         self.diffusion = diffusion
         self.model = model
-        sig = _sigma_tilde(diffusion.alphas_cumprod)
+        sig = sigma_tilde(diffusion.alphas_cumprod)
         if not 0 <= t_min < len(sig):
             raise ValueError(f"t_min must be a grid index in [0, {len(sig)}), got {t_min}")
         self.t_min = int(t_min)
@@ -950,7 +944,7 @@ def consistency_sample(
         noise = th.randn(*shape, device=device)
     noise_fn = noise_fn or th.randn_like
     acp = np.asarray(fn.diffusion.alphas_cumprod, dtype=np.float64)
-    sig = _sigma_tilde(acp)
+    sig = sigma_tilde(acp)
     x = noise
     with th.no_grad():  # cond_fn enables grad for itself, as in the other loops
         for i, t in enumerate(ts):

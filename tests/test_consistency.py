@@ -316,7 +316,7 @@ def test_update_target_is_the_ema_and_bad_input_is_named():
     with pytest.raises(ValueError, match="--cm_steps 41"):
         ConsistencyDistillation(diffusion, None, target, num_scales=41)
     with pytest.raises(ValueError, match="--cm_spacing"):
-        ConsistencyDistillation.from_options(diffusion, None, target, cm_spacing="karras")
+        ConsistencyDistillation.from_options(diffusion, None, target, cm_spacing="edm")
     with pytest.raises(TypeError, match="known"):
         ConsistencyDistillation.from_options(diffusion, None, target, cm_step=4)
     assert cm_defaults()["cm_steps"] == 40 and cm_defaults()["target_ema"] == 0.95
