@@ -216,32 +216,20 @@ class ConsistencyDistillation:
 
     def _pair(self, x_start: th.Tensor, n: th.Tensor, noise: th.Tensor, model_kwargs: dict):
         """x_{n+1} and x^_n, the sample and its neighbour one step nearer the clean end."""
-        t_next = th.as_tensor(self.timesteps, device=n.device)[n + 1]
+        timesteps = th.as_tensor(self.timesteps, device=n.device)
+        t_next, t_n = timesteps[n + 1], timesteps[n]
         x_next = self.diffusion.q_sample(x_start, t_next, noise=noise)
         if self.teacher is None:
-            t_n = th.as_tensor(self.timesteps, device=n.device)[n]
             return x_next, self.diffusion.q_sample(x_start, t_n, noise=noise)
+        den = Denoiser(self.diffusion, self.teacher, clip_denoised=False, model_kwargs=model_kwargs)
+        pred = den(x_next, t_next)
         if self.solver != "heun":
             # One step of every multistep solver from a single prediction is the DDIM step
-            # (DPM-Solver++(1) = PLMS's pseudo-Euler = DDIM), and `ddim_update` takes one
+            # (DPM-Solver++(1) = UniP-1 = PLMS's pseudo-Euler = DDIM), and `ddim_update` takes one
             # timestep per sample: the whole batch in one teacher pass.
-            t_n = th.as_tensor(self.timesteps, device=n.device)[n]
-            den = Denoiser(self.diffusion, self.teacher, clip_denoised=False,
-                           model_kwargs=model_kwargs)
-            return x_next, ddim_update(den, x_next, t_next, t_n, den(x_next, t_next))
-        x_hat = th.empty_like(x_next)
-        batch = x_start.shape[0]
-        # Heun's step takes one int timestep per call, so the batch goes through it one distinct
-        # n at a time: at most N - 1 pairs of teacher passes of sub-batches.
-        for k in th.unique(n).tolist():
-            idx = (n == k).nonzero(as_tuple=True)[0]
-            kwargs = {key: v[idx] if th.is_tensor(v) and v.shape[:1] == (batch,) else v
-                      for key, v in model_kwargs.items()}
-            den = Denoiser(self.diffusion, self.teacher, clip_denoised=False, model_kwargs=kwargs)
-            t_from, t_to = int(self.timesteps[k + 1]), int(self.timesteps[k])
-            x = x_next[idx]
-            x_hat[idx] = self.step(den, x, t_from, t_to, [den(x, t_from)])
-        return x_next, x_hat
+            return x_next, ddim_update(den, x_next, t_next, t_n, pred)
+        # Heun's step with one (t_{n+1}, t_n) per sample: two teacher passes of the whole batch.
+        return x_next, self.step(den, x_next, t_next, t_n, [pred])
 
     def training_losses(
         self,
