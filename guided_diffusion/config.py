@@ -444,8 +444,8 @@ class ConsistencyConfig:
                               one_of(*CM_TRAINING_MODES))
     cm_steps: int = flag(40, "N, points of the teacher's grid that CD walks along (paper: 18-40)",
                          at_least(2))
-    cm_spacing: str = flag("logsnr", "how the N points are picked: 'logsnr' or 'uniform' (in t)",
-                           one_of(*SPACINGS))
+    cm_spacing: str = flag("karras", "how the N points are picked, as --sampler_spacing (karras: "
+                                     "capped at sigma/alpha 80)", one_of(*SPACINGS))
     teacher_solver: str = flag("heun", "the teacher's ODE step: " + ", ".join(ODE_SAMPLERS)
                                        + " (heun: 2 NFE)", one_of(*ODE_SAMPLERS))
     cm_loss: str = flag("pseudo_huber", "the distance: 'pseudo_huber' or 'l2'",

@@ -57,6 +57,7 @@ from .nn import update_ema
 from .samplers import (  # noqa: F401 -- the consistency function and its sampler, re-exported
     STEPS,
     ConsistencyFunction,
+    cm_timesteps,
     Denoiser,
     consistency_sample,
     ddim_update,
@@ -75,26 +76,6 @@ _CM = ConsistencyConfig()  # the flags' defaults: the library's defaults too
 def cm_defaults() -> dict:
     """Defaults of the consistency-distillation flags (`config.ConsistencyConfig`), as a dict."""
     return defaults(ConsistencyConfig)
-
-
-def cm_timesteps(alphas_cumprod, num_scales: int, spacing: str = "logsnr") -> np.ndarray:
-    """
-    The discretisation t_0 < t_1 < ... < t_{N-1} of the teacher's grid that CD walks along
-    (Song et al. 2023, sec. 4: N points from eps to T; here grid indices from the cleanest to the
-    noisiest), chosen as the ODE samplers choose theirs (`samplers.select_timesteps`).
-
-    :param alphas_cumprod: the grid's [T] cumulative alphas.
-    :param num_scales: N, the number of points (>= 2).
-    :param spacing: "logsnr" (uniform in log-SNR) or "uniform" (in t).
-    :return: int64 [N], increasing; [0] is t_min (grid index 0), [-1] the noisiest grid index.
-    """
-    if num_scales < 2:
-        raise ValueError(f"--cm_steps must be >= 2 (t_min and at least one noisy point), "
-                         f"got {num_scales}")
-    if num_scales > len(alphas_cumprod):
-        raise ValueError(f"--cm_steps {num_scales} exceeds the teacher's grid of "
-                         f"{len(alphas_cumprod)} timesteps")
-    return select_timesteps(alphas_cumprod, num_scales, spacing)[::-1].copy()
 
 
 def pseudo_huber(a: th.Tensor, b: th.Tensor, c: float | None = None) -> th.Tensor:

@@ -45,7 +45,14 @@ import torch as th
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .config import SAMPLER_NAMES, SPACINGS, SamplerOptions, defaults, space_timesteps
+from .config import (
+    SAMPLER_NAMES,
+    SPACINGS,
+    ConsistencyConfig,
+    SamplerOptions,
+    defaults,
+    space_timesteps,
+)
 from .guidance import cfg_model
 from .losses import _extract_into_tensor, _nonzero_mask, _per_example
 
@@ -735,6 +742,7 @@ def sample(
     progress: bool = False,
     use_ddim: bool = False,
     noise_fn: Callable[[th.Tensor], th.Tensor] | None = None,
+    cm_grid: Sequence[int] | None = None,
     **options,
 ) -> th.Tensor:
     """
@@ -749,6 +757,8 @@ def sample(
     :param use_ddim: the original's --use_ddim; used when `sampler` is "".
     :param noise_fn: `randn_like` for the step noise of the stochastic samplers (DDPM, DDIM with
         eta > 0, dpm++2m-sde); default torch's global generator.
+    :param cm_grid: `--sampler consistency`: the student's training grid (`cm_timesteps` of its
+        run's --cm_steps and --cm_spacing); None: that of cm_distill's defaults.
     :param options: fields of SamplerOptions (sampler, steps, sampler_spacing, cfg_scale, eta).
         `steps` N > 0 samples on N timesteps of the diffusion's grid (`select_timesteps`).
     :return: the [N x C x H x W] samples.
@@ -762,7 +772,7 @@ def sample(
         return _sample_consistency(
             diffusion, cfg_model(model, opts.cfg_scale), shape, opts, noise=noise,
             clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
-            model_kwargs=model_kwargs, device=device, noise_fn=noise_fn)
+            model_kwargs=model_kwargs, device=device, noise_fn=noise_fn, cm_grid=cm_grid)
     _step_fn(name, opts.eta)  # fail on a bad --sampler / --eta before any work
     if opts.steps < 0:
         raise ValueError(f"--steps must be >= 0, got {opts.steps}")
@@ -787,19 +797,20 @@ def sample(
 
 
 def _sample_consistency(diffusion, model, shape, opts: SamplerOptions, *, noise, clip_denoised,
-                        denoised_fn, cond_fn, model_kwargs, device, noise_fn) -> th.Tensor:
+                        denoised_fn, cond_fn, model_kwargs, device, noise_fn,
+                        cm_grid) -> th.Tensor:
     """
     `--sampler consistency --steps K`: K-step sampling of a consistency model (Song et al. 2023,
-    Algorithm 1; `--steps 0` = 1), on K levels of the diffusion's grid chosen as the other
-    samplers choose theirs (`sample_timesteps`), K network evaluations.
+    Algorithm 1; `--steps 0` = 1), on K levels of the student's training grid
+    (`sample_timesteps`), K network evaluations.
     """
     if opts.eta != 0.0 or denoised_fn is not None:
         raise ValueError("--sampler consistency takes no --eta and no denoised_fn")
     if noise is None and device is None and not isinstance(model, th.nn.Module):
         device = "cpu"
-    timesteps = sample_timesteps(diffusion.alphas_cumprod, opts.steps or 1, opts.sampler_spacing)
-    # t_min = grid index 0, the clean end of the student's discretisation (cm_timesteps).
-    fn = ConsistencyFunction(diffusion, model, t_min=0)
+    timesteps = sample_timesteps(diffusion.alphas_cumprod, opts.steps or 1, cm_grid)
+    # t_min = the clean end of the student's discretisation (cm_timesteps: grid index 0).
+    fn = ConsistencyFunction(diffusion, model, t_min=0 if cm_grid is None else int(cm_grid[0]))
     return consistency_sample(
         fn, shape, timesteps, noise=noise, noise_fn=noise_fn, model_kwargs=model_kwargs,
         cond_fn=cond_fn, clip_denoised=clip_denoised, device=device)
@@ -899,17 +910,69 @@ class ConsistencyFunction:
         return (x.double() * c_skip / alpha + c_out * d.double()).to(x.dtype)
 
 
-def sample_timesteps(alphas_cumprod, steps: int, spacing: str = "logsnr") -> np.ndarray:
+def cm_timesteps(alphas_cumprod, num_scales: int, spacing: str = "karras") -> np.ndarray:
     """
-    The K = `steps` levels of K-step consistency sampling, decreasing from the noisiest grid
-    index: K + 1 points as the ODE samplers choose them, without the cleanest, where f is the
-    identity and an evaluation would be wasted.
+    The discretisation t_0 < t_1 < ... < t_{N-1} of the teacher's grid that CD walks along
+    (Song et al. 2023, sec. 4: N points from eps to T; here grid indices from the cleanest to the
+    noisiest), chosen as the ODE samplers choose theirs (`samplers.select_timesteps`).
 
-    :return: int64 [steps], strictly decreasing grid indices.
+    :param alphas_cumprod: the grid's [T] cumulative alphas.
+    :param num_scales: N, the number of points (>= 2).
+    :param spacing: as `select_timesteps`'s (default "karras": the top, then the rest at or
+        below sigma~ 80, where the consistency map has something to learn).
+    :return: int64 [N], increasing; [0] is t_min (grid index 0), [-1] the noisiest grid index.
+    """
+    if num_scales < 2:
+        raise ValueError(f"--cm_steps must be >= 2 (t_min and at least one noisy point), "
+                         f"got {num_scales}")
+    if num_scales > len(alphas_cumprod):
+        raise ValueError(f"--cm_steps {num_scales} exceeds the teacher's grid of "
+                         f"{len(alphas_cumprod)} timesteps")
+    return select_timesteps(alphas_cumprod, num_scales, spacing)[::-1].copy()
+
+
+# K-step consistency sampling: sigma~ = sigma / alpha of the second level (snapped to the student's
+# training grid); the levels after it are rho-spaced below it. Measured on the digits student
+# (README, "Few-step sampling"): a sweep of K = 2's second level over the training grid.
+CM_SECOND_SIGMA = 1.0
+
+
+def sample_timesteps(alphas_cumprod, steps: int, grid: Sequence[int] | None = None,
+                     second_sigma: float = CM_SECOND_SIGMA, rho: float = 7.0) -> np.ndarray:
+    """
+    The K = `steps` levels of K-step consistency sampling, all points of the student's training
+    grid (the only points where it learned to be consistent): the grid's top, where x_T is drawn,
+    then K - 1 levels rho-spaced in sigma~ from `second_sigma` down toward sigma~_{t_min}
+    (EDM's eq. 5 with K points, the last, t_min, left out: f is the identity there), each snapped
+    to the nearest unused grid point in log sigma~, strictly decreasing.
+
+    :param alphas_cumprod: the diffusion's [T] cumulative alphas.
+    :param grid: the training grid `cm_timesteps(...)` (increasing, grid[0] = t_min); None: the
+        grid of cm_distill's default flags.
+    :return: int64 [steps], strictly decreasing grid indices above t_min.
     """
     if steps < 1:
         raise ValueError(f"--steps must be >= 1 for consistency sampling, got {steps}")
-    return select_timesteps(alphas_cumprod, steps + 1, spacing)[:-1].copy()
+    if grid is None:
+        cm = defaults(ConsistencyConfig)
+        grid = cm_timesteps(alphas_cumprod, min(cm["cm_steps"], len(alphas_cumprod)),
+                            cm["cm_spacing"])
+    grid = np.asarray(grid, dtype=np.int64)
+    inner = grid[1:-1][::-1]  # candidates, noisiest first (neither the top nor t_min)
+    if steps - 1 > len(inner):
+        raise ValueError(f"--steps {steps} exceeds the student's training grid of {len(grid)} "
+                         f"points (at most {len(inner) + 1} levels)")
+    sig = sigma_tilde(alphas_cumprod)
+    targets = np.log(karras_sigmas(sig[grid[0]], max(second_sigma, sig[grid[0]]), steps, rho))
+    levels, pos = [int(grid[-1])], 0
+    log_inner = np.log(sig[inner])
+    for k, target in enumerate(targets[:steps - 1]):
+        # Nearest unused candidate, leaving enough below it for the levels still to come.
+        last = len(inner) - (steps - 2 - k)
+        pick = pos + int(np.abs(log_inner[pos:last] - target).argmin())
+        levels.append(int(inner[pick]))
+        pos = pick + 1
+    return np.array(levels, dtype=np.int64)
 
 
 def consistency_sample(

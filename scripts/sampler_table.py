@@ -280,7 +280,7 @@ def main():
         classifier, _ = cli.load_model_and_diffusion(cargs, "classifier")
 
     # The "consistency" rows sample a consistency student of the model (cm_distill.py).
-    student = None
+    student, cm_grid = None, None
     if any(r[0] == "consistency" for r in rows):
         cli.require_path(args.cm_model_path, "cm_model_path")
         sample_util.check_sampler_fits_model(
@@ -288,6 +288,7 @@ def main():
         sargs = flags_for(model_and_diffusion_defaults(), args.cm_model_path, explicit)
         sargs.model_path, sargs.use_fp16 = args.cm_model_path, False
         student, _ = cli.load_model_and_diffusion(sargs, "unet")
+        cm_grid = sample_util.consistency_grid(args.cm_model_path, diffusion)
 
     os.makedirs(args.out_dir, exist_ok=True)
     feats, labels, is_val = real_digits(margs.image_size)
@@ -318,7 +319,7 @@ def main():
                 cond_fn=classifier_cond_fn(classifier, clf) if clf else None,
                 model_kwargs={"y": y}, device="cpu", sampler=sampler, steps=steps,
                 sampler_spacing=spacing, sigma_max=args.sigma_max, rho=args.rho,
-                cfg_scale=cfg))
+                cfg_scale=cfg, cm_grid=cm_grid if sampler == "consistency" else None))
         seconds = (time.time() - start) / n
         samples = th.cat(out)
         sfeats = to_eval_space(samples)

@@ -1,11 +1,15 @@
 """Numerics of consistency models: the float64 boundary and parameterisation, the teacher's step."""
 
+import json
 import math
 
 import numpy as np
+import pytest
 import torch as th
 
-from guided_diffusion.samplers import ConsistencyFunction
+from guided_diffusion import sample_util, samplers
+from guided_diffusion.config import ConsistencyConfig, defaults
+from guided_diffusion.samplers import ConsistencyFunction, cm_timesteps, sample_timesteps
 from guided_diffusion.script_util import create_gaussian_diffusion
 
 
@@ -44,3 +48,56 @@ def test_f_at_the_top_of_a_cosine_grid_has_no_float32_cancellation():
     x_tilde = x / th.tensor(alpha, dtype=th.float32)
     old = x_tilde - th.tensor(1 - c_skip, dtype=th.float32) * (x_tilde - d)
     assert (old.double() - exact).abs().max() > 1e-4
+
+
+class CountingX0(th.nn.Module):
+    """x_0-predicting stand-in that records the (original) timestep of every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, t, y=None):
+        self.calls.append(int(t[0]))
+        return th.zeros_like(x)
+
+
+@pytest.mark.parametrize("cm_steps, cm_spacing", [(18, "karras"), (12, "logsnr"), (40, "karras")])
+def test_k_step_sampling_evaluates_only_training_grid_levels_k_times(cm_steps, cm_spacing,
+                                                                     tmp_path):
+    """
+    The levels come from the student's training grid, read from its run's args.json: K network
+    evaluations, each at a grid point it was trained on, the first at the grid's top.
+    """
+    diffusion = create_gaussian_diffusion(steps=1000, noise_schedule="cosine", predict_xstart=True)
+    (tmp_path / "args.json").write_text(json.dumps(
+        dict(training_mode="consistency_distillation", cm_steps=cm_steps, cm_spacing=cm_spacing)))
+    grid = sample_util.consistency_grid(str(tmp_path / "model000450.pt"), diffusion)
+    assert grid.tolist() == cm_timesteps(diffusion.alphas_cumprod, cm_steps, cm_spacing).tolist()
+    shape = (2, 3, 4, 4)
+    for k in (1, 2, 3, 4, 6):
+        model = CountingX0()
+        x = samplers.sample(diffusion, model, shape, noise=th.randn(shape), sampler="consistency",
+                            steps=k, cm_grid=grid)
+        assert th.isfinite(x).all()
+        assert len(model.calls) == k == samplers.nfe("consistency", k)
+        assert set(model.calls) <= set(grid[1:].tolist()), (model.calls, grid)
+        assert model.calls[0] == 999 and all(a > b for a, b in zip(model.calls, model.calls[1:]))
+    with pytest.raises(ValueError, match="exceeds the student's training grid"):
+        samplers.sample(diffusion, CountingX0(), shape, sampler="consistency", steps=cm_steps,
+                        cm_grid=grid)
+
+
+def test_second_level_is_the_training_point_nearest_the_measured_sigma():
+    diffusion = create_gaussian_diffusion(steps=1000, noise_schedule="cosine")
+    acp = diffusion.alphas_cumprod
+    grid = cm_timesteps(acp, 18, "karras")
+    sig = np.sqrt((1 - acp) / acp)
+    two = sample_timesteps(acp, 2, grid)
+    inner = grid[1:-1]
+    best = inner[np.abs(np.log(sig[inner]) - math.log(samplers.CM_SECOND_SIGMA)).argmin()]
+    assert two.tolist() == [999, best]
+    # Without a grid: the grid of cm_distill's default flags.
+    cm = defaults(ConsistencyConfig)
+    default_grid = cm_timesteps(acp, cm["cm_steps"], cm["cm_spacing"])
+    assert sample_timesteps(acp, 3).tolist() == sample_timesteps(acp, 3, default_grid).tolist()
