@@ -458,6 +458,8 @@ class ConsistencyConfig:
                              unit_interval)
     teacher_cfg_scale: float = flag(1.0, "CFG weight of the teacher (needs label dropout); 1: off",
                                     finite)
+    cm_dropout: float = flag(0.0, "the student's dropout (Song et al. 2023: 0); the model flags' "
+                                  "--dropout is the teacher's", rate)
 
 
 @dataclass(frozen=True)
