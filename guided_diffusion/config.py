@@ -316,8 +316,9 @@ class SamplerOptions:
     steps: int = flag(0, "N grid timesteps for any sampler; 0: the grid of --timestep_respacing",
                       non_negative)
     sampler_spacing: str = flag(
-        "logsnr", "how --steps picks timesteps: 'logsnr', 'uniform' (= --timestep_respacing N) or "
-                  "'karras' (rho-spaced in sigma/alpha up to --sigma_max)", one_of(*SPACINGS))
+        "auto", "how --steps picks timesteps: 'auto' (each sampler's measured best, README), "
+                "'logsnr', 'uniform' (= --timestep_respacing N) or 'karras' (rho-spaced in "
+                "sigma/alpha up to --sigma_max)", one_of("auto", *SPACINGS))
     sigma_max: float = flag(80.0, "karras spacing: the noisiest sigma/alpha after the entry step",
                             positive)
     rho: float = flag(7.0, "karras spacing: the exponent rho (EDM: 7)", positive)

@@ -624,6 +624,16 @@ def sample_loop_progressive(
     yield from solve_progressive(sampler, den, noise, grid(diffusion), progress, eta)
 
 
+# `--sampler_spacing auto`: each sampler's spacing, measured on the digits table at 5 and 10 NFE
+# (README, "Fast samplers"); samplers not measured there take karras.
+AUTO_SPACING = {"ddim": "uniform", "ddpm": "uniform"}
+
+
+def spacing_for(sampler: str, spacing: str) -> str:
+    """The spacing `--sampler_spacing` means for `sampler` ('auto': AUTO_SPACING's, or karras)."""
+    return AUTO_SPACING.get(sampler, "karras") if spacing == "auto" else spacing
+
+
 def sigma_tilde(alphas_cumprod) -> np.ndarray:
     """EDM's noise level sigma~ = sigma / alpha = sqrt((1 - abar) / abar) of each grid point."""
     acp = np.asarray(alphas_cumprod, dtype=np.float64)
@@ -782,10 +792,9 @@ def sample(
         raise ValueError(f"--steps 1 is too few for --sampler {name}: use >= 2, or a "
                          f"consistency model (--sampler consistency) for one-step sampling")
     if opts.steps:
-        diffusion = diffusion.respace(
-            select_timesteps(diffusion.alphas_cumprod, opts.steps, opts.sampler_spacing,
-                             opts.sigma_max, opts.rho)
-        )
+        diffusion = diffusion.respace(select_timesteps(
+            diffusion.alphas_cumprod, opts.steps, spacing_for(name, opts.sampler_spacing),
+            opts.sigma_max, opts.rho))
     if noise is None and device is None and not isinstance(model, th.nn.Module):
         device = "cpu"  # a plain function has no parameters to take the device from
     return final_sample(sample_loop_progressive(

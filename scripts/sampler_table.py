@@ -181,7 +181,7 @@ def parse_rows(spec: str, spacing: str) -> list[tuple[str, int, float, float, st
                 f"[:spacing] with a sampler in {', '.join(samplers.SAMPLER_NAMES)} and a spacing "
                 f"in {', '.join(SPACINGS)}")
         rows.append((parts[0], int(parts[1]), float(parts[2]), float(parts[3]),
-                     parts[4] if len(parts) == 5 else spacing))
+                     samplers.spacing_for(parts[0], parts[4] if len(parts) == 5 else spacing)))
     return rows
 
 

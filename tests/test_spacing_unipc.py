@@ -159,3 +159,19 @@ def test_heun_with_per_sample_timesteps_is_the_int_step_in_one_batched_evaluatio
         xi = x[i:i + 1]
         ref = samplers.STEPS["heun"](one, xi, a, b, [one(xi, a)])
         assert th.allclose(batched[i:i + 1], ref, rtol=1e-10, atol=1e-12), (a, b)
+
+
+def test_auto_spacing_is_each_samplers_measured_choice():
+    """--sampler_spacing auto (the default) = AUTO_SPACING per sampler; DDPM/DDIM keep the
+    original's uniform respacing, so `--sampler ddim --steps N` = `--timestep_respacing N`."""
+    assert samplers.sampler_defaults()["sampler_spacing"] == "auto"
+    for name in samplers.SAMPLERS:
+        assert samplers.spacing_for(name, "auto") in ("logsnr", "uniform", "karras")
+        assert samplers.spacing_for(name, "logsnr") == "logsnr"
+    assert samplers.spacing_for("ddim", "auto") == "uniform"
+    diffusion = create_gaussian_diffusion(steps=1000)
+    model = GaussianModel(diffusion.alphas_cumprod)
+    shape = (4, 2, 1, 1)
+    auto = sample(diffusion, model, shape, noise=noise(shape), sampler="ddim", steps=10)
+    spaced = create_gaussian_diffusion(steps=1000, timestep_respacing="10")
+    assert th.equal(auto, spaced.ddim_sample_loop(model, shape, noise=noise(shape)))
