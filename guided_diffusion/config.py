@@ -443,7 +443,7 @@ class ConsistencyConfig:
     training_mode: str = flag("consistency_distillation", "consistency_distillation (teacher) or "
                                                           "consistency_training (no teacher)",
                               one_of(*CM_TRAINING_MODES))
-    cm_steps: int = flag(40, "N, points of the teacher's grid that CD walks along (paper: 18-40)",
+    cm_steps: int = flag(18, "N, points of the teacher's grid that CD walks along (paper: 18-40)",
                          at_least(2))
     cm_spacing: str = flag("karras", "how the N points are picked, as --sampler_spacing (karras: "
                                      "capped at sigma/alpha 80)", one_of(*SPACINGS))

@@ -326,14 +326,16 @@ def main():
         acc, cov = judge_metrics(judge, sfeats, requested)
         nfe = samplers.nfe(sampler, steps) * (1 if cfg in (0.0, 1.0) else 2)
         res = dict(sampler=sampler + suffix, steps=steps, nfe=nfe, cfg_scale=cfg,
-                   classifier_scale=clf, spacing=spacing,
+                   classifier_scale=clf,
+                   # consistency levels come from the student's training grid, not a spacing
+                   spacing="training grid" if sampler == "consistency" else spacing,
                    guidance=row_label(sampler, steps, cfg, clf),
                    fid=frechet_distance(gaussian_fit(sfeats), ref), accuracy=acc, coverage=cov,
                    seconds_per_sample=seconds)
         results.append(res)
         tag = f"{sampler}{steps}_{spacing}_cfg{cfg:g}_clf{clf:g}" + ("_2nd" if suffix else "")
         save_grid(samples, requested, os.path.join(args.out_dir, f"grid_{tag}.png"))
-        print(f"{sampler + suffix:>8} {steps:>4} steps {spacing:>7}  NFE {nfe:>4}  "
+        print(f"{sampler + suffix:>8} {steps:>4} steps {res['spacing']:>7}  NFE {nfe:>4}  "
               f"{res['guidance']:<22} "
               f"FID {res['fid']:7.3f}  acc {acc:.3f}  cov {cov:.3f}  {seconds:.3f} s/sample",
               flush=True)
