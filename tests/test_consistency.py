@@ -321,7 +321,7 @@ def test_update_target_is_the_ema_and_bad_input_is_named():
         ConsistencyDistillation.from_options(diffusion, None, target, cm_spacing="edm")
     with pytest.raises(TypeError, match="known"):
         ConsistencyDistillation.from_options(diffusion, None, target, cm_step=4)
-    assert cm_defaults()["cm_steps"] == 40 and cm_defaults()["target_ema"] == 0.95
+    assert cm_defaults()["cm_steps"] == 18 and cm_defaults()["target_ema"] == 0.95
     cd = ConsistencyDistillation.from_options(diffusion, None, target, cm_steps=4)
     assert cd.num_timesteps == 3 and cd.huber_c is None
 
