@@ -475,7 +475,8 @@ class NllConfig:
 # Classifier guidance steers the unconditional branch (cfg 0), as the paper's unconditional rows.
 SAMPLER_TABLE_ROWS = (
     "ddpm:250:1:0,ddpm:50:1:0,ddpm:20:1:0,ddim:50:1:0,ddim:20:1:0,plms:20:1:0,heun:10:1:0,"
-    "dpm++3m:20:1:0,dpm++2m:10:1:0,dpm++2m:20:1:0,dpm++2m-sde:20:1:0,dpm++2m-sde:50:1:0,"
+    "dpm++3m:20:1:0,dpm++2m:10:1:0,dpm++2m:20:1:0,unipc:5:1:0,unipc:10:1:0,dpm++2m-sde:20:1:0,"
+    "dpm++2m-sde:50:1:0,"
     "dpm++2m:20:0:0,dpm++2m:20:2:0,dpm++2m:20:4:0,"
     "dpm++2m:20:0:1,dpm++2m:20:0:3"
 )

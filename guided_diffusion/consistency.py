@@ -119,7 +119,7 @@ class ConsistencyDistillation:
     :param target: the target network f_{theta^-}, an EMA of the student (see `update_target`);
         it starts as a copy of the student.
     :param num_scales: N, the number of discretisation points (`cm_timesteps`).
-    :param spacing: "logsnr" or "uniform", how the N points are picked from the grid.
+    :param spacing: a `select_timesteps` spacing ("karras", "logsnr", "uniform") of the N points.
     :param solver: the teacher's ODE step, a key of `samplers.STEPS`: "heun" (Song et al. 2023's
         choice, 2 evaluations) or "ddim" (1 evaluation); the multistep solvers take their first
         step, which is DDIM.
