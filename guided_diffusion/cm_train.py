@@ -63,6 +63,11 @@ class CMTrainLoop(TrainLoop):
         # label's inputs onto the targets of real labels.
         if getattr(model, "class_dropout_prob", 0.0):
             model.class_dropout_prob = 0.0
+        # The student's dropout is --cm_dropout (Song et al. 2023 distil with 0), not the
+        # teacher's --dropout that its flags carry; the target copies it (and the student's masks).
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = cm.cm_dropout
         # Taken before TrainLoop converts the model to fp16: the target stays float32.
         self.target = copy.deepcopy(model).requires_grad_(False)
         self.target_ema = cm.target_ema

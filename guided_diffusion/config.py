@@ -110,11 +110,12 @@ def rate_list(v: str) -> str | None:
 
 # The one list of sampler names: `samplers.STEPS` holds a step function for each but "consistency"
 # (samplers checks that at import); --sampler also takes "" (the original's rule, per --use_ddim).
-SAMPLER_NAMES = ("ddpm", "ddim", "plms", "heun", "dpm++2m", "dpm++3m", "dpm++2m-sde", "consistency")
+SAMPLER_NAMES = ("ddpm", "ddim", "plms", "heun", "dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc",
+                 "consistency")
 # The deterministic steps of the probability-flow ODE (a consistency teacher's step).
-ODE_SAMPLERS = ("ddim", "plms", "heun", "dpm++2m", "dpm++3m")
+ODE_SAMPLERS = ("ddim", "plms", "heun", "dpm++2m", "dpm++3m", "unipc")
 # How --steps (and consistency distillation's grid) pick timesteps from a diffusion's grid.
-SPACINGS = ("logsnr", "uniform")
+SPACINGS = ("logsnr", "uniform", "karras")
 # Consistency models: the two training modes, the distances and the loss weightings.
 CM_TRAINING_MODES = ("consistency_distillation", "consistency_training")
 CM_DISTANCES = ("pseudo_huber", "l2")
@@ -317,8 +318,12 @@ class SamplerOptions:
     steps: int = flag(0, "N grid timesteps for any sampler; 0: the grid of --timestep_respacing",
                       non_negative)
     sampler_spacing: str = flag(
-        "logsnr", "how --steps picks timesteps: 'logsnr' or 'uniform' (= --timestep_respacing N)",
-        one_of(*SPACINGS))
+        "auto", "how --steps picks timesteps: 'auto' (each sampler's measured best, README), "
+                "'logsnr', 'uniform' (= --timestep_respacing N) or 'karras' (rho-spaced in "
+                "sigma/alpha up to --sigma_max)", one_of("auto", *SPACINGS))
+    sigma_max: float = flag(80.0, "karras spacing: the noisiest sigma/alpha after the entry step",
+                            positive)
+    rho: float = flag(7.0, "karras spacing: the exponent rho (EDM: 7)", positive)
     cfg_scale: float = flag(1.0, "classifier-free guidance weight; 1: conditional, 0: uncond.",
                             finite)
     eta: float = flag(0.0, "DDIM's eta; 0: deterministic DDIM as the original",
@@ -440,10 +445,10 @@ class ConsistencyConfig:
     training_mode: str = flag("consistency_distillation", "consistency_distillation (teacher) or "
                                                           "consistency_training (no teacher)",
                               one_of(*CM_TRAINING_MODES))
-    cm_steps: int = flag(40, "N, points of the teacher's grid that CD walks along (paper: 18-40)",
+    cm_steps: int = flag(18, "N, points of the teacher's grid that CD walks along (paper: 18-40)",
                          at_least(2))
-    cm_spacing: str = flag("logsnr", "how the N points are picked: 'logsnr' or 'uniform' (in t)",
-                           one_of(*SPACINGS))
+    cm_spacing: str = flag("karras", "how the N points are picked, as --sampler_spacing (karras: "
+                                     "capped at sigma/alpha 80)", one_of(*SPACINGS))
     teacher_solver: str = flag("heun", "the teacher's ODE step: " + ", ".join(ODE_SAMPLERS)
                                        + " (heun: 2 NFE)", one_of(*ODE_SAMPLERS))
     cm_loss: str = flag("pseudo_huber", "the distance: 'pseudo_huber' or 'l2'",
@@ -456,6 +461,8 @@ class ConsistencyConfig:
                              unit_interval)
     teacher_cfg_scale: float = flag(1.0, "CFG weight of the teacher (needs label dropout); 1: off",
                                     finite)
+    cm_dropout: float = flag(0.0, "the student's dropout (Song et al. 2023: 0); the model flags' "
+                                  "--dropout is the teacher's", rate)
 
 
 @dataclass(frozen=True)
@@ -470,7 +477,8 @@ class NllConfig:
 # Classifier guidance steers the unconditional branch (cfg 0), as the paper's unconditional rows.
 SAMPLER_TABLE_ROWS = (
     "ddpm:250:1:0,ddpm:50:1:0,ddpm:20:1:0,ddim:50:1:0,ddim:20:1:0,plms:20:1:0,heun:10:1:0,"
-    "dpm++3m:20:1:0,dpm++2m:10:1:0,dpm++2m:20:1:0,dpm++2m-sde:20:1:0,dpm++2m-sde:50:1:0,"
+    "dpm++3m:20:1:0,dpm++2m:10:1:0,dpm++2m:20:1:0,unipc:5:1:0,unipc:10:1:0,dpm++2m-sde:20:1:0,"
+    "dpm++2m-sde:50:1:0,"
     "dpm++2m:20:0:0,dpm++2m:20:2:0,dpm++2m:20:4:0,"
     "dpm++2m:20:0:1,dpm++2m:20:0:3"
 )

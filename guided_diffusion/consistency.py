@@ -57,12 +57,13 @@ from .nn import update_ema
 from .samplers import (  # noqa: F401 -- the consistency function and its sampler, re-exported
     STEPS,
     ConsistencyFunction,
+    cm_timesteps,
     Denoiser,
-    _sigma_tilde,
     consistency_sample,
     ddim_update,
     sample_timesteps,
     select_timesteps,
+    sigma_tilde,
 )
 
 # The flags (cm_distill.py's `--cm_steps`, `--teacher_solver`, `--cm_loss`, ...) and their allowed
@@ -75,26 +76,6 @@ _CM = ConsistencyConfig()  # the flags' defaults: the library's defaults too
 def cm_defaults() -> dict:
     """Defaults of the consistency-distillation flags (`config.ConsistencyConfig`), as a dict."""
     return defaults(ConsistencyConfig)
-
-
-def cm_timesteps(alphas_cumprod, num_scales: int, spacing: str = "logsnr") -> np.ndarray:
-    """
-    The discretisation t_0 < t_1 < ... < t_{N-1} of the teacher's grid that CD walks along
-    (Song et al. 2023, sec. 4: N points from eps to T; here grid indices from the cleanest to the
-    noisiest), chosen as the ODE samplers choose theirs (`samplers.select_timesteps`).
-
-    :param alphas_cumprod: the grid's [T] cumulative alphas.
-    :param num_scales: N, the number of points (>= 2).
-    :param spacing: "logsnr" (uniform in log-SNR) or "uniform" (in t).
-    :return: int64 [N], increasing; [0] is t_min (grid index 0), [-1] the noisiest grid index.
-    """
-    if num_scales < 2:
-        raise ValueError(f"--cm_steps must be >= 2 (t_min and at least one noisy point), "
-                         f"got {num_scales}")
-    if num_scales > len(alphas_cumprod):
-        raise ValueError(f"--cm_steps {num_scales} exceeds the teacher's grid of "
-                         f"{len(alphas_cumprod)} timesteps")
-    return select_timesteps(alphas_cumprod, num_scales, spacing)[::-1].copy()
 
 
 def pseudo_huber(a: th.Tensor, b: th.Tensor, c: float | None = None) -> th.Tensor:
@@ -138,7 +119,7 @@ class ConsistencyDistillation:
     :param target: the target network f_{theta^-}, an EMA of the student (see `update_target`);
         it starts as a copy of the student.
     :param num_scales: N, the number of discretisation points (`cm_timesteps`).
-    :param spacing: "logsnr" or "uniform", how the N points are picked from the grid.
+    :param spacing: a `select_timesteps` spacing ("karras", "logsnr", "uniform") of the N points.
     :param solver: the teacher's ODE step, a key of `samplers.STEPS`: "heun" (Song et al. 2023's
         choice, 2 evaluations) or "ddim" (1 evaluation); the multistep solvers take their first
         step, which is DDIM.
@@ -186,7 +167,7 @@ class ConsistencyDistillation:
         self.step = STEPS[solver]
         self.distance = distance
         self.huber_c = huber_c
-        sig = _sigma_tilde(diffusion.alphas_cumprod)[self.timesteps]
+        sig = sigma_tilde(diffusion.alphas_cumprod)[self.timesteps]
         self.weights = np.ones(self.num_timesteps) if weighting == "uniform" else 1.0 / np.diff(sig)
         if teacher is not None:
             teacher.eval()  # the teacher is only evaluated: no dropout in its ODE step
@@ -216,32 +197,20 @@ class ConsistencyDistillation:
 
     def _pair(self, x_start: th.Tensor, n: th.Tensor, noise: th.Tensor, model_kwargs: dict):
         """x_{n+1} and x^_n, the sample and its neighbour one step nearer the clean end."""
-        t_next = th.as_tensor(self.timesteps, device=n.device)[n + 1]
+        timesteps = th.as_tensor(self.timesteps, device=n.device)
+        t_next, t_n = timesteps[n + 1], timesteps[n]
         x_next = self.diffusion.q_sample(x_start, t_next, noise=noise)
         if self.teacher is None:
-            t_n = th.as_tensor(self.timesteps, device=n.device)[n]
             return x_next, self.diffusion.q_sample(x_start, t_n, noise=noise)
+        den = Denoiser(self.diffusion, self.teacher, clip_denoised=False, model_kwargs=model_kwargs)
+        pred = den(x_next, t_next)
         if self.solver != "heun":
             # One step of every multistep solver from a single prediction is the DDIM step
-            # (DPM-Solver++(1) = PLMS's pseudo-Euler = DDIM), and `ddim_update` takes one
+            # (DPM-Solver++(1) = UniP-1 = PLMS's pseudo-Euler = DDIM), and `ddim_update` takes one
             # timestep per sample: the whole batch in one teacher pass.
-            t_n = th.as_tensor(self.timesteps, device=n.device)[n]
-            den = Denoiser(self.diffusion, self.teacher, clip_denoised=False,
-                           model_kwargs=model_kwargs)
-            return x_next, ddim_update(den, x_next, t_next, t_n, den(x_next, t_next))
-        x_hat = th.empty_like(x_next)
-        batch = x_start.shape[0]
-        # Heun's step takes one int timestep per call, so the batch goes through it one distinct
-        # n at a time: at most N - 1 pairs of teacher passes of sub-batches.
-        for k in th.unique(n).tolist():
-            idx = (n == k).nonzero(as_tuple=True)[0]
-            kwargs = {key: v[idx] if th.is_tensor(v) and v.shape[:1] == (batch,) else v
-                      for key, v in model_kwargs.items()}
-            den = Denoiser(self.diffusion, self.teacher, clip_denoised=False, model_kwargs=kwargs)
-            t_from, t_to = int(self.timesteps[k + 1]), int(self.timesteps[k])
-            x = x_next[idx]
-            x_hat[idx] = self.step(den, x, t_from, t_to, [den(x, t_from)])
-        return x_next, x_hat
+            return x_next, ddim_update(den, x_next, t_next, t_n, pred)
+        # Heun's step with one (t_{n+1}, t_n) per sample: two teacher passes of the whole batch.
+        return x_next, self.step(den, x_next, t_next, t_n, [pred])
 
     def training_losses(
         self,

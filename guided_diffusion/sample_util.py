@@ -38,7 +38,7 @@ from .dist_util import world
 from .errors import ScriptError
 from .fast import fast_config
 from .image_util import image_grid, to_uint8_nhwc  # noqa: F401 -- re-exported
-from .config import SamplerOptions, from_flags
+from .config import ConsistencyConfig, SamplerOptions, defaults, from_flags
 from .fileio import atomic_write, remove_stale_temp_files
 
 
@@ -110,11 +110,28 @@ def sample_batch(
     # samplers.sample picks the loop: the original's (--use_ddim, --timestep_respacing) unless
     # --sampler/--steps ask for another; --cfg_scale wraps the model for classifier-free guidance.
     options = dataclasses.asdict(from_flags(SamplerOptions, args))
+    cm_grid = None
+    if options["sampler"] == "consistency":
+        cm_grid = consistency_grid(getattr(args, "model_path", ""), diffusion)
     return samplers.sample(
         diffusion, model, tuple(shape), noise=noise, clip_denoised=args.clip_denoised,
         model_kwargs=model_kwargs, cond_fn=cond_fn, device=dist_util.dev(),
-        progress=progress, use_ddim=args.use_ddim, noise_fn=noise_fn, **options,
+        progress=progress, use_ddim=args.use_ddim, noise_fn=noise_fn, cm_grid=cm_grid,
+        **options,
     )
+
+
+def consistency_grid(model_path: str, diffusion) -> np.ndarray:
+    """
+    The training grid of the consistency student at `model_path` (`samplers.cm_timesteps` of the
+    --cm_steps and --cm_spacing in its run's args.json; cm_distill's defaults where absent), so
+    that K-step sampling evaluates it only at levels it was trained on.
+    """
+    saved = checkpoints.read_run_flags(os.path.dirname(os.path.abspath(model_path))) \
+        if model_path else None
+    flags = {**defaults(ConsistencyConfig), **(saved or {})}
+    steps = min(int(flags["cm_steps"]), len(diffusion.alphas_cumprod))
+    return samplers.cm_timesteps(diffusion.alphas_cumprod, steps, flags["cm_spacing"])
 
 
 def make_sample_fn(

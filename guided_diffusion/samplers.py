@@ -23,12 +23,14 @@ Time steps, the same rule for every sampler. A loop walks the diffusion's whole 
 noisiest point down to index 0 and then one last step to the noise-free end (CLEAN: alpha = 1,
 sigma = 0; DDPM's last step returns the posterior mean there, DDIM's the predicted x_0), evaluating
 the model once per grid point. `--steps N` first respaces the diffusion to N of its grid
-timesteps, chosen by `select_timesteps` under `--sampler_spacing`: "logsnr" (default) puts them as
+timesteps, chosen by `select_timesteps` under `--sampler_spacing` ("auto", the default: each
+sampler's measured best, `AUTO_SPACING`): "logsnr" puts them as
 close as possible to uniform in log-SNR lambda_t = log(alpha_t / sigma_t) (the spacing DPM-Solver
 recommends for pixel-space models, Lu et al. 2022), "uniform" evenly in t exactly as
-`--timestep_respacing N` does. The respaced diffusion is built by `diffusion.respace`, the same
+`--timestep_respacing N` does, "karras" by EDM's rho-spacing in sigma / alpha below a cap
+(`karras_sigmas`, `_snap_karras`). The respaced diffusion is built by `diffusion.respace`, the same
 `SpacedDiffusion` construction as the factory's. So `--steps N` costs N network evaluations (NFE)
-for every sampler except Heun, whose corrector makes it 2N - 1. `--steps 0` keeps the diffusion's
+for every sampler except Heun, whose corrector makes it 2N - 2. `--steps 0` keeps the diffusion's
 grid (the full schedule, or `--timestep_respacing`, which with `--use_ddim` behave exactly as the
 original's).
 """
@@ -45,7 +47,14 @@ import torch as th
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .config import SAMPLER_NAMES, SamplerOptions, defaults, space_timesteps
+from .config import (
+    SAMPLER_NAMES,
+    SPACINGS,
+    ConsistencyConfig,
+    SamplerOptions,
+    defaults,
+    space_timesteps,
+)
 from .guidance import cfg_model
 from .losses import _extract_into_tensor, _nonzero_mask, _per_example
 
@@ -66,12 +75,15 @@ class Prediction:
     :param eps: the [N x C x ...] noise prediction, consistent with x0.
     :param x0: the [N x C x ...] prediction of x_0 (clipped, denoised_fn'd, score-guided).
     :param out: the dict of `p_mean_variance` ('mean', 'variance', 'log_variance', 'pred_xstart').
+    :param x: the [N x C x ...] sample at t that the loop steps on from: the one the model saw,
+        until a corrector (UniPC's) replaces it with its corrected value.
     """
 
     t: int | th.Tensor
     eps: th.Tensor
     x0: th.Tensor
     out: dict
+    x: th.Tensor | None = None
 
 
 class Denoiser:
@@ -173,7 +185,7 @@ class Denoiser:
         x0 = out["pred_xstart"]
         # eps consistent with the (clipped, guided) x0, as the original DDIM step computes it.
         eps = self.diffusion.predict_eps(x, tt, x0)
-        return Prediction(t, eps, x0, out)
+        return Prediction(t, eps, x0, out, x)
 
 
 def _batch_t(t: int | th.Tensor, x: th.Tensor) -> th.Tensor:
@@ -355,16 +367,108 @@ def _step_heun(den: Denoiser, x: th.Tensor, t: int, t_next: int, hist: list) -> 
     Heun's 2nd-order method on the probability-flow ODE (Karras et al. 2022, EDM, Algorithm 1,
     deterministic) for the VP schedule: in x~ = x / alpha and sigma~ = sigma / alpha the ODE reads
     dx~/dsigma~ = eps(alpha x~, t). Euler step, then the trapezoidal correction with a second
-    evaluation at t_next, except into sigma~ = 0 where the Euler step is taken as is.
+    evaluation at t_next, except into sigma~ = 0 and out of the grid's noisiest point (the entry
+    step from x_T), where the Euler step is taken as is. The entry step spans sigma~ from ~2e4
+    (cosine) to EDM's sigma_max = 80 or below, where D(x) is nearly the data mean and
+    x~ - D moves in proportion to sigma~: Euler (= DDIM) is then exact, while the trapezoid averages
+    two slopes over that range and, measured on closed-form data, ruins the sample.
+    Takes ints, or [N] tensors of per-sample grid indices (one batched evaluation for all of
+    them; distillation's teacher step), with float64 coefficients per sample.
     """
+    if th.is_tensor(t):
+        return _step_heun_batched(den, x, t, t_next, hist)
     s, s_next = den.sigma_tilde(t), den.sigma_tilde(t_next)
     d = hist[-1].eps
     x_tilde = x / den.alpha(t) + (s_next - s) * d  # Euler (= DDIM)
-    if t_next != CLEAN:
+    if t_next != CLEAN and t != len(den.alphas_cumprod) - 1:
         a_next = den.alpha(t_next)
         d_next = den(a_next * x_tilde, t_next).eps
         x_tilde = x / den.alpha(t) + (s_next - s) * 0.5 * (d + d_next)
     return den.alpha(t_next) * x_tilde
+
+
+def _step_heun_batched(den: Denoiser, x: th.Tensor, t: th.Tensor, t_next: th.Tensor,
+                       hist: list) -> th.Tensor:
+    """`_step_heun` with a timestep pair per sample: the whole batch's corrector in one call."""
+    abar = th.as_tensor(den._alpha_bar_targets, dtype=th.float64, device=x.device)
+    shape = (-1, *[1] * (x.dim() - 1))
+
+    def coef(v: th.Tensor) -> th.Tensor:
+        return v.view(shape).to(x.dtype)
+
+    a, a_next = abar[t], abar[t_next]  # CLEAN = -1 indexes the appended 1.0
+    alpha, alpha_next = a.sqrt(), a_next.sqrt()
+    ds = ((1 - a_next) / a_next).sqrt() - ((1 - a) / a).sqrt()  # sigma~_next - sigma~ < 0
+    x_base = x * coef(1 / alpha)
+    d = hist[-1].eps
+    x_tilde = x_base + coef(ds) * d
+    correct = (t_next != CLEAN) & (t != len(den.alphas_cumprod) - 1)
+    if bool(correct.any()):
+        # Samples without a corrector are evaluated too (at t = 0 for CLEAN) and then ignored:
+        # one batched pass costs less than splitting the batch.
+        d_next = den(x_tilde * coef(alpha_next), t_next.clamp(min=0)).eps
+        x_tilde = th.where(coef(correct) > 0, x_base + coef(ds) * 0.5 * (d + d_next), x_tilde)
+    return x_tilde * coef(alpha_next)
+
+
+def _unipc_update(den: Denoiser, hist: list, t_next: int, order: int, m_next=None) -> th.Tensor:
+    """
+    UniPC's update (Zhao et al. 2023, "UniPC", Algorithm 2, data prediction, B(h) = e^h - 1:
+    the bh2 variant) from hist[-1] (at t, its sample `.x`, its x0 prediction m_0) to t_next:
+      x_next = (sigma_next / sigma) x - alpha_next (e^-h - 1) m_0
+               - alpha_next B(h) sum_k a_k D_k,   D_k = (m_k - m_0) / r_k,
+    over the `order - 1` earlier predictions m_k at r_k = (lambda_k - lambda) / h (< 0) and, for
+    the corrector UniC, the prediction `m_next` at t_next (r = 1). The weights a solve the order
+    conditions sum_k a_k r_k^(j-1) = j! phi_(j+1)(-h) (-h) / B(h), j = 1..p (p = number of D_k),
+    phi the exponential integrator's phi functions; in float64. The predictor of order 2 takes
+    a = 1/2, which makes it DPM-Solver++(2M); a corrector with only m_next takes 1/2 (trapezoid).
+    """
+    p0 = hist[-1]
+    lam0 = den.lam(p0.t)
+    h = den.lam(t_next) - lam0
+    prev = list(reversed(hist[-order:-1]))  # the order - 1 predictions before p0, newest first
+    r = [(den.lam(p.t) - lam0) / h for p in prev]
+    d = [(p.x0 - p0.x0) / rk for p, rk in zip(prev, r)]
+    if m_next is not None:
+        r.append(1.0)
+        d.append(m_next - p0.x0)
+    hh = -h
+    h_phi_1 = math.expm1(hh)  # (-h) phi_1(-h) = e^-h - 1
+    b_h = h_phi_1  # bh2: B(h) = e^h - 1 in the data-prediction time -h
+    x_next = (den.sigma(t_next) / den.sigma(p0.t)) * p0.x - den.alpha(t_next) * h_phi_1 * p0.x0
+    if not d:
+        return x_next
+    if len(d) == 1 and (m_next is not None or order == 2):
+        a = np.array([0.5])
+    else:
+        # g_j = (-h) phi_(j+1)(-h) j!, by the recursion phi_(j+1)(z) = (phi_j(z) - 1/j!) / z.
+        g, h_phi_k, fact = [], h_phi_1 / hh - 1.0, 1.0
+        for j in range(1, len(d) + 1):
+            g.append(h_phi_k * fact / b_h)
+            fact *= j + 1
+            h_phi_k = h_phi_k / hh - 1.0 / fact
+        vander = np.array([[rk ** (j - 1) for rk in r] for j in range(1, len(d) + 1)])
+        a = np.linalg.solve(vander, np.array(g))
+    return x_next - den.alpha(t_next) * b_h * sum(float(ak) * dk for ak, dk in zip(a, d))
+
+
+def _step_unipc(den: Denoiser, x: th.Tensor, t: int, t_next: int, hist: list,
+                order: int = 2) -> th.Tensor:
+    """
+    UniPC-p, bh2 (Zhao et al. 2023): the corrector UniC of the previous step, then the predictor
+    UniP of this one, both `_unipc_update`. UniC costs no evaluation: it reuses the prediction at
+    t, which the model made at the predictor's x_t (hist[-1].x0), to correct x_t; the loop then
+    steps on from the corrected x_t (stored in hist[-1].x). The predictor uses up to order - 1
+    earlier predictions; the corrected step is of order p + 1. Into sigma = 0 (CLEAN) the step is
+    the last prediction of x_0 (h = inf), as DPM-Solver++'s.
+    """
+    if len(hist) >= 2:
+        # UniC for the step hist[-2] -> t, at the order its predictor had.
+        p_prev = min(order, len(hist) - 1)
+        hist[-1].x = _unipc_update(den, hist[:-1], t, p_prev, m_next=hist[-1].x0)
+    if t_next == CLEAN:
+        return hist[-1].x0
+    return _unipc_update(den, hist, t_next, min(order, len(hist)))
 
 
 STEPS: dict[str, StepFn] = {
@@ -375,6 +479,7 @@ STEPS: dict[str, StepFn] = {
     "dpm++3m": _step_dpmpp_3m,
     "dpm++2m-sde": _step_dpmpp_2m_sde,
     "heun": _step_heun,
+    "unipc": _step_unipc,
 }
 SAMPLERS = tuple(STEPS)  # the samplers of the one loop (diffusion models)
 # What `--sampler` accepts (besides "", the original's choice) is config.SAMPLER_NAMES, the one
@@ -521,14 +626,44 @@ def sample_loop_progressive(
     yield from solve_progressive(sampler, den, noise, grid(diffusion), progress, eta)
 
 
-def select_timesteps(alphas_cumprod, steps: int, spacing: str = "logsnr") -> np.ndarray:
+# `--sampler_spacing auto`: each sampler's spacing, the lowest toy FID on the digits table at 5
+# and 10 NFE (README, "Fast samplers"): the multistep solvers gain most from karras (unipc 10 NFE:
+# 0.22 vs logsnr 0.32; 5 NFE: 0.48 vs 1.42), DDIM and Heun from uniform. DDPM keeps the
+# original's uniform respacing; plms and dpm++2m-sde, not measured, keep the earlier logsnr.
+AUTO_SPACING = {
+    "ddpm": "uniform", "ddim": "uniform", "heun": "uniform",
+    "dpm++2m": "karras", "dpm++3m": "karras", "unipc": "karras",
+}
+
+
+def spacing_for(sampler: str, spacing: str) -> str:
+    """The spacing `--sampler_spacing` means for `sampler` ('auto': AUTO_SPACING's, or logsnr)."""
+    return AUTO_SPACING.get(sampler, "logsnr") if spacing == "auto" else spacing
+
+
+def sigma_tilde(alphas_cumprod) -> np.ndarray:
+    """EDM's noise level sigma~ = sigma / alpha = sqrt((1 - abar) / abar) of each grid point."""
+    acp = np.asarray(alphas_cumprod, dtype=np.float64)
+    return np.sqrt((1.0 - acp) / acp)
+
+
+def select_timesteps(
+    alphas_cumprod,
+    steps: int,
+    spacing: str = "logsnr",
+    sigma_max: float = 80.0,
+    rho: float = 7.0,
+) -> np.ndarray:
     """
     Choose `steps` integer grid indices, decreasing from the noisiest (len - 1) to the cleanest (0):
     the one rule behind `--steps` for every sampler.
 
     :param alphas_cumprod: the grid's [T] cumulative alphas.
     :param spacing: "logsnr": nearest to uniform in lambda = log(alpha / sigma) (Lu et al. 2022);
-        "uniform": evenly spaced in t, exactly the original's `--timestep_respacing N`.
+        "uniform": evenly spaced in t, exactly the original's `--timestep_respacing N`;
+        "karras": EDM's rho-spacing in sigma~ = sigma / alpha (Karras et al. 2022, eq. 5),
+        capped at `sigma_max` (`karras_sigmas`).
+    :param sigma_max, rho: the cap and the exponent of "karras" (ignored by the others).
     :return: int64 array [steps], strictly decreasing. Indices that would coincide near t = 0, where
         one grid step spans a large log-SNR interval, are pushed one grid step apart.
     """
@@ -537,22 +672,77 @@ def select_timesteps(alphas_cumprod, steps: int, spacing: str = "logsnr") -> np.
     if not 1 <= steps <= n_grid:
         raise ValueError(
             f"--steps must be between 1 and the grid's {n_grid} timesteps, got {steps}")
+    if spacing not in SPACINGS:
+        raise ValueError(f"--sampler_spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
     if spacing == "uniform":
         return np.array(sorted(space_timesteps(n_grid, [steps]), reverse=True), dtype=np.int64)
-    if spacing != "logsnr":
-        raise ValueError(f"--sampler_spacing must be 'logsnr' or 'uniform', got {spacing!r}")
     if steps == 1:
         return np.array([n_grid - 1], dtype=np.int64)
+    if spacing == "karras":
+        return _snap_karras(acp, steps, sigma_max, rho)
     lam = 0.5 * (np.log(acp) - np.log1p(-acp))
     targets = np.linspace(lam[-1], lam[0], steps)
     ts = np.abs(lam[None, :] - targets[:, None]).argmin(axis=1).astype(np.int64)
-    # Make the indices strictly decreasing: push up from the clean end, then down from the top.
-    for k in range(steps - 2, -1, -1):
+    return _strictly_decreasing(ts, n_grid)
+
+
+def _strictly_decreasing(ts: np.ndarray, n_grid: int) -> np.ndarray:
+    """Push snapped indices apart: up from the clean end, then down from the top."""
+    ts = ts.copy()
+    for k in range(len(ts) - 2, -1, -1):
         ts[k] = max(ts[k], ts[k + 1] + 1)
     ts[0] = min(ts[0], n_grid - 1)
-    for k in range(1, steps):
+    for k in range(1, len(ts)):
         ts[k] = min(ts[k], ts[k - 1] - 1)
     return ts
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
+    """
+    EDM's n noise levels from sigma_max down to sigma_min (Karras et al. 2022, eq. 5):
+      sigma_i = (sigma_max^(1/rho) + i / (n - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho.
+    rho = 7 shortens the steps near sigma_min, where the image's detail forms. n = 1 is
+    [sigma_min]: the one point a sampler must evaluate is its clean end.
+    """
+    if n == 1:
+        return np.array([sigma_min])
+    i = np.arange(n) / (n - 1)
+    lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
+    return (hi + i * (lo - hi)) ** rho
+
+
+def _snap_karras(acp: np.ndarray, steps: int, sigma_max: float, rho: float) -> np.ndarray:
+    """
+    `select_timesteps(..., "karras")`. The grid's top (T - 1) stays the entry point, where x_T is
+    drawn, and one step jumps from it down to the cap: the noisiest grid point c with
+    sigma~_c <= sigma_max (a cosine grid's top is at sigma~ ~ 2e4, where steps are wasted: EDM
+    found sigma_max = 80 enough). The other steps - 1 points follow `karras_sigmas` from
+    sigma~_c down to sigma~_0, each snapped to the nearest grid point in log sigma~ among 0..c.
+    A grid that lies wholly at or below the cap is spaced from its top. Only when more points are
+    asked than the grid has below the cap do the extra ones lie above it.
+    """
+    if not (sigma_max > 0 and rho > 0):
+        raise ValueError(f"--sigma_max and --rho must be > 0, got {sigma_max} and {rho}")
+    sig = sigma_tilde(acp)
+    n_grid = len(acp)
+    below = np.flatnonzero(sig <= sigma_max)  # sigma~ increases with t: indices 0..c
+    if len(below) == 0:
+        raise ValueError(f"--sigma_max {sigma_max} is below the grid's least noise level "
+                         f"sigma~ = {sig[0]:.4g}")
+    top = int(below[-1])
+    n_inner = steps if top == n_grid - 1 else steps - 1
+    targets = np.log(karras_sigmas(sig[0], sig[top], n_inner, rho))
+    inner = np.abs(np.log(sig[: top + 1])[None, :] - targets[:, None]).argmin(axis=1)
+    # rho = 7 crowds the points at both ends, where grid points are sparse in sigma~; points that
+    # snapped together move apart down from the cap first (never above it), and up from 0 only
+    # where that ran out of grid.
+    for k in range(1, len(inner)):
+        inner[k] = min(inner[k], inner[k - 1] - 1)
+    inner[-1] = max(inner[-1], 0)
+    for k in range(len(inner) - 2, -1, -1):
+        inner[k] = max(inner[k], inner[k + 1] + 1)
+    ts = inner if top == n_grid - 1 else np.concatenate([[n_grid - 1], inner])
+    return _strictly_decreasing(ts.astype(np.int64), n_grid)
 
 
 def sample(
@@ -569,6 +759,7 @@ def sample(
     progress: bool = False,
     use_ddim: bool = False,
     noise_fn: Callable[[th.Tensor], th.Tensor] | None = None,
+    cm_grid: Sequence[int] | None = None,
     **options,
 ) -> th.Tensor:
     """
@@ -583,6 +774,8 @@ def sample(
     :param use_ddim: the original's --use_ddim; used when `sampler` is "".
     :param noise_fn: `randn_like` for the step noise of the stochastic samplers (DDPM, DDIM with
         eta > 0, dpm++2m-sde); default torch's global generator.
+    :param cm_grid: `--sampler consistency`: the student's training grid (`cm_timesteps` of its
+        run's --cm_steps and --cm_spacing); None: that of cm_distill's defaults.
     :param options: fields of SamplerOptions (sampler, steps, sampler_spacing, cfg_scale, eta).
         `steps` N > 0 samples on N timesteps of the diffusion's grid (`select_timesteps`).
     :return: the [N x C x H x W] samples.
@@ -596,14 +789,19 @@ def sample(
         return _sample_consistency(
             diffusion, cfg_model(model, opts.cfg_scale), shape, opts, noise=noise,
             clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
-            model_kwargs=model_kwargs, device=device, noise_fn=noise_fn)
+            model_kwargs=model_kwargs, device=device, noise_fn=noise_fn, cm_grid=cm_grid)
     _step_fn(name, opts.eta)  # fail on a bad --sampler / --eta before any work
     if opts.steps < 0:
         raise ValueError(f"--steps must be >= 0, got {opts.steps}")
+    if opts.steps == 1:
+        # A one-point grid cannot be built (nor can the original's --timestep_respacing 1), and
+        # its one evaluation would predict x_0 from pure noise.
+        raise ValueError(f"--steps 1 is too few for --sampler {name}: use >= 2, or a "
+                         f"consistency model (--sampler consistency) for one-step sampling")
     if opts.steps:
-        diffusion = diffusion.respace(
-            select_timesteps(diffusion.alphas_cumprod, opts.steps, opts.sampler_spacing)
-        )
+        diffusion = diffusion.respace(select_timesteps(
+            diffusion.alphas_cumprod, opts.steps, spacing_for(name, opts.sampler_spacing),
+            opts.sigma_max, opts.rho))
     if noise is None and device is None and not isinstance(model, th.nn.Module):
         device = "cpu"  # a plain function has no parameters to take the device from
     return final_sample(sample_loop_progressive(
@@ -615,19 +813,20 @@ def sample(
 
 
 def _sample_consistency(diffusion, model, shape, opts: SamplerOptions, *, noise, clip_denoised,
-                        denoised_fn, cond_fn, model_kwargs, device, noise_fn) -> th.Tensor:
+                        denoised_fn, cond_fn, model_kwargs, device, noise_fn,
+                        cm_grid) -> th.Tensor:
     """
     `--sampler consistency --steps K`: K-step sampling of a consistency model (Song et al. 2023,
-    Algorithm 1; `--steps 0` = 1), on K levels of the diffusion's grid chosen as the other
-    samplers choose theirs (`sample_timesteps`), K network evaluations.
+    Algorithm 1; `--steps 0` = 1), on K levels of the student's training grid
+    (`sample_timesteps`), K network evaluations.
     """
     if opts.eta != 0.0 or denoised_fn is not None:
         raise ValueError("--sampler consistency takes no --eta and no denoised_fn")
     if noise is None and device is None and not isinstance(model, th.nn.Module):
         device = "cpu"
-    timesteps = sample_timesteps(diffusion.alphas_cumprod, opts.steps or 1, opts.sampler_spacing)
-    # t_min = grid index 0, the clean end of the student's discretisation (cm_timesteps).
-    fn = ConsistencyFunction(diffusion, model, t_min=0)
+    timesteps = sample_timesteps(diffusion.alphas_cumprod, opts.steps or 1, cm_grid)
+    # t_min = the clean end of the student's discretisation (cm_timesteps: grid index 0).
+    fn = ConsistencyFunction(diffusion, model, t_min=0 if cm_grid is None else int(cm_grid[0]))
     return consistency_sample(
         fn, shape, timesteps, noise=noise, noise_fn=noise_fn, model_kwargs=model_kwargs,
         cond_fn=cond_fn, clip_denoised=clip_denoised, device=device)
@@ -637,18 +836,13 @@ def nfe(sampler: str, steps: int) -> int:
     """Network evaluations per sample of `sample()` with --steps `steps` (CFG doubles them)."""
     if sampler == "consistency":
         return max(steps, 1)
-    return 2 * steps - 1 if sampler == "heun" else steps
+    # Heun: two evaluations per step, but one for the step into sigma = 0 and for the entry step.
+    return max(2 * steps - 2, 1) if sampler == "heun" else steps
 
 
 # ------------------------------------------------------------------------------------------------
 # Consistency models: f(x_t, t) and K-step sampling (the student's sampler; its training is
 # `consistency.py`'s)
-
-
-def _sigma_tilde(alphas_cumprod) -> np.ndarray:
-    """EDM's noise level of the VP ODE in x / alpha space, sigma~ = sigma / alpha, float64 [T]."""
-    acp = np.asarray(alphas_cumprod, dtype=np.float64)
-    return np.sqrt((1.0 - acp) / acp)
 
 
 class ConsistencyFunction:
@@ -660,7 +854,7 @@ class ConsistencyFunction:
 
     where D is the network's x_0 prediction (the diffusion's eps/x_0/learned-sigma handling, no
     clipping). At t = t_min, c_skip = 1 and c_out = 1 - c_skip = 0 exactly, so
-    f(x, t_min) = x / alpha_{t_min} bit for bit for any finite network output: the boundary
+    f(x, t_min) = x / alpha_{t_min} (to float64 rounding) for any finite network output: the boundary
     condition of Song et al. 2023, eq. 5, built into the parameterisation (their eq. 5-6 form
     f = c_skip x + c_out F, with differentiable c_skip, c_out and c_skip(eps) = 1, c_out(eps) = 0).
 
@@ -686,13 +880,15 @@ class ConsistencyFunction:
     def __init__(self, diffusion, model: nn.Module, t_min: int = 0):
         self.diffusion = diffusion
         self.model = model
-        sig = _sigma_tilde(diffusion.alphas_cumprod)
+        sig = sigma_tilde(diffusion.alphas_cumprod)
         if not 0 <= t_min < len(sig):
             raise ValueError(f"t_min must be a grid index in [0, {len(sig)}), got {t_min}")
         self.t_min = int(t_min)
         c_skip = sig[self.t_min] / sig
         c_skip[self.t_min] = 1.0  # exact, whatever the rounding of the division
         self.c_skip = c_skip  # float64 [T]; only indices >= t_min are ever evaluated
+        self.c_out = 1.0 - c_skip  # float64 [T], exactly 0 at t_min
+        self.alpha = np.sqrt(np.asarray(diffusion.alphas_cumprod, dtype=np.float64))
         self.nfe = 0  # network evaluations so far
 
     def __call__(
@@ -719,23 +915,82 @@ class ConsistencyFunction:
             out = self.diffusion.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
         self.nfe += 1
         d = out["pred_xstart"]
-        x_tilde = x / _extract_into_tensor(self.diffusion.sqrt_alphas_cumprod, t, x.shape)
-        c_out = 1.0 - _extract_into_tensor(self.c_skip, t, x.shape)
-        # Written as x~ - c_out (x~ - D) so that c_out = 0 returns x~ itself, bit for bit.
-        return x_tilde - c_out * (x_tilde - d)
+        # c_skip x / alpha + c_out D in float64: in float32 the form x~ - c_out (x~ - D) cancels
+        # at the top of a cosine grid (x~ = x / alpha ~ 2e4 x, c_out ~ 1 - 3e-7), losing ~1e-3
+        # per value, more than the pseudo-Huber c the loss works at. At t_min, c_skip = 1 and
+        # c_out = 0: f = x / alpha_min, the float64 quotient rounded once.
+        shape = (-1, *[1] * (x.dim() - 1))
+        c_skip = th.as_tensor(self.c_skip, device=x.device)[t].view(shape)
+        alpha = th.as_tensor(self.alpha, device=x.device)[t].view(shape)
+        c_out = th.as_tensor(self.c_out, device=x.device)[t].view(shape)
+        return (x.double() * c_skip / alpha + c_out * d.double()).to(x.dtype)
 
 
-def sample_timesteps(alphas_cumprod, steps: int, spacing: str = "logsnr") -> np.ndarray:
+def cm_timesteps(alphas_cumprod, num_scales: int, spacing: str = "karras") -> np.ndarray:
     """
-    The K = `steps` levels of K-step consistency sampling, decreasing from the noisiest grid
-    index: K + 1 points as the ODE samplers choose them, without the cleanest, where f is the
-    identity and an evaluation would be wasted.
+    The discretisation t_0 < t_1 < ... < t_{N-1} of the teacher's grid that CD walks along
+    (Song et al. 2023, sec. 4: N points from eps to T; here grid indices from the cleanest to the
+    noisiest), chosen as the ODE samplers choose theirs (`samplers.select_timesteps`).
 
-    :return: int64 [steps], strictly decreasing grid indices.
+    :param alphas_cumprod: the grid's [T] cumulative alphas.
+    :param num_scales: N, the number of points (>= 2).
+    :param spacing: as `select_timesteps`'s (default "karras": the top, then the rest at or
+        below sigma~ 80, where the consistency map has something to learn).
+    :return: int64 [N], increasing; [0] is t_min (grid index 0), [-1] the noisiest grid index.
+    """
+    if num_scales < 2:
+        raise ValueError(f"--cm_steps must be >= 2 (t_min and at least one noisy point), "
+                         f"got {num_scales}")
+    if num_scales > len(alphas_cumprod):
+        raise ValueError(f"--cm_steps {num_scales} exceeds the teacher's grid of "
+                         f"{len(alphas_cumprod)} timesteps")
+    return select_timesteps(alphas_cumprod, num_scales, spacing)[::-1].copy()
+
+
+# K-step consistency sampling: sigma~ = sigma / alpha of the second level (snapped to the student's
+# training grid); the levels after it are rho-spaced below it. Measured on the digits student at
+# cm_distill's defaults (README, "Few-step sampling"): K = 2's second level swept over the 16
+# inner points of its training grid, toy FID 0.258-0.264 for sigma~ 25-71 rising to 0.33 at 1;
+# 50 sits in the flat part (0.260, judged accuracy 0.958).
+CM_SECOND_SIGMA = 50.0
+
+
+def sample_timesteps(alphas_cumprod, steps: int, grid: Sequence[int] | None = None,
+                     second_sigma: float = CM_SECOND_SIGMA, rho: float = 7.0) -> np.ndarray:
+    """
+    The K = `steps` levels of K-step consistency sampling, all points of the student's training
+    grid (the only points where it learned to be consistent): the grid's top, where x_T is drawn,
+    then K - 1 levels rho-spaced in sigma~ from `second_sigma` down toward sigma~_{t_min}
+    (EDM's eq. 5 with K points, the last, t_min, left out: f is the identity there), each snapped
+    to the nearest unused grid point in log sigma~, strictly decreasing.
+
+    :param alphas_cumprod: the diffusion's [T] cumulative alphas.
+    :param grid: the training grid `cm_timesteps(...)` (increasing, grid[0] = t_min); None: the
+        grid of cm_distill's default flags.
+    :return: int64 [steps], strictly decreasing grid indices above t_min.
     """
     if steps < 1:
         raise ValueError(f"--steps must be >= 1 for consistency sampling, got {steps}")
-    return select_timesteps(alphas_cumprod, steps + 1, spacing)[:-1].copy()
+    if grid is None:
+        cm = defaults(ConsistencyConfig)
+        grid = cm_timesteps(alphas_cumprod, min(cm["cm_steps"], len(alphas_cumprod)),
+                            cm["cm_spacing"])
+    grid = np.asarray(grid, dtype=np.int64)
+    inner = grid[1:-1][::-1]  # candidates, noisiest first (neither the top nor t_min)
+    if steps - 1 > len(inner):
+        raise ValueError(f"--steps {steps} exceeds the student's training grid of {len(grid)} "
+                         f"points (at most {len(inner) + 1} levels)")
+    sig = sigma_tilde(alphas_cumprod)
+    targets = np.log(karras_sigmas(sig[grid[0]], max(second_sigma, sig[grid[0]]), steps, rho))
+    levels, pos = [int(grid[-1])], 0
+    log_inner = np.log(sig[inner])
+    for k, target in enumerate(targets[:steps - 1]):
+        # Nearest unused candidate, leaving enough below it for the levels still to come.
+        last = len(inner) - (steps - 2 - k)
+        pick = pos + int(np.abs(log_inner[pos:last] - target).argmin())
+        levels.append(int(inner[pick]))
+        pos = pick + 1
+    return np.array(levels, dtype=np.int64)
 
 
 def consistency_sample(
@@ -777,7 +1032,7 @@ def consistency_sample(
         noise = th.randn(*shape, device=device)
     noise_fn = noise_fn or th.randn_like
     acp = np.asarray(fn.diffusion.alphas_cumprod, dtype=np.float64)
-    sig = _sigma_tilde(acp)
+    sig = sigma_tilde(acp)
     x = noise
     with th.no_grad():  # cond_fn enables grad for itself, as in the other loops
         for i, t in enumerate(ts):

@@ -57,6 +57,7 @@ from guided_diffusion.config import (  # noqa: E402
     SampleConfig,
     SamplerOptions,
     SamplerTableConfig,
+    SPACINGS,
     UNetConfig,
     add_flags,
     build_parser,
@@ -168,15 +169,19 @@ def flags_for(kind_defaults: dict, checkpoint: str, explicit: dict) -> argparse.
     return argparse.Namespace(**flags)
 
 
-def parse_rows(spec: str) -> list[tuple[str, int, float, float]]:
+def parse_rows(spec: str, spacing: str) -> list[tuple[str, int, float, float, str]]:
+    """`--rows`: sampler:steps:cfg_scale:classifier_scale[:spacing] (default `spacing`)."""
     rows = []
     for item in spec.split(","):
         parts = item.strip().split(":")
-        if len(parts) != 4 or parts[0] not in samplers.SAMPLER_NAMES:
+        if (len(parts) not in (4, 5) or parts[0] not in samplers.SAMPLER_NAMES
+                or parts[4:] and parts[4] not in SPACINGS):
             raise cli.ScriptError(
-                f"--rows entry {item!r}: expected sampler:steps:cfg_scale:classifier_scale with a "
-                f"sampler in {', '.join(samplers.SAMPLER_NAMES)}")
-        rows.append((parts[0], int(parts[1]), float(parts[2]), float(parts[3])))
+                f"--rows entry {item!r}: expected sampler:steps:cfg_scale:classifier_scale"
+                f"[:spacing] with a sampler in {', '.join(samplers.SAMPLER_NAMES)} and a spacing "
+                f"in {', '.join(SPACINGS)}")
+        rows.append((parts[0], int(parts[1]), float(parts[2]), float(parts[3]),
+                     samplers.spacing_for(parts[0], parts[4] if len(parts) == 5 else spacing)))
     return rows
 
 
@@ -219,16 +224,20 @@ def plot_fid(results: list[dict], floor: float, path: str) -> bool:
     except ImportError:
         print("matplotlib is not installed (pip install -e .[plot]): no sampler_table_fid.png")
         return False
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for name in dict.fromkeys(r["sampler"] for r in pts):
-        line = sorted((r["nfe"], r["fid"]) for r in pts if r["sampler"] == name)
-        ax.plot(*zip(*line), marker="o", label=name)
+    fig, ax = plt.subplots(figsize=(8.0, 5.0))
+    # One line per sampler and spacing; a single point (DDPM-250) is a marker.
+    for name, spacing in dict.fromkeys((r["sampler"], r.get("spacing", "")) for r in pts):
+        line = sorted((r["nfe"], r["fid"]) for r in pts
+                      if r["sampler"] == name and r.get("spacing", "") == spacing)
+        style = {"ddim": "-", "dpm++2m": "--", "dpm++3m": ":", "unipc": "-."}.get(name, "-")
+        label = name if name in ("ddpm", "consistency") else f"{name} ({spacing})"
+        ax.plot(*zip(*line), marker="o", linestyle=style, label=label)
     ax.axhline(floor, color="gray", linestyle="--", label="real (val) floor")
     ax.set_xscale("log")
     ax.set_xlabel("NFE")
     ax.set_ylabel("toy FID (8x8 pixels)")
     ax.set_title("conditional, no guidance")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="x-small", ncol=2)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -242,7 +251,7 @@ def main():
     args = create_argparser().parse_args()
     th.set_num_threads(args.threads)
     explicit = {k: getattr(args, k) for k in MODEL_FLAGS if hasattr(args, k)}
-    rows = parse_rows(args.rows)
+    rows = parse_rows(args.rows, args.sampler_spacing)
 
     cli.require_path(args.model_path, "model_path")
     # U-Net or DiT (--model in args.json): the image model's flags and DiT's.
@@ -261,7 +270,8 @@ def main():
         dit, dit_diffusion = cli.load_model_and_diffusion(dargs, "unet")
         name = (f" (DiT depth {len(dit.blocks)}, width {dit.hidden_size}, patch {dit.patch_size})"
                 if dargs.model == "dit" else " (2nd model)")
-        networks.append((name, dit, dit_diffusion, parse_rows(args.dit_rows)))
+        dit_rows = parse_rows(args.dit_rows, args.sampler_spacing)
+        networks.append((name, dit, dit_diffusion, dit_rows))
     classifier = None
     if any(r[3] for r in rows):
         cli.require_path(args.classifier_path, "classifier_path")
@@ -270,7 +280,7 @@ def main():
         classifier, _ = cli.load_model_and_diffusion(cargs, "classifier")
 
     # The "consistency" rows sample a consistency student of the model (cm_distill.py).
-    student = None
+    student, cm_grid = None, None
     if any(r[0] == "consistency" for r in rows):
         cli.require_path(args.cm_model_path, "cm_model_path")
         sample_util.check_sampler_fits_model(
@@ -278,6 +288,7 @@ def main():
         sargs = flags_for(model_and_diffusion_defaults(), args.cm_model_path, explicit)
         sargs.model_path, sargs.use_fp16 = args.cm_model_path, False
         student, _ = cli.load_model_and_diffusion(sargs, "unet")
+        cm_grid = sample_util.consistency_grid(args.cm_model_path, diffusion)
 
     os.makedirs(args.out_dir, exist_ok=True)
     feats, labels, is_val = real_digits(margs.image_size)
@@ -294,7 +305,7 @@ def main():
     requested = th.arange(n) % 10
     x_T = th.randn(n, 3, size, size, generator=th.Generator().manual_seed(args.seed))
     results = []
-    for suffix, model, diffusion, sampler, steps, cfg, clf in (
+    for suffix, model, diffusion, sampler, steps, cfg, clf, spacing in (
             (suffix, m, d, *row) for suffix, m, d, net_rows in networks for row in net_rows):
         out = []
         th.manual_seed(args.seed + 1)  # DDPM's step noise: the same for every DDPM row
@@ -307,7 +318,8 @@ def main():
                 noise=x_T[b:b + args.batch_size], clip_denoised=args.clip_denoised,
                 cond_fn=classifier_cond_fn(classifier, clf) if clf else None,
                 model_kwargs={"y": y}, device="cpu", sampler=sampler, steps=steps,
-                sampler_spacing=args.sampler_spacing, cfg_scale=cfg))
+                sampler_spacing=spacing, sigma_max=args.sigma_max, rho=args.rho,
+                cfg_scale=cfg, cm_grid=cm_grid if sampler == "consistency" else None))
         seconds = (time.time() - start) / n
         samples = th.cat(out)
         sfeats = to_eval_space(samples)
@@ -315,29 +327,33 @@ def main():
         nfe = samplers.nfe(sampler, steps) * (1 if cfg in (0.0, 1.0) else 2)
         res = dict(sampler=sampler + suffix, steps=steps, nfe=nfe, cfg_scale=cfg,
                    classifier_scale=clf,
+                   # consistency levels come from the student's training grid, not a spacing
+                   spacing="training grid" if sampler == "consistency" else spacing,
                    guidance=row_label(sampler, steps, cfg, clf),
                    fid=frechet_distance(gaussian_fit(sfeats), ref), accuracy=acc, coverage=cov,
                    seconds_per_sample=seconds)
         results.append(res)
-        tag = f"{sampler}{steps}_cfg{cfg:g}_clf{clf:g}" + ("_2nd" if suffix else "")
+        tag = f"{sampler}{steps}_{spacing}_cfg{cfg:g}_clf{clf:g}" + ("_2nd" if suffix else "")
         save_grid(samples, requested, os.path.join(args.out_dir, f"grid_{tag}.png"))
-        print(f"{sampler + suffix:>8} {steps:>4} steps  NFE {nfe:>4}  {res['guidance']:<22} "
+        print(f"{sampler + suffix:>8} {steps:>4} steps {res['spacing']:>7}  NFE {nfe:>4}  "
+              f"{res['guidance']:<22} "
               f"FID {res['fid']:7.3f}  acc {acc:.3f}  cov {cov:.3f}  {seconds:.3f} s/sample",
               flush=True)
 
     lines = [
         f"Digits quickstart, {n} samples per row (classes 0-9 balanced, same x_T in every row), "
-        f"steps spaced `{args.sampler_spacing}` for the ODE solvers. Toy FID in the 64-d pixel "
+        f"steps spaced as the spacing column says. Toy FID in the 64-d pixel "
         f"space of 8x8 images against the {int((~is_val).sum())} training digits; accuracy and "
         f"coverage judged by an MLP trained on clean digits. NFE counts network evaluations per "
         f"sample (a CFG forward of the doubled batch counts twice).",
         "",
-        "| sampler | steps | NFE | guidance | toy FID | judged acc. | coverage | s/sample |",
-        "|---|---:|---:|---|---:|---:|---:|---:|",
-        f"| real digits (val) | | | | {floor:.2f} | {floor_acc:.3f} | {floor_cov:.3f} | |",
+        "| sampler | steps | spacing | NFE | guidance | toy FID | judged acc. | coverage | s/sample |",
+        "|---|---:|---|---:|---|---:|---:|---:|---:|",
+        f"| real digits (val) | | | | | {floor:.2f} | {floor_acc:.3f} | {floor_cov:.3f} | |",
     ]
     for r in results:
-        lines.append(f"| {r['sampler']} | {r['steps']} | {r['nfe']} | {r['guidance']} | "
+        lines.append(f"| {r['sampler']} | {r['steps']} | {r['spacing']} | {r['nfe']} | "
+                     f"{r['guidance']} | "
                      f"{r['fid']:.2f} | {r['accuracy']:.3f} | {r['coverage']:.3f} | "
                      f"{r['seconds_per_sample']:.3f} |")
     with open(os.path.join(args.out_dir, "sampler_table.md"), "w") as f:

@@ -185,3 +185,18 @@ def test_sampler_table_plot_is_an_optional_extra(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "pip install -e .[plot]" in out[0]
     assert not (tmp_path / "none.png").exists()
+
+
+def test_sampler_table_rows_take_an_optional_spacing():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sampler_table",
+                                                  ROOT / "scripts" / "sampler_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    assert table.parse_rows("ddim:10:1:0", "auto")[0][4] == "uniform"  # resolved per sampler
+    rows = table.parse_rows("ddpm:250:1:0,unipc:6:1:0:karras", "logsnr")
+    assert rows == [("ddpm", 250, 1.0, 0.0, "logsnr"), ("unipc", 6, 1.0, 0.0, "karras")]
+    for bad in ("unipc:6:1:0:edm", "unipc:6:1", "euler:6:1:0"):
+        with pytest.raises(table.cli.ScriptError, match="--rows entry"):
+            table.parse_rows(bad, "logsnr")
