@@ -62,12 +62,20 @@ class HumanOutputFormat(KVWriter, SeqWriter):
     """A two-column table of keys and values, plus plain text lines; to a file or a stream."""
 
     def __init__(self, filename_or_file):
+        # sys.stdout is looked up at each write, not kept: a redirection made after the logger
+        # was configured (contextlib.redirect_stdout, a test's capture) is followed, and a
+        # stream replaced and closed since is never written to.
+        self._stdout = filename_or_file is sys.stdout
         if isinstance(filename_or_file, str):
-            self.file = open(filename_or_file, "a")
+            self._file = open(filename_or_file, "a")
             self.own_file = True
         else:
-            self.file = filename_or_file
+            self._file = filename_or_file
             self.own_file = False
+
+    @property
+    def file(self):
+        return sys.stdout if self._stdout else self._file
 
     def writekvs(self, kvs: dict) -> None:
         rows = [(_truncate(str(k)), _truncate(_format_value(v))) for k, v in kvs.items()]
