@@ -727,6 +727,25 @@ def apply_preset(ns: argparse.Namespace, given: set[str]) -> None:
             given.add(key)
 
 
+@dataclass(frozen=True)
+class GpuCheckConfig:
+    """scripts/gpu_check.py's flags (besides --smoke, its mode switch)."""
+
+    out: str = flag("gpu_check.json", "write the full report here (JSON)")
+    device: str = flag("", "default: cuda when available, else cpu")
+    layouts: str = flag("", "comma-separated benchmark.py configs (default adm64,adm256; "
+                            "--smoke: tiny)")
+    runs: int = flag(0, "timed runs per phase (default 5; smoke 1)", non_negative)
+    train_batch: int = flag(0, "training batch (default: benchmark.py's, 32 at 64 px, 8 at 256 px)",
+                            non_negative)
+    sample_batch: int = flag(0, "sampling batch (default: benchmark.py's, 64 at 64 px, 16 at "
+                                "256 px)", non_negative)
+    allreduce: str = flag("auto", "auto: NCCL between GPUs 0 and 1 when two are present, else "
+                                  "skip", one_of("auto", "nccl", "gloo", "off"))
+    allreduce_mib: int = flag(0, "all-reduce buffer size (default 256 MiB; smoke 1 MiB)",
+                              non_negative)
+
+
 # ------------------------------------------------------------------------------------------------
 # Building parsers and reading them back
 

@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # scripts/: benc
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import benchmark  # noqa: E402
-from guided_diffusion import script_util  # noqa: E402
+from guided_diffusion import config, script_util  # noqa: E402
 
 # benchmark.py's variant names -> the names this report uses.
 PRECISIONS = {"faithful": "fp32", "fp16": "fp16", "fast": "bf16-fast"}
@@ -50,26 +50,10 @@ SMOKE_LAYOUTS = ("tiny",)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="gpu_check.json", help="write the full report here (JSON)")
+    parser = config.build_parser(__doc__.split("\n\n")[1], config.GpuCheckConfig)
     parser.add_argument("--smoke", action="store_true",
                         help="tiny model, one timed run, CPU unless --device says otherwise: "
                              "checks the script itself, measures nothing of interest")
-    parser.add_argument("--device", default="", help="default: cuda when available, else cpu")
-    parser.add_argument("--layouts", default="",
-                        help="comma-separated benchmark.py configs (default "
-                             f"{','.join(FULL_LAYOUTS)}; --smoke: {','.join(SMOKE_LAYOUTS)})")
-    parser.add_argument("--runs", type=int, default=0,
-                        help="timed runs per phase (default 5; smoke 1)")
-    parser.add_argument("--train_batch", type=int, default=0,
-                        help="training batch (default: benchmark.py's, 32 at 64 px, 8 at 256 px)")
-    parser.add_argument("--sample_batch", type=int, default=0,
-                        help="sampling batch (default: benchmark.py's, 64 at 64 px, 16 at 256 px)")
-    parser.add_argument("--allreduce", default="auto", choices=["auto", "nccl", "gloo", "off"],
-                        help="auto: NCCL between GPUs 0 and 1 when two are present, else skip")
-    parser.add_argument("--allreduce_mib", type=int, default=0,
-                        help="all-reduce buffer size (default 256 MiB; smoke 1 MiB)")
     return parser.parse_args(argv)
 
 
