@@ -39,7 +39,7 @@ from .errors import ScriptError
 from .fast import fast_config
 from .image_util import image_grid, to_uint8_nhwc  # noqa: F401 -- re-exported
 from .config import ConsistencyConfig, SamplerOptions, defaults, from_flags
-from .fileio import atomic_write, remove_stale_temp_files
+from .fileio import atomic_write, file_sha256, remove_stale_temp_files
 
 
 # ------------------------------------------------------------------------------------------------
@@ -304,7 +304,12 @@ def save_samples(arr: np.ndarray, labels: np.ndarray | None = None, out_dir: str
 SHARD_FOLDER = "samples_shards"
 # Flags that cut or report the work without changing any sample; every other flag is recorded in
 # the manifest and must be the same when a run resumes.
-NOT_SAMPLE_FLAGS = ("batch_size", "progress", "output_dir", "grid_size")
+NOT_SAMPLE_FLAGS = ("batch_size", "progress", "output_dir", "grid_size", "dist_timeout")
+# Flags naming input files whose content decides the samples: the manifest records each file's
+# sha256 (as `{flag}_sha256`) beside its path, so that another file put at the same path (a newer
+# checkpoint) is refused instead of mixing two models' samples in one output.
+CONTENT_FLAGS = ("model_path", "classifier_path", "base_samples")
+_HASH_SUFFIX = "_sha256"
 
 
 def shard_ranges(num_samples: int, shard_size: int) -> list[tuple[int, int]]:
@@ -316,6 +321,17 @@ def sample_flags(args) -> dict:
     """The flags that decide the samples (all but NOT_SAMPLE_FLAGS), as JSON values."""
     flags = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_SAMPLE_FLAGS}
     return json.loads(json.dumps(flags, default=str))
+
+
+def content_hashes(args) -> dict:
+    """`{flag}_sha256` of each local file named by a `CONTENT_FLAGS` flag of `args` (rank 0 reads
+    it once: the sampling scripts call this on rank 0 only)."""
+    hashes = {}
+    for name in CONTENT_FLAGS:
+        path = getattr(args, name, "")
+        if path and "://" not in path and os.path.isfile(path):
+            hashes[name + _HASH_SUFFIX] = file_sha256(path)
+    return hashes
 
 
 def shard_problem(path: str, start: int, stop: int, image_shape: Sequence[int],
@@ -361,11 +377,19 @@ def _read_manifest(path: str) -> dict:
 
 def _check_same_flags(manifest_path: str, old: dict, new: dict) -> None:
     """Refuse, naming the first flag, a run whose samples would differ from the shards'."""
+    folder = os.path.dirname(manifest_path)
     for name in sorted(set(old) | set(new)):
         if name == "seed" and new.get(name) == -1:
             continue  # no --seed given: continue with the recorded one
+        if name.endswith(_HASH_SUFFIX) and (name not in old or name not in new):
+            continue  # a manifest of an older version (or a remote file): nothing to compare
+        if name.endswith(_HASH_SUFFIX) and old[name] != new[name]:
+            flag = name[: -len(_HASH_SUFFIX)]
+            raise ScriptError(
+                f"--{flag} {new.get(flag)!r} is not the file the samples in {folder} were made "
+                f"from (its sha256 is {new[name][:12]}..., theirs {old[name][:12]}...); put that "
+                f"file back to finish them, or use another --output_dir")
         if old.get(name) != new.get(name):
-            folder = os.path.dirname(manifest_path)
             raise ScriptError(
                 f"--{name} is {new.get(name)!r}, but the samples in {folder} were made with "
                 f"{old.get(name)!r}; rerun with the same flags to finish them, or use another "
@@ -527,7 +551,8 @@ def sample_and_save(sample_fn, args, image_size: int, with_labels: bool) -> str 
         out_dir = args.output_dir or logger.get_dir()
         try:
             folder = os.path.join(out_dir, SHARD_FOLDER)
-            seed, todo = plan_shards(folder, sample_flags(args), image_shape, with_labels)
+            flags = dict(sample_flags(args), **content_hashes(args))
+            seed, todo = plan_shards(folder, flags, image_shape, with_labels)
             plan = dict(out_dir=out_dir, seed=seed, todo=todo)
         except (ScriptError, OSError) as e:
             plan = dict(error=f"{type(e).__name__}: {e}" if isinstance(e, OSError) else str(e))

@@ -1,0 +1,131 @@
+"""Work is never lost or mixed: the second hostile probe's findings, through the real scripts.
+
+Each misuse either continues the run it meets (and says so) or refuses in one line `error: ...`
+that says how to go on, and the earlier run's files keep their bytes (sha256) after it:
+- a fresh training command on a folder holding another run's checkpoints;
+- `--resume_checkpoint auto` without a run folder;
+- another checkpoint put at a sampled `--model_path` (the manifest records its content hash);
+- DiT progress grids (`--sample_interval`) and resuming with another batch size run through.
+Probes are forked from one interpreter that imported torch once (tests/helpers/probe_scripts.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pathlib
+import shutil
+
+import pytest
+
+from test_hardening import SAMPLE, UNET, assert_one_line_error, probe_all, write_images
+
+TRAIN = ["--batch_size", "2", "--save_interval", "2", "--random_flip", "False",
+         "--log_interval", "1"]
+# A tiny DiT: 16 px, patch 4 (16 tokens), 1 block of width 32.
+DIT = ["--model", "dit", "--dit_model", "DiT-S/4", "--dit_depth", "1", "--dit_hidden_size", "32",
+       "--dit_num_heads", "2", "--image_size", "16", "--class_cond", "True", "--num_classes", "2",
+       "--diffusion_steps", "40"]
+
+
+def hashes(folder: pathlib.Path) -> dict:
+    """sha256 of every file under `folder` (relative path -> digest)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def ok(result: dict) -> dict:
+    assert result["rc"] == 0, f"{result['script']} {' '.join(result['argv'])}:\n" \
+                              f"{result['stdout'][-2000:]}\n{result['stderr'][-3000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """Images, and a finished 2-step U-Net run `unet` (checkpoints at step 2) trained on them."""
+    tmp = tmp_path_factory.mktemp("work_safety")
+    write_images(tmp / "data")
+    [result] = probe_all(tmp, [("image_train.py", [*UNET, "--data_dir", str(tmp / "data"), *TRAIN,
+                                                   "--lr_anneal_steps", "2", "--output_dir",
+                                                   str(tmp / "unet")])])
+    ok(result)
+    return tmp
+
+
+def test_a_fresh_run_never_overwrites_another_runs_checkpoints(work):
+    run_dir = work / "unet"
+    before = hashes(run_dir)
+    assert "model000002.pt" in before and "args.json" in before
+    other = work / "other"
+    shutil.copytree(run_dir, other)
+    train = [*UNET, "--data_dir", str(work / "data"), *TRAIN, "--lr_anneal_steps", "4"]
+    results = probe_all(work, [
+        # The original's default command again, on the same folder.
+        ("image_train.py", [*train, "--output_dir", str(run_dir)]),
+        # Resuming another folder's checkpoint into this one.
+        ("image_train.py", [*train, "--output_dir", str(run_dir), "--resume_checkpoint",
+                            str(other / "model000002.pt")]),
+        # Fine-tuning into a folder with checkpoints is a fresh run too.
+        ("image_train.py", [*train, "--output_dir", str(run_dir), "--init_checkpoint",
+                            str(other / "model000002.pt")]),
+        # auto without a run folder would resume nothing in a new temp folder, every time.
+        ("image_train.py", [*train, "--resume_checkpoint", "auto"]),
+    ])
+    for result in results[:3]:
+        assert_one_line_error(result, str(run_dir), "model000002.pt",
+                              "--resume_checkpoint auto", "another --output_dir")
+    assert_one_line_error(results[3], "--resume_checkpoint auto", "--output_dir")
+    assert hashes(run_dir) == before  # not one byte of the earlier run changed
+    # The way out the message names works: auto continues the run from step 2 to 4.
+    [result] = probe_all(work, [("image_train.py", [*train, "--output_dir", str(other),
+                                                    "--resume_checkpoint", "auto"])])
+    assert "model000004.pt" in hashes(other), ok(result)["stdout"]
+
+
+def test_resume_with_another_batch_size_continues_statistically(work):
+    run_dir = work / "batch"
+    shutil.copytree(work / "unet", run_dir)
+    # 8 images: 4 batches of 2 per epoch before, 8 of 1 now.
+    [result] = probe_all(work, [("image_train.py", [
+        *UNET, "--data_dir", str(work / "data"), *TRAIN, "--batch_size", "1",
+        "--lr_anneal_steps", "3", "--output_dir", str(run_dir), "--resume_checkpoint", "auto"])])
+    ok(result)
+    assert "continues statistically" in result["stdout"]
+    assert (run_dir / "model000003.pt").exists()
+
+
+def test_dit_writes_progress_grids_and_resumes(work):
+    run_dir = work / "dit"
+    train = [*DIT, "--data_dir", str(work / "data"), *TRAIN, "--sample_interval", "1"]
+    first, again = probe_all(work, [
+        ("image_train.py", [*train, "--lr_anneal_steps", "2", "--output_dir", str(run_dir)]),
+        ("image_train.py", [*train, "--lr_anneal_steps", "3", "--output_dir", str(run_dir),
+                            "--resume_checkpoint", "auto"]),
+    ])
+    ok(first)
+    ok(again)
+    for step in (1, 2, 3):
+        assert (run_dir / f"samples_{step:06d}.png").stat().st_size > 0
+    assert (run_dir / "model000003.pt").exists()
+
+
+def test_another_checkpoint_at_the_sampled_path_is_refused(work):
+    models = work / "models"
+    models.mkdir()
+    for name in ("model000002.pt", "args.json"):
+        shutil.copy(work / "unet" / name, models / name)
+    out = work / "samples"
+    sample = ["image_sample.py", [*UNET, *SAMPLE, "--model_path", str(models / "model000002.pt"),
+                                  "--shard_size", "2", "--seed", "0", "--output_dir", str(out)]]
+    [result] = probe_all(work, [sample])
+    ok(result)
+    manifest = json.loads((out / "samples_shards" / "manifest.json").read_text())
+    digest = hashlib.sha256((models / "model000002.pt").read_bytes()).hexdigest()
+    assert manifest["flags"]["model_path_sha256"] == digest
+    before = {k: v for k, v in hashes(out).items() if k != "log.txt"}  # the log grows
+    assert "samples_shards/samples_00000000-00000002.npz" in before
+    # Another model (the run's EMA weights: same tensors, other values) at the same path.
+    shutil.copy(work / "unet" / "ema_0.9999_000002.pt", models / "model000002.pt")
+    [result] = probe_all(work, [sample])
+    assert_one_line_error(result, "--model_path", "sha256", "put that file back")
+    assert {k: v for k, v in hashes(out).items() if k != "log.txt"} == before
