@@ -176,13 +176,18 @@ def check_output_dir(path: str) -> None:
         raise ScriptError(f"--output_dir {path!r} is not writable: {e.strerror}") from e
 
 
-# Flags that change what a checkpoint's weights mean but no tensor shape (so the checkpoint
-# loads under other values): a run's args.json must agree on them when sampling or resuming.
-# Flags that change shapes are refused by the checkpoint's fit check, which names the flag.
+# Flags that change what a checkpoint's weights mean (many change no tensor shape, so the
+# checkpoint loads under other values): a run's args.json must agree on them when sampling or
+# resuming, for every model kind (U-Net, DiT, latent, classifier, consistency student, teacher).
+# Other flags that change shapes are refused by the checkpoint's fit check, which names the flag.
 MEANING_FLAGS = (
     "image_size", "large_size", "small_size", "num_heads", "num_head_channels",
     "num_heads_upsample", "use_new_attention_order", "diffusion_steps", "noise_schedule",
-    "predict_xstart", "rescale_timesteps",
+    "predict_xstart", "rescale_timesteps", "learn_sigma",
+    # DiT: its size (dit_num_heads changes no shape), and the model choice itself.
+    "model", "dit_model", "dit_depth", "dit_hidden_size", "dit_num_heads", "dit_patch_size",
+    # Latent space: another VAE (or scale) reads the same latents as other images.
+    "latent_vae", "latent_scale",
 )
 # Model/diffusion flags that are free choices at sampling time (not compared).
 SAMPLING_CHOICES = ("timestep_respacing", "use_fp16", "classifier_use_fp16", "use_checkpoint",

@@ -35,7 +35,7 @@ from evaluations import npz_io  # the one definition of the shard-folder format
 
 from . import checkpoints, dist_util, fast, logger, samplers
 from .dist_util import world
-from .errors import ScriptError
+from .errors import PeerLostError, ScriptError
 from .fast import fast_config
 from .image_util import image_grid, to_uint8_nhwc  # noqa: F401 -- re-exported
 from .config import ConsistencyConfig, SamplerOptions, defaults, from_flags
@@ -109,16 +109,22 @@ def sample_batch(
     """
     # samplers.sample picks the loop: the original's (--use_ddim, --timestep_respacing) unless
     # --sampler/--steps ask for another; --cfg_scale wraps the model for classifier-free guidance.
-    options = dataclasses.asdict(from_flags(SamplerOptions, args))
-    cm_grid = None
-    if options["sampler"] == "consistency":
-        cm_grid = consistency_grid(getattr(args, "model_path", ""), diffusion)
     return samplers.sample(
         diffusion, model, tuple(shape), noise=noise, clip_denoised=args.clip_denoised,
         model_kwargs=model_kwargs, cond_fn=cond_fn, device=dist_util.dev(),
-        progress=progress, use_ddim=args.use_ddim, noise_fn=noise_fn, cm_grid=cm_grid,
-        **options,
+        progress=progress, use_ddim=args.use_ddim, noise_fn=noise_fn,
+        **sampler_options(args, diffusion),
     )
+
+
+def sampler_options(args, diffusion) -> dict:
+    """`samplers.sample`'s options from the flags: SamplerOptions' fields and, for
+    `--sampler consistency`, the student's training grid (`cm_grid`)."""
+    options = dataclasses.asdict(from_flags(SamplerOptions, args))
+    options["cm_grid"] = None
+    if options["sampler"] == "consistency":
+        options["cm_grid"] = consistency_grid(getattr(args, "model_path", ""), diffusion)
+    return options
 
 
 def consistency_grid(model_path: str, diffusion) -> np.ndarray:
@@ -159,6 +165,11 @@ def make_sample_fn(
     """
     rank, _ = world()
     check_sampler_fits_model(args)
+    try:  # every sampling flag against this model and diffusion, before anything is written
+        samplers.prepare(diffusion, model, use_ddim=args.use_ddim,
+                         **sampler_options(args, diffusion))
+    except ValueError as e:
+        raise ScriptError(str(e)) from e
 
     def sample_fn(indices: list[int], seed: int | None = None):
         n, device = len(indices), dist_util.dev()
@@ -513,22 +524,47 @@ def merge_shards(folder: str, out_dir: str, grid_size: int = 100) -> str:
     return out_path
 
 
-def wait_for_shards(folder: str, shards: Sequence[tuple[int, int]], poll_s: float = 0.2) -> None:
+def wait_for_shards(folder: str, shards: Sequence[tuple[int, int]], poll_s: float = 0.2,
+                    timeout_s: float | None = None, shard_s: float = 0.0) -> None:
     """
     Rank 0: wait until every shard of `shards` exists (the other ranks write theirs). A poll of
     the folder, not a collective: a rank that is a whole shard behind may take longer than a
     barrier's timeout (minutes under NCCL), and the other ranks need not wait for the merge.
+
+    Never unbounded: when no shard arrives for max(`timeout_s`, 2 x `shard_s`) seconds, a peer
+    is taken for dead and `PeerLostError` names the ranks that owe shards (as training's
+    collectives do). The shards written stay; a rerun of the same command finishes the rest.
+
+    :param shards: the run's shards to write, in the order the ranks took them round-robin
+        (shard k is rank k % world_size's).
+    :param timeout_s: default: --dist_timeout (`dist_util.collective_timeout`).
+    :param shard_s: how long one shard took on this rank (a slow shard is not a dead peer).
     """
+    timeout_s = dist_util.collective_timeout() if timeout_s is None else timeout_s
+    bound = max(timeout_s, 2.0 * shard_s)
+    owner = {tuple(r): k % world()[1] for k, r in enumerate(shards)}
     missing = list(shards)
-    last_log = time.monotonic()
+    last_log = last_arrival = time.monotonic()
     while True:
-        missing = [(a, b) for a, b in missing
-                   if not os.path.exists(os.path.join(folder, npz_io.shard_name(a, b)))]
-        if not missing:
+        still = [(a, b) for a, b in missing
+                 if not os.path.exists(os.path.join(folder, npz_io.shard_name(a, b)))]
+        if not still:
             return
-        if time.monotonic() - last_log > 60:
+        now = time.monotonic()
+        if len(still) < len(missing):
+            last_arrival = now
+        missing = still
+        if now - last_arrival > bound:
+            ranks = sorted({owner[tuple(r)] for r in missing})
+            raise PeerLostError(
+                f"rank 0 of {world()[1]}: no shard arrived for {now - last_arrival:.0f}s "
+                f"(--dist_timeout {timeout_s:g}s): rank(s) {', '.join(map(str, ranks))} still "
+                f"owe {len(missing)} shard(s), e.g. {npz_io.shard_name(*missing[0])}; a peer "
+                f"died or stalled. The {len(shards) - len(missing)} other shard(s) are kept: "
+                "rerun the same command to finish")
+        if now - last_log > 60:
             logger.log(f"waiting for {len(missing)} shards from the other ranks")
-            last_log = time.monotonic()
+            last_log = now
         time.sleep(poll_s)
 
 
@@ -565,11 +601,13 @@ def sample_and_save(sample_fn, args, image_size: int, with_labels: bool) -> str 
         raise ScriptError(plan["error"])
     folder = os.path.join(plan["out_dir"], SHARD_FOLDER)
     todo = [tuple(r) for r in plan["todo"]]
-    write_shards(sample_fn, todo, plan["seed"], folder, args.batch_size, image_shape,
-                 with_labels, progress=bool(args.progress))
+    started = time.monotonic()
+    written = write_shards(sample_fn, todo, plan["seed"], folder, args.batch_size, image_shape,
+                           with_labels, progress=bool(args.progress))
     out_path = None
     if rank == 0:
-        wait_for_shards(folder, todo)
+        shard_s = (time.monotonic() - started) / written if written else 0.0
+        wait_for_shards(folder, todo, shard_s=shard_s)
         out_path = merge_shards(folder, plan["out_dir"], args.grid_size)
     logger.log("sampling complete")
     return out_path

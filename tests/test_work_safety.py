@@ -11,13 +11,19 @@ Probes are forked from one interpreter that imported torch once (tests/helpers/p
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import os
 import pathlib
 import shutil
+import socket
+import time
 
 import pytest
 
+from guided_diffusion import cli, run_lock, sample_util
+from guided_diffusion.errors import PeerLostError, ScriptError
 from test_hardening import SAMPLE, UNET, assert_one_line_error, probe_all, write_images
 
 TRAIN = ["--batch_size", "2", "--save_interval", "2", "--random_flip", "False",
@@ -94,19 +100,97 @@ def test_resume_with_another_batch_size_continues_statistically(work):
     assert (run_dir / "model000003.pt").exists()
 
 
-def test_dit_writes_progress_grids_and_resumes(work):
+@pytest.fixture(scope="module")
+def dit_run(work):
+    """A tiny DiT trained 2 steps with a progress grid every step, then resumed to step 3."""
     run_dir = work / "dit"
     train = [*DIT, "--data_dir", str(work / "data"), *TRAIN, "--sample_interval", "1"]
-    first, again = probe_all(work, [
+    for result in probe_all(work, [
         ("image_train.py", [*train, "--lr_anneal_steps", "2", "--output_dir", str(run_dir)]),
         ("image_train.py", [*train, "--lr_anneal_steps", "3", "--output_dir", str(run_dir),
                             "--resume_checkpoint", "auto"]),
-    ])
-    ok(first)
-    ok(again)
+    ]):
+        ok(result)
+    return run_dir
+
+
+def test_dit_writes_progress_grids_and_resumes(dit_run):
+    # Before: 'DiT' object has no attribute 'image_size' at the first grid, and after a resume.
     for step in (1, 2, 3):
-        assert (run_dir / f"samples_{step:06d}.png").stat().st_size > 0
-    assert (run_dir / "model000003.pt").exists()
+        assert (dit_run / f"samples_{step:06d}.png").stat().st_size > 0
+    assert (dit_run / "model000003.pt").exists()
+
+
+def test_dit_and_latent_flags_are_compared_with_the_run(work, dit_run):
+    model = str(dit_run / "model000003.pt")
+    out = work / "dit_samples"
+    # --dit_num_heads changes no tensor shape: the checkpoint would load and sample garbage.
+    [result] = probe_all(work, [("image_sample.py", [*DIT, *SAMPLE, "--dit_num_heads", "4",
+                                                     "--model_path", model,
+                                                     "--output_dir", str(out)])])
+    assert_one_line_error(result, "--dit_num_heads 4", "args.json")
+    assert not (out / "samples_shards").exists()
+    # Latent runs: another VAE or scale reads the same latents as other images.
+    args = argparse.Namespace(**{**json.loads((dit_run / "args.json").read_text()),
+                                     "latent_vae": "other_vae", "latent_scale": 0.5})
+    with pytest.raises(ScriptError, match="--latent_vae 'other_vae'.*--latent_scale 0.5"):
+        cli.flags_from_run(args, "model_path")
+
+
+def test_sampling_flags_are_checked_before_the_manifest_is_written(work):
+    model = str(work / "unet" / "model000002.pt")
+    out = work / "checked"
+    base = [*UNET, *SAMPLE, "--model_path", model, "--seed", "0", "--output_dir", str(out)]
+    results = probe_all(work, [
+        ("image_sample.py", [*base, "--steps", "9"]),  # the respaced grid has 4 timesteps
+        ("image_sample.py", [*base, "--sampler", "heun", "--eta", "0.5"]),
+        ("image_sample.py", base),  # the corrected command is not refused
+        ("image_sample.py", [*base, "--dist_timeout", "60"]),  # a free choice: not recorded
+    ])
+    assert_one_line_error(results[0], "--steps", "4 timesteps")
+    assert_one_line_error(results[1], "--eta 0.5", "ddim")
+    ok(results[2])
+    ok(results[3])
+    assert "2 of 2 complete" not in results[2]["stdout"]  # the refused ones wrote no shard
+
+
+def test_wait_for_shards_is_bounded_by_dist_timeout(tmp_path):
+    start = time.monotonic()
+    with pytest.raises(PeerLostError, match=r"--dist_timeout 0.3s.*rank\(s\) 0 still owe 1 shard"):
+        sample_util.wait_for_shards(str(tmp_path), [(0, 2)], poll_s=0.05, timeout_s=0.3)
+    assert time.monotonic() - start < 5
+
+
+def test_cm_distill_checks_its_teacher_and_its_resume(work):
+    teacher = str(work / "unet" / "model000002.pt")
+    out = work / "cm"
+    cm = [*UNET, "--teacher_path", teacher, "--data_dir", str(work / "data"), "--batch_size", "2",
+          "--cm_steps", "5", "--teacher_solver", "ddim", "--random_flip", "False",
+          "--save_interval", "1", "--lr_anneal_steps", "1"]
+    locked = work / "cm_locked"
+    locked.mkdir()
+    (locked / run_lock.LOCK_NAME).write_text(json.dumps({"pid": os.getpid(),
+                                                         "host": socket.gethostname()}))
+    results = probe_all(work, [
+        ("cm_distill.py", [*cm, "--diffusion_steps", "50", "--output_dir", str(out)]),
+        ("cm_distill.py", [*cm, "--predict_xstart", "True", "--output_dir", str(out)]),
+        ("cm_distill.py", [*cm, "--output_dir", str(out)]),
+        ("cm_distill.py", [*cm, "--output_dir", str(work / "cm2"), "--teacher_path",
+                           str(out / "model000001.pt")]),
+        ("cm_distill.py", [*UNET, *cm[len(UNET) + 2:], "--training_mode",
+                           "consistency_training", "--noise_schedule", "cosine",
+                           "--resume_checkpoint", "auto", "--lr_anneal_steps", "2",
+                           "--output_dir", str(out)]),
+        ("cm_distill.py", [*cm, "--output_dir", str(locked)]),
+    ])
+    assert_one_line_error(results[0], "--diffusion_steps 50", "--teacher_path")
+    assert_one_line_error(results[1], "--predict_xstart True", "--teacher_path")
+    ok(results[2])
+    assert_one_line_error(results[3], "--teacher_path", "consistency model")
+    assert not (work / "cm2").exists()  # refused before anything was written
+    assert_one_line_error(results[4], "--noise_schedule 'cosine'", "--resume_checkpoint")
+    assert not (out / "model000002.pt").exists()
+    assert_one_line_error(results[5], "in use by another training run")
 
 
 def test_another_checkpoint_at_the_sampled_path_is_refused(work):
