@@ -20,10 +20,14 @@ import shutil
 import socket
 import time
 
+import numpy as np
 import pytest
 
+from evaluations import evaluator as E
+from evaluations import npz_io
 from guided_diffusion import cli, run_lock, sample_util
 from guided_diffusion.errors import PeerLostError, ScriptError
+from test_evaluator_streaming import StubInception
 from test_hardening import SAMPLE, UNET, assert_one_line_error, probe_all, write_images
 
 TRAIN = ["--batch_size", "2", "--save_interval", "2", "--random_flip", "False",
@@ -213,3 +217,31 @@ def test_another_checkpoint_at_the_sampled_path_is_refused(work):
     [result] = probe_all(work, [sample])
     assert_one_line_error(result, "--model_path", "sha256", "put that file back")
     assert {k: v for k, v in hashes(out).items() if k != "log.txt"} == before
+
+
+def test_damaged_or_mismatched_evaluator_batches_are_one_line_naming_the_file(tmp_path,
+                                                                                monkeypatch):
+    monkeypatch.setattr(E, "load_fid_inception",
+                        lambda *a, preprocessing, **k: StubInception(preprocessing))
+    good = str(tmp_path / "good16.npz")
+    np.savez(good, arr_0=np.zeros((8, 16, 16, 3), np.uint8))
+    bad = {}
+    bad["text"] = tmp_path / "text.npz"
+    bad["text"].write_text("not an npz\n")
+    bad["cut"] = tmp_path / "cut.npz"
+    bad["cut"].write_bytes(pathlib.Path(good).read_bytes()[:200])
+    bad["npy"] = tmp_path / "single.npz"
+    with open(bad["npy"], "wb") as f:
+        np.save(f, np.zeros((8, 16, 16, 3), np.uint8))
+    bad["float"] = tmp_path / "float.npz"
+    np.savez(bad["float"], arr_0=np.zeros((8, 16, 16, 3), np.float32))
+    bad["big"] = tmp_path / "good32.npz"
+    np.savez(bad["big"], arr_0=np.zeros((8, 32, 32, 3), np.uint8))
+    for name, path in bad.items():
+        for ref, sample in ((str(path), good), (good, str(path))):
+            with pytest.raises(SystemExit) as err:
+                npz_io.run_main(lambda: E.main([ref, sample, "--device", "cpu"]), "evaluator.py")
+            message = str(err.value.code)
+            assert message.startswith("evaluator.py: error: ") and "\n" not in message, message
+            assert str(path) in message, (name, message)
+    assert "16x16 px" in message and "32x32 px" in message
