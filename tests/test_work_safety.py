@@ -18,6 +18,8 @@ import os
 import pathlib
 import shutil
 import socket
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -245,3 +247,28 @@ def test_damaged_or_mismatched_evaluator_batches_are_one_line_naming_the_file(tm
             assert message.startswith("evaluator.py: error: ") and "\n" not in message, message
             assert str(path) in message, (name, message)
     assert "16x16 px" in message and "32x32 px" in message
+
+
+def test_a_lock_whose_pid_was_reused_is_stale(tmp_path):
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        time.sleep(0.5)  # it has started
+        for name, written, boot, live in (
+                ("live", time.time(), run_lock._boot_id(), True),  # written after it started
+                ("reused", time.time() - 3600, run_lock._boot_id(), False),  # PID reused since
+                ("rebooted", time.time(), "another-boot", False)):
+            folder = tmp_path / name
+            folder.mkdir()
+            (folder / run_lock.LOCK_NAME).write_text(json.dumps(
+                {"pid": other.pid, "host": socket.gethostname(), "started": written,
+                 "boot_id": boot}))
+            if live:
+                with pytest.raises(run_lock.LockedError, match=f"PID {other.pid}"):
+                    run_lock.acquire(str(folder))
+            else:
+                path = run_lock.acquire(str(folder))
+                assert json.loads(pathlib.Path(path).read_text())["pid"] == os.getpid()
+                run_lock.release(path)
+    finally:
+        other.kill()
+        other.wait()
