@@ -373,6 +373,11 @@ def build_model_and_diffusion(args, kind: str = "unet"):
         model, diffusion = spec.factory(**flags)
     except ValueError as e:  # bad flag values (e.g. an image size without a default channel_mult)
         raise ScriptError(str(e)) from e
+    fp16_flag = MODEL_KINDS[kind].fp16_flag
+    if getattr(args, fp16_flag, False) and dist_util.dev().type == "cpu":
+        logger.log(f"WARNING: --{fp16_flag} True on the CPU: float16 arithmetic is emulated "
+                   "here and runs many times slower than float32 (float16 is for GPUs); drop "
+                   "the flag, or use --use_bf16 True on a CPU with bfloat16 support")
     cfg_channels = getattr(args, "cfg_channels", 0)
     if cfg_channels:
         model.cfg_channels = cfg_channels  # read by guidance.cfg_model

@@ -272,3 +272,27 @@ def test_a_lock_whose_pid_was_reused_is_stale(tmp_path):
     finally:
         other.kill()
         other.wait()
+
+
+def test_silent_oddities_are_refused_or_warned(work):
+    plain = work / "no_prefix"
+    plain.mkdir()
+    for i in range(4):  # no '_': with --class_cond each file would be its own class
+        shutil.copy(work / "data" / f"a_{i}.png", plain / f"img{i}.png")
+    base = work / "two_base.npz"
+    np.savez(base, arr_0=np.zeros((2, 16, 16, 3), np.uint8))
+    sr = ["--large_size", "32", "--small_size", "16", "--num_channels", "32",
+          "--num_res_blocks", "1", "--diffusion_steps", "40"]
+    results = probe_all(work, [
+        ("image_train.py", [*UNET, "--data_dir", str(plain), *TRAIN, "--lr_anneal_steps", "1",
+                            "--output_dir", str(work / "no_prefix_run")]),
+        ("super_res_sample.py", [*sr, *SAMPLE, "--num_samples", "3", "--base_samples", str(base),
+                                 "--model_path", str(work / "sr.pt"),
+                                 "--output_dir", str(work / "sr_out")]),
+        ("image_train.py", [*UNET, "--data_dir", str(work / "data"), *TRAIN,
+                            "--lr_anneal_steps", "1", "--use_fp16", "True",
+                            "--output_dir", str(work / "fp16_cpu")]),
+    ])
+    assert_one_line_error(results[0], "--class_cond True", "'_'", "img0.png")
+    assert_one_line_error(results[1], "--num_samples 3", "2 images", "--base_samples")
+    assert "WARNING: --use_fp16 True on the CPU" in ok(results[2])["stdout"]
