@@ -137,8 +137,10 @@ def test_dit_and_latent_flags_are_compared_with_the_run(work, dit_run):
     assert_one_line_error(result, "--dit_num_heads 4", "args.json")
     assert not (out / "samples_shards").exists()
     # Latent runs: another VAE or scale reads the same latents as other images.
-    args = argparse.Namespace(**{**json.loads((dit_run / "args.json").read_text()),
-                                     "latent_vae": "other_vae", "latent_scale": 0.5})
+    run = json.loads((dit_run / "args.json").read_text())
+    # A plain Namespace (its given flags unknown): only compared with the run, never filled.
+    args = argparse.Namespace(**{**run, "model_path": model, "latent_vae": "other_vae",
+                                 "latent_scale": 0.5})
     with pytest.raises(ScriptError, match="--latent_vae 'other_vae'.*--latent_scale 0.5"):
         cli.flags_from_run(args, "model_path")
 
