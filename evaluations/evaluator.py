@@ -522,6 +522,16 @@ class Evaluator:
         :return: a dict with 'inception_score', 'fid', 'sfid', 'precision', 'recall'.
         """
         min_images = max(NHOOD_SIZES) + 1  # k-NN radii need k other points
+        # Both batches checked before any work: readable, uint8 RGB, enough images, one size.
+        sizes = {}
+        for path in (ref_batch, sample_batch):
+            with open_image_batch(path, min_images=min_images) as reader:
+                sizes[path] = tuple(reader.shape[1:3])
+        if sizes[ref_batch] != sizes[sample_batch]:
+            (h, w), (h2, w2) = sizes[ref_batch], sizes[sample_batch]
+            raise ValueError(f"{ref_batch}: reference images are {h}x{w} px, the samples in "
+                             f"{sample_batch} {h2}x{w2} px; the metrics compare images of one "
+                             "size: make the reference batch at the samples' size")
         summaries, stats = {}, {}
         for role, path in (("ref", ref_batch), ("sample", sample_batch)):
             precomputed = read_precomputed_statistics(path)

@@ -295,6 +295,19 @@ def open_image_batch(path: str, min_images: int = 1) -> NpzArrayReader | ShardFo
     return reader
 
 
+def _open_npz(path: str):
+    """`np.load` of an .npz (never unpickling); anything else (a .npy, text, a truncated zip) is
+    a ValueError naming the file."""
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: not a readable .npz file ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:120] if str(e) else ''})") from e
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: a single .npy array, not an .npz file of arrays")
+    return z
+
+
 def read_precomputed_statistics(path: str) -> dict[str, np.ndarray] | None:
     """
     Read the `mu`, `sigma`, `mu_s`, `sigma_s` that the original's reference batches carry.
@@ -304,7 +317,7 @@ def read_precomputed_statistics(path: str) -> dict[str, np.ndarray] | None:
     """
     if os.path.isdir(path):
         return None
-    with np.load(path, allow_pickle=False) as z:
+    with _open_npz(path) as z:
         present = [k for k in STAT_KEYS if k in z.files]
         if not present:
             return None
@@ -327,7 +340,7 @@ def read_precomputed_statistics(path: str) -> dict[str, np.ndarray] | None:
 def statistics_preprocessing(path: str) -> str:
     """:return: how the features of a batch's precomputed statistics were made ('tf' unless the
     file records otherwise under 'preprocessing')."""
-    with np.load(path, allow_pickle=False) as z:
+    with _open_npz(path) as z:
         if PREPROCESSING_KEY not in z.files:
             return "tf"
         return str(z[PREPROCESSING_KEY])

@@ -395,7 +395,7 @@ def parse_resume_step_from_filename(filename: str) -> int:
     return int(match.group(1)) if match else 0
 
 
-def _model_checkpoints(log_dir: str) -> list[str]:
+def find_model_checkpoints(log_dir: str) -> list[str]:
     """The `model*.pt` files in `log_dir`, newest (highest step) first."""
     if not bf.isdir(log_dir):
         return []
@@ -406,7 +406,7 @@ def _model_checkpoints(log_dir: str) -> list[str]:
 
 def find_resume_checkpoint(log_dir: str | None = None) -> str | None:
     """The `model*.pt` with the highest step in `log_dir` (default: the log directory), or None."""
-    found = _model_checkpoints(log_dir or get_blob_logdir())
+    found = find_model_checkpoints(log_dir or get_blob_logdir())
     return found[0] if found else None
 
 
@@ -436,7 +436,7 @@ def find_complete_checkpoint(log_dir: str | None = None) -> str | None:
     The newest `model*.pt` in `log_dir` that can be resumed from (`checkpoint_problem`), logging
     each newer one it skips and why (a run killed while writing, a full disk, a diverged run).
     """
-    for path in _model_checkpoints(log_dir or get_blob_logdir()):
+    for path in find_model_checkpoints(log_dir or get_blob_logdir()):
         problem = checkpoint_problem(path)
         if problem is None:
             return path

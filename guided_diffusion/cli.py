@@ -35,6 +35,7 @@ from .dist_util import world
 from .checkpoints import (
     AUTO_RESUME,
     compare_run_flags,
+    find_model_checkpoints,
     load_model_checkpoint,
     read_run_flags,
     save_run_flags,
@@ -90,15 +91,21 @@ def setup(args, training: bool = False, kind: str | None = None) -> None:
     (one training run per folder, see `run_lock`), remove the temporary files of killed writes
     there, and when resuming compare the flags with the run's `args.json` (`check_resume_flags`).
     """
+    output_dir = getattr(args, "output_dir", "") or None
+    folder = output_dir or os.getenv("OPENAI_LOGDIR")  # None: logger makes a new temp folder
+    resume = getattr(args, "resume_checkpoint", "") if training else ""
+    if resume == AUTO_RESUME and not folder:
+        raise ScriptError("--resume_checkpoint auto continues the run in --output_dir, but there "
+                          "is none (nor $OPENAI_LOGDIR): each run would start afresh in a new "
+                          "temporary folder; pass the run's --output_dir")
     dist_util.setup_dist(timeout=getattr(args, "dist_timeout", None))
     if hasattr(args, "tf32"):  # every training and sampling script: fixed shapes, fp32 on CUDA
         dist_util.cuda_settings(tf32=args.tf32, benchmark=args.cudnn_benchmark)
-    output_dir = getattr(args, "output_dir", "") or None
-    folder = output_dir or os.getenv("OPENAI_LOGDIR")  # None: logger makes a new temp folder
     if folder:
         check_output_dir(folder)
     if training and folder:
         _lock_run_folder(folder)  # before the logger opens (and appends to) its files there
+        refuse_foreign_checkpoints(folder, resume)  # before any file there is opened
     logger.configure(dir=output_dir)
     seed = getattr(args, "seed", -1)
     if seed is not None and seed >= 0:
@@ -128,6 +135,30 @@ def _lock_run_folder(folder: str) -> None:
         raise ScriptError(str(e)) from e
 
 
+def refuse_foreign_checkpoints(folder: str, resume: str) -> None:
+    """
+    An output folder belongs to one run: refuse (in one line, on every rank, before anything is
+    written there) a training command that would overwrite the checkpoints `folder` already
+    holds, i.e. one that does not continue them: no --resume_checkpoint, or a checkpoint in
+    another folder. `--resume_checkpoint auto` (or a model*.pt of `folder`) continues them.
+    """
+    problem = None
+    if world()[0] == 0 and "://" not in folder:
+        here = os.path.realpath(os.path.expanduser(folder))
+        continues = resume == AUTO_RESUME or (
+            resume and os.path.realpath(os.path.dirname(os.path.abspath(resume))) == here)
+        found = [] if continues else find_model_checkpoints(folder)
+        if found:
+            problem = (
+                f"--output_dir {folder!r} holds another run's checkpoints (newest "
+                f"{os.path.basename(found[0])}); a fresh run would overwrite them: continue that "
+                "run with --resume_checkpoint auto, or pick another --output_dir (nothing was "
+                "written)")
+    problem = dist_util.broadcast_object(problem)
+    if problem:
+        raise ScriptError(problem)
+
+
 def check_output_dir(path: str) -> None:
     """Refuse an `--output_dir` that is a file, cannot be created or is not writable."""
     if "://" in path:
@@ -145,13 +176,18 @@ def check_output_dir(path: str) -> None:
         raise ScriptError(f"--output_dir {path!r} is not writable: {e.strerror}") from e
 
 
-# Flags that change what a checkpoint's weights mean but no tensor shape (so the checkpoint
-# loads under other values): a run's args.json must agree on them when sampling or resuming.
-# Flags that change shapes are refused by the checkpoint's fit check, which names the flag.
+# Flags that change what a checkpoint's weights mean (many change no tensor shape, so the
+# checkpoint loads under other values): a run's args.json must agree on them when sampling or
+# resuming, for every model kind (U-Net, DiT, latent, classifier, consistency student, teacher).
+# Other flags that change shapes are refused by the checkpoint's fit check, which names the flag.
 MEANING_FLAGS = (
     "image_size", "large_size", "small_size", "num_heads", "num_head_channels",
     "num_heads_upsample", "use_new_attention_order", "diffusion_steps", "noise_schedule",
-    "predict_xstart", "rescale_timesteps",
+    "predict_xstart", "rescale_timesteps", "learn_sigma",
+    # DiT: its size (dit_num_heads changes no shape), and the model choice itself.
+    "model", "dit_model", "dit_depth", "dit_hidden_size", "dit_num_heads", "dit_patch_size",
+    # Latent space: another VAE (or scale) reads the same latents as other images.
+    "latent_vae", "latent_scale",
 )
 # Model/diffusion flags that are free choices at sampling time (not compared).
 SAMPLING_CHOICES = ("timestep_respacing", "use_fp16", "classifier_use_fp16", "use_checkpoint",
@@ -337,6 +373,11 @@ def build_model_and_diffusion(args, kind: str = "unet"):
         model, diffusion = spec.factory(**flags)
     except ValueError as e:  # bad flag values (e.g. an image size without a default channel_mult)
         raise ScriptError(str(e)) from e
+    fp16_flag = MODEL_KINDS[kind].fp16_flag
+    if getattr(args, fp16_flag, False) and dist_util.dev().type == "cpu":
+        logger.log(f"WARNING: --{fp16_flag} True on the CPU: float16 arithmetic is emulated "
+                   "here and runs many times slower than float32 (float16 is for GPUs); drop "
+                   "the flag, or use --use_bf16 True on a CPU with bfloat16 support")
     cfg_channels = getattr(args, "cfg_channels", 0)
     if cfg_channels:
         model.cfg_channels = cfg_channels  # read by guidance.cfg_model
@@ -494,9 +535,15 @@ def train_diffusion(args, model, diffusion, data, loop: Callable | None = None,
                           f"training only, not to {loop.__name__}")
     if loop is None:
         loop_kwargs["schedule_sampler"] = create_named_schedule_sampler(sampler, diffusion)
+    kwargs = train_loop_kwargs(args, fp16_flag)
+    if kwargs.get("sample_interval") and getattr(args, "latent_vae", ""):
+        # A grid of latents shows nothing, and decoding would hold the VAE beside the training
+        # run: latent runs are looked at through image_sample.py on a checkpoint instead.
+        logger.log("--sample_interval: no grids in latent space (--latent_vae); sample a "
+                   "checkpoint with image_sample.py to see images")
+        kwargs["sample_interval"] = 0
     (loop or TrainLoop)(
-        model=model, diffusion=diffusion, data=data, use_bf16=use_bf16,
-        **train_loop_kwargs(args, fp16_flag), **loop_kwargs,
+        model=model, diffusion=diffusion, data=data, use_bf16=use_bf16, **kwargs, **loop_kwargs,
     ).run_loop()
 
 

@@ -294,6 +294,9 @@ class CommonConfig:
                             "did by default, and DiT sets); False: full float32")
     cudnn_benchmark: bool = flag(True, "CUDA: let cuDNN time its convolution algorithms once per "
                                        "shape; False: the same algorithms every run")
+    dist_timeout: float = flag(1800.0, "seconds a rank waits for its peers before it fails "
+                                       "(training's collectives, sampling's wait for shards)",
+                               positive)
 
 
 @dataclass(frozen=True)
@@ -417,8 +420,6 @@ class TrainingConfig:
                                 non_negative)
     max_bad_steps: int = flag(10, "stop after this many non-finite steps in a row; 0: never",
                               non_negative)
-    dist_timeout: float = flag(1800.0, "seconds a rank waits for its peers before it fails",
-                               positive)
     sample_interval: int = flag(0, "steps between sample grids beside the checkpoints; 0: off",
                                 non_negative)
     dry_run: bool = flag(False, "print parameters, FLOPs and memory per step, then exit")

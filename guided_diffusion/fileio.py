@@ -1,6 +1,6 @@
 """Files, read safely and written atomically: the one place for both (foundation layer).
 
-* **Read** (`read_bytes`, `torch_load_bytes`): a checkpoint is parsed with
+* **Read** (`read_bytes`, `torch_load_bytes`, `file_sha256`): a checkpoint is parsed with
   `torch.load(weights_only=True)`, so a file from a stranger can never run code; every failure is
   one `CheckpointError` naming the file. `dist_util.load_file` adds the collective read (rank 0
   reads, every rank gets the bytes).
@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import pickle
@@ -35,6 +36,16 @@ def read_bytes(path: str) -> bytes:
     """The bytes of a local, gs:// or az:// file (anything blobfile reads)."""
     with bf.BlobFile(path, "rb") as f:
         return f.read()
+
+
+def file_sha256(path: str, chunk: int = 1 << 20) -> str:
+    """The sha256 hex digest of a file's bytes (read in chunks: a 2 GB checkpoint costs seconds,
+    not 2 GB of memory). What a run records to know a file by its content, not its path."""
+    digest = hashlib.sha256()
+    with bf.BlobFile(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def torch_load_bytes(data: bytes, path: str, map_location: Any = "cpu") -> Any:

@@ -103,6 +103,8 @@ def load_data(
     all_files = scan_images(listing, skip_bad_images)
     classes = None
     if class_cond:
+        if label_from == "filename":  # before the names: each bare name would be a class
+            check_label_prefixes(all_files, data_dir)
         names = [_class_name(path, data_dir, label_from) for path in all_files]
         sorted_classes = {name: i for i, name in enumerate(sorted(set(names)))}
         check_num_classes(sorted(sorted_classes), num_classes, data_dir)
@@ -249,17 +251,41 @@ class ResumableLoader:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue the stream that `state` describes (the next batch is the one it would give)."""
-        if state.get("batches_per_epoch") != self.batches_per_epoch:
-            raise ValueError(
-                f"the data loader state is for {state.get('batches_per_epoch')} batches per "
-                f"epoch, this data gives {self.batches_per_epoch} (was --data_dir, --batch_size "
-                "or the number of ranks changed?)"
-            )
+        """
+        Continue the stream that `state` describes (the next batch is the one it would give).
+
+        When the data no longer gives the same batches per epoch (--batch_size, the images in
+        --data_dir or the number of ranks changed), the exact stream cannot go on: the run
+        continues statistically instead, from the start of the next epoch in the same seeded
+        order of epochs, and says so in the log.
+        """
         self.seed = int(state["seed"])
         self.shuffle = bool(state["shuffle"])
         self.batches_done = int(state["batches_done"])
         self._it = None
+        old_per_epoch = state.get("batches_per_epoch")
+        if old_per_epoch != self.batches_per_epoch:
+            epochs = -(-self.batches_done // old_per_epoch) if old_per_epoch else 0  # ceil
+            self.batches_done = epochs * self.batches_per_epoch
+            logger.log(
+                f"the data loader state is for {old_per_epoch} batches per epoch, this data "
+                f"gives {self.batches_per_epoch} (--batch_size, --data_dir or the number of "
+                f"ranks changed): the run continues statistically, from the start of epoch "
+                f"{epochs} (not the exact stream the earlier run would have read)")
+
+
+def check_label_prefixes(paths: list[str], data_dir: str) -> None:
+    """
+    With labels from file names, refuse files whose names have no '_': the whole name would be
+    the label, so each such file would become a class of its own.
+    """
+    bare = [p for p in paths if "_" not in bf.basename(p)]
+    if bare:
+        raise DataError(
+            f"--data_dir {data_dir!r}: --class_cond True takes each image's label from its "
+            f"file-name prefix before the first '_', but {len(bare)} of {len(paths)} file names "
+            f"have no '_' (e.g. {bf.basename(bare[0])!r}): name them LABEL_*.png, or pass "
+            "--class_cond False")
 
 
 def check_num_classes(class_names: list[str], num_classes: int | None, data_dir: str) -> None:

@@ -2,8 +2,9 @@
 
 Two runs writing one folder overwrite each other's checkpoints and interleave `progress.csv`.
 `acquire(folder)` creates `folder/run.lock` exclusively (O_EXCL: of two racing runs exactly one
-wins) holding the owner's PID, host and start time; a second run is refused with a message
-naming them. A lock whose PID is dead on this host (a killed run) is taken over with a log line;
+wins) holding the owner's PID, host, boot id and the time it was taken; a second run is refused
+with a message naming them. A lock whose owner is gone on this host (a killed run: its PID is dead, was
+reused by a process started after the lock, or the host rebooted) is taken over with a log line;
 a lock from another host cannot be checked from here, so it is refused and named (delete it by
 hand once that run is gone). The lock is removed when the process exits normally.
 """
@@ -36,6 +37,45 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _boot_id() -> str | None:
+    """This boot's id (Linux): a lock written before a reboot names no live process."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _process_start(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch, Linux /proc), or None if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may
+        with open("/proc/stat") as f:                     # hold spaces and parentheses
+            boot = next(float(line.split()[1]) for line in f if line.startswith("btime "))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _owner_alive(owner: dict) -> bool:
+    """
+    Whether the process a lock names (on this host) still runs: its PID is alive, this is the
+    boot it was written in, and that PID's process started before the lock was written (else
+    the PID was reused by another process after the owner was killed).
+    """
+    pid = owner.get("pid")
+    if not isinstance(pid, int) or not _pid_alive(pid):
+        return False
+    boot = owner.get("boot_id")
+    if boot is not None and _boot_id() is not None and boot != _boot_id():
+        return False
+    started, written = _process_start(pid), owner.get("started")
+    if started is not None and isinstance(written, (int, float)) and started > written + 2.0:
+        return False  # 2 s: the start time's clock-tick rounding and btime's whole seconds
+    return True
+
+
 def _read(path: str) -> dict:
     try:
         with open(path) as f:
@@ -53,7 +93,8 @@ def acquire(folder: str) -> str:
     :raises LockedError: naming the PID and host of the live run that holds it.
     """
     path = os.path.join(folder, LOCK_NAME)
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+          "boot_id": _boot_id()}
     for _ in range(2):  # the second try follows the removal of a stale lock
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -63,7 +104,7 @@ def acquire(folder: str) -> str:
             if pid == me["pid"] and host == me["host"]:
                 return path  # this process already holds it (a second run in one process)
             if host == me["host"] and isinstance(pid, int) and pid != me["pid"] \
-                    and _pid_alive(pid):
+                    and _owner_alive(owner):
                 raise LockedError(
                     f"--output_dir {folder!r} is in use by another training run (PID {pid} on "
                     f"{host}, lock {path}); wait for it or pick another --output_dir") from None
@@ -72,7 +113,7 @@ def acquire(folder: str) -> str:
                     f"--output_dir {folder!r} is locked by a run on host {host} (PID {pid}); "
                     f"if that run is gone, remove {path}") from None
             logger.log(f"taking over the stale lock {path} of PID {pid} on {host} "
-                       "(that process is gone)")
+                       "(that process is gone, or the PID now belongs to a later process)")
             try:
                 os.remove(path)
             except FileNotFoundError:

@@ -35,11 +35,11 @@ from evaluations import npz_io  # the one definition of the shard-folder format
 
 from . import checkpoints, dist_util, fast, logger, samplers
 from .dist_util import world
-from .errors import ScriptError
+from .errors import PeerLostError, ScriptError
 from .fast import fast_config
 from .image_util import image_grid, to_uint8_nhwc  # noqa: F401 -- re-exported
 from .config import ConsistencyConfig, SamplerOptions, defaults, from_flags
-from .fileio import atomic_write, remove_stale_temp_files
+from .fileio import atomic_write, file_sha256, remove_stale_temp_files
 
 
 # ------------------------------------------------------------------------------------------------
@@ -109,16 +109,22 @@ def sample_batch(
     """
     # samplers.sample picks the loop: the original's (--use_ddim, --timestep_respacing) unless
     # --sampler/--steps ask for another; --cfg_scale wraps the model for classifier-free guidance.
-    options = dataclasses.asdict(from_flags(SamplerOptions, args))
-    cm_grid = None
-    if options["sampler"] == "consistency":
-        cm_grid = consistency_grid(getattr(args, "model_path", ""), diffusion)
     return samplers.sample(
         diffusion, model, tuple(shape), noise=noise, clip_denoised=args.clip_denoised,
         model_kwargs=model_kwargs, cond_fn=cond_fn, device=dist_util.dev(),
-        progress=progress, use_ddim=args.use_ddim, noise_fn=noise_fn, cm_grid=cm_grid,
-        **options,
+        progress=progress, use_ddim=args.use_ddim, noise_fn=noise_fn,
+        **sampler_options(args, diffusion),
     )
+
+
+def sampler_options(args, diffusion) -> dict:
+    """`samplers.sample`'s options from the flags: SamplerOptions' fields and, for
+    `--sampler consistency`, the student's training grid (`cm_grid`)."""
+    options = dataclasses.asdict(from_flags(SamplerOptions, args))
+    options["cm_grid"] = None
+    if options["sampler"] == "consistency":
+        options["cm_grid"] = consistency_grid(getattr(args, "model_path", ""), diffusion)
+    return options
 
 
 def consistency_grid(model_path: str, diffusion) -> np.ndarray:
@@ -159,6 +165,11 @@ def make_sample_fn(
     """
     rank, _ = world()
     check_sampler_fits_model(args)
+    try:  # every sampling flag against this model and diffusion, before anything is written
+        samplers.prepare(diffusion, model, use_ddim=args.use_ddim,
+                         **sampler_options(args, diffusion))
+    except ValueError as e:
+        raise ScriptError(str(e)) from e
 
     def sample_fn(indices: list[int], seed: int | None = None):
         n, device = len(indices), dist_util.dev()
@@ -304,7 +315,12 @@ def save_samples(arr: np.ndarray, labels: np.ndarray | None = None, out_dir: str
 SHARD_FOLDER = "samples_shards"
 # Flags that cut or report the work without changing any sample; every other flag is recorded in
 # the manifest and must be the same when a run resumes.
-NOT_SAMPLE_FLAGS = ("batch_size", "progress", "output_dir", "grid_size")
+NOT_SAMPLE_FLAGS = ("batch_size", "progress", "output_dir", "grid_size", "dist_timeout")
+# Flags naming input files whose content decides the samples: the manifest records each file's
+# sha256 (as `{flag}_sha256`) beside its path, so that another file put at the same path (a newer
+# checkpoint) is refused instead of mixing two models' samples in one output.
+CONTENT_FLAGS = ("model_path", "classifier_path", "base_samples")
+_HASH_SUFFIX = "_sha256"
 
 
 def shard_ranges(num_samples: int, shard_size: int) -> list[tuple[int, int]]:
@@ -316,6 +332,17 @@ def sample_flags(args) -> dict:
     """The flags that decide the samples (all but NOT_SAMPLE_FLAGS), as JSON values."""
     flags = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_SAMPLE_FLAGS}
     return json.loads(json.dumps(flags, default=str))
+
+
+def content_hashes(args) -> dict:
+    """`{flag}_sha256` of each local file named by a `CONTENT_FLAGS` flag of `args` (rank 0 reads
+    it once: the sampling scripts call this on rank 0 only)."""
+    hashes = {}
+    for name in CONTENT_FLAGS:
+        path = getattr(args, name, "")
+        if path and "://" not in path and os.path.isfile(path):
+            hashes[name + _HASH_SUFFIX] = file_sha256(path)
+    return hashes
 
 
 def shard_problem(path: str, start: int, stop: int, image_shape: Sequence[int],
@@ -361,11 +388,19 @@ def _read_manifest(path: str) -> dict:
 
 def _check_same_flags(manifest_path: str, old: dict, new: dict) -> None:
     """Refuse, naming the first flag, a run whose samples would differ from the shards'."""
+    folder = os.path.dirname(manifest_path)
     for name in sorted(set(old) | set(new)):
         if name == "seed" and new.get(name) == -1:
             continue  # no --seed given: continue with the recorded one
+        if name.endswith(_HASH_SUFFIX) and (name not in old or name not in new):
+            continue  # a manifest of an older version (or a remote file): nothing to compare
+        if name.endswith(_HASH_SUFFIX) and old[name] != new[name]:
+            flag = name[: -len(_HASH_SUFFIX)]
+            raise ScriptError(
+                f"--{flag} {new.get(flag)!r} is not the file the samples in {folder} were made "
+                f"from (its sha256 is {new[name][:12]}..., theirs {old[name][:12]}...); put that "
+                f"file back to finish them, or use another --output_dir")
         if old.get(name) != new.get(name):
-            folder = os.path.dirname(manifest_path)
             raise ScriptError(
                 f"--{name} is {new.get(name)!r}, but the samples in {folder} were made with "
                 f"{old.get(name)!r}; rerun with the same flags to finish them, or use another "
@@ -489,22 +524,47 @@ def merge_shards(folder: str, out_dir: str, grid_size: int = 100) -> str:
     return out_path
 
 
-def wait_for_shards(folder: str, shards: Sequence[tuple[int, int]], poll_s: float = 0.2) -> None:
+def wait_for_shards(folder: str, shards: Sequence[tuple[int, int]], poll_s: float = 0.2,
+                    timeout_s: float | None = None, shard_s: float = 0.0) -> None:
     """
     Rank 0: wait until every shard of `shards` exists (the other ranks write theirs). A poll of
     the folder, not a collective: a rank that is a whole shard behind may take longer than a
     barrier's timeout (minutes under NCCL), and the other ranks need not wait for the merge.
+
+    Never unbounded: when no shard arrives for max(`timeout_s`, 2 x `shard_s`) seconds, a peer
+    is taken for dead and `PeerLostError` names the ranks that owe shards (as training's
+    collectives do). The shards written stay; a rerun of the same command finishes the rest.
+
+    :param shards: the run's shards to write, in the order the ranks took them round-robin
+        (shard k is rank k % world_size's).
+    :param timeout_s: default: --dist_timeout (`dist_util.collective_timeout`).
+    :param shard_s: how long one shard took on this rank (a slow shard is not a dead peer).
     """
+    timeout_s = dist_util.collective_timeout() if timeout_s is None else timeout_s
+    bound = max(timeout_s, 2.0 * shard_s)
+    owner = {tuple(r): k % world()[1] for k, r in enumerate(shards)}
     missing = list(shards)
-    last_log = time.monotonic()
+    last_log = last_arrival = time.monotonic()
     while True:
-        missing = [(a, b) for a, b in missing
-                   if not os.path.exists(os.path.join(folder, npz_io.shard_name(a, b)))]
-        if not missing:
+        still = [(a, b) for a, b in missing
+                 if not os.path.exists(os.path.join(folder, npz_io.shard_name(a, b)))]
+        if not still:
             return
-        if time.monotonic() - last_log > 60:
+        now = time.monotonic()
+        if len(still) < len(missing):
+            last_arrival = now
+        missing = still
+        if now - last_arrival > bound:
+            ranks = sorted({owner[tuple(r)] for r in missing})
+            raise PeerLostError(
+                f"rank 0 of {world()[1]}: no shard arrived for {now - last_arrival:.0f}s "
+                f"(--dist_timeout {timeout_s:g}s): rank(s) {', '.join(map(str, ranks))} still "
+                f"owe {len(missing)} shard(s), e.g. {npz_io.shard_name(*missing[0])}; a peer "
+                f"died or stalled. The {len(shards) - len(missing)} other shard(s) are kept: "
+                "rerun the same command to finish")
+        if now - last_log > 60:
             logger.log(f"waiting for {len(missing)} shards from the other ranks")
-            last_log = time.monotonic()
+            last_log = now
         time.sleep(poll_s)
 
 
@@ -527,7 +587,8 @@ def sample_and_save(sample_fn, args, image_size: int, with_labels: bool) -> str 
         out_dir = args.output_dir or logger.get_dir()
         try:
             folder = os.path.join(out_dir, SHARD_FOLDER)
-            seed, todo = plan_shards(folder, sample_flags(args), image_shape, with_labels)
+            flags = dict(sample_flags(args), **content_hashes(args))
+            seed, todo = plan_shards(folder, flags, image_shape, with_labels)
             plan = dict(out_dir=out_dir, seed=seed, todo=todo)
         except (ScriptError, OSError) as e:
             plan = dict(error=f"{type(e).__name__}: {e}" if isinstance(e, OSError) else str(e))
@@ -540,11 +601,13 @@ def sample_and_save(sample_fn, args, image_size: int, with_labels: bool) -> str 
         raise ScriptError(plan["error"])
     folder = os.path.join(plan["out_dir"], SHARD_FOLDER)
     todo = [tuple(r) for r in plan["todo"]]
-    write_shards(sample_fn, todo, plan["seed"], folder, args.batch_size, image_shape,
-                 with_labels, progress=bool(args.progress))
+    started = time.monotonic()
+    written = write_shards(sample_fn, todo, plan["seed"], folder, args.batch_size, image_shape,
+                           with_labels, progress=bool(args.progress))
     out_path = None
     if rank == 0:
-        wait_for_shards(folder, todo)
+        shard_s = (time.monotonic() - started) / written if written else 0.0
+        wait_for_shards(folder, todo, shard_s=shard_s)
         out_path = merge_shards(folder, plan["out_dir"], args.grid_size)
     logger.log("sampling complete")
     return out_path

@@ -780,19 +780,49 @@ def sample(
         `steps` N > 0 samples on N timesteps of the diffusion's grid (`select_timesteps`).
     :return: the [N x C x H x W] samples.
     """
+    name, opts, diffusion, guided = prepare(diffusion, model, use_ddim, cm_grid, **options)
+    if name == "consistency":
+        return _sample_consistency(
+            diffusion, guided, shape, opts, noise=noise,
+            clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
+            model_kwargs=model_kwargs, device=device, noise_fn=noise_fn, cm_grid=cm_grid)
+    if noise is None and device is None and not isinstance(model, th.nn.Module):
+        device = "cpu"  # a plain function has no parameters to take the device from
+    return final_sample(sample_loop_progressive(
+        name, diffusion, guided, shape, noise=noise,
+        clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
+        model_kwargs=model_kwargs, device=device, progress=progress, noise_fn=noise_fn,
+        eta=opts.eta,
+    ))
+
+
+def prepare(diffusion, model, use_ddim: bool = False, cm_grid: Sequence[int] | None = None,
+            **options) -> tuple:
+    """
+    Check `sample()`'s options against the diffusion and the model, and resolve them, without
+    sampling: the sampling scripts call it before they write anything (a shard manifest records
+    the flags, so a command refused only after that would block its corrected rerun).
+
+    :param cm_grid: as in `sample()`.
+    :return: (sampler name, SamplerOptions, the diffusion on the --steps grid, the model wrapped
+        for --cfg_scale).
+    :raises ValueError: naming the flag (a bad --sampler/--eta pair, --steps outside the grid,
+        --cfg_scale on a model without a null label).
+    """
     try:
         opts = SamplerOptions(**options)
     except TypeError as err:
         raise TypeError(f"sample(): unknown option ({err}); known: {sorted(sampler_defaults())}")
     name = opts.sampler or ("ddim" if use_ddim else "ddpm")
-    if name == "consistency":
-        return _sample_consistency(
-            diffusion, cfg_model(model, opts.cfg_scale), shape, opts, noise=noise,
-            clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
-            model_kwargs=model_kwargs, device=device, noise_fn=noise_fn, cm_grid=cm_grid)
-    _step_fn(name, opts.eta)  # fail on a bad --sampler / --eta before any work
+    guided = cfg_model(model, opts.cfg_scale)
     if opts.steps < 0:
         raise ValueError(f"--steps must be >= 0, got {opts.steps}")
+    if name == "consistency":
+        if opts.eta != 0.0:
+            raise ValueError("--sampler consistency takes no --eta")
+        sample_timesteps(diffusion.alphas_cumprod, opts.steps or 1, cm_grid)  # --steps' bounds
+        return name, opts, diffusion, guided
+    _step_fn(name, opts.eta)  # a bad --sampler / --eta
     if opts.steps == 1:
         # A one-point grid cannot be built (nor can the original's --timestep_respacing 1), and
         # its one evaluation would predict x_0 from pure noise.
@@ -802,14 +832,7 @@ def sample(
         diffusion = diffusion.respace(select_timesteps(
             diffusion.alphas_cumprod, opts.steps, spacing_for(name, opts.sampler_spacing),
             opts.sigma_max, opts.rho))
-    if noise is None and device is None and not isinstance(model, th.nn.Module):
-        device = "cpu"  # a plain function has no parameters to take the device from
-    return final_sample(sample_loop_progressive(
-        name, diffusion, cfg_model(model, opts.cfg_scale), shape, noise=noise,
-        clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
-        model_kwargs=model_kwargs, device=device, progress=progress, noise_fn=noise_fn,
-        eta=opts.eta,
-    ))
+    return name, opts, diffusion, guided
 
 
 def _sample_consistency(diffusion, model, shape, opts: SamplerOptions, *, noise, clip_denoised,

@@ -529,7 +529,9 @@ class TrainLoop:
         num_classes = getattr(self.model, "num_classes", None)
         if num_classes:
             model_kwargs["y"] = th.arange(n, device=dist_util.dev()) % num_classes
-        shape = (n, self.model.in_channels, self.model.image_size, self.model.image_size)
+        # The U-Net's side is `image_size`, the DiT's `input_size` (DiT's own name).
+        side = getattr(self.model, "image_size", None) or self.model.input_size
+        shape = (n, self.model.in_channels, side, side)
         path = bf.join(get_blob_logdir(), f"samples_{step:06d}.png")
         np_state, py_state = np.random.get_state(), random.getstate()
         devices = [dist_util.dev()] if dist_util.dev().type == "cuda" else []

@@ -13,7 +13,7 @@ Run on several processes with `torchrun --nproc_per_node=K` or `mpiexec -n K`.
 import argparse
 import copy
 
-from guided_diffusion import cli, config, logger
+from guided_diffusion import checkpoints, cli, config, logger
 from guided_diffusion.cm_train import CMTrainLoop
 
 
@@ -23,6 +23,7 @@ def main():
     distil = cm.training_mode == "consistency_distillation"
     if distil or args.teacher_path:
         cli.require_path(args.teacher_path, "teacher_path")
+        check_teacher(args)  # before the lock and args.json: a refused command writes nothing
     cli.require_path(args.data_dir, "data_dir", kind="dir")
     # The run lock, temp cleanup and resume-flag check; args.json marks the run's checkpoints as
     # consistency models (its training_mode) for the sampling scripts' --sampler check.
@@ -47,6 +48,18 @@ def main():
                             loop=CMTrainLoop, teacher=teacher, cm=cm)
     except ValueError as e:  # a bad consistency flag (named in the message)
         raise cli.ScriptError(str(e)) from e
+
+
+def check_teacher(args) -> None:
+    """
+    A consistency student (cm_distill.py's own output) is no teacher: its network no longer
+    predicts the diffusion's x_0. (The teacher's model and diffusion flags are compared with its
+    run's args.json by `cli.start_training`: `training_flags`.)
+    """
+    if checkpoints.is_consistency_checkpoint(args.teacher_path):
+        raise cli.ScriptError(
+            f"--teacher_path {args.teacher_path!r} is a consistency model (its args.json has "
+            "a consistency training_mode): distil from the diffusion model it came from")
 
 
 def create_argparser() -> argparse.ArgumentParser:

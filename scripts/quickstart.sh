@@ -57,13 +57,15 @@ step "2/5 train the diffusion model ($STEPS steps)"
 # No random flips: a mirrored 2 or 7 is not a digit.
 "$PYTHON" scripts/image_train.py $MODEL_FLAGS $DIFFUSION_FLAGS --data_dir "$OUT/data/train" \
   --batch_size 32 --lr 1e-3 --lr_anneal_steps "$STEPS" --ema_rate 0.995 --random_flip False \
-  --save_interval "$STEPS" --log_interval 250 --seed 0 --output_dir "$OUT/diffusion"
+  --save_interval "$STEPS" --log_interval 250 --seed 0 --output_dir "$OUT/diffusion" \
+  --resume_checkpoint auto  # a rerun continues (or, finished, does nothing), never overwrites
 
 step "3/5 train the noisy classifier ($CLS_STEPS steps)"
 "$PYTHON" scripts/classifier_train.py $CLASSIFIER_FLAGS $DIFFUSION_FLAGS \
   --data_dir "$OUT/data/train" --val_data_dir "$OUT/data/val" --batch_size 64 --lr 1e-3 \
   --anneal_lr True --iterations "$CLS_STEPS" --random_flip False --log_interval 100 \
-  --eval_interval 50 --save_interval "$CLS_STEPS" --seed 0 --output_dir "$OUT/classifier"
+  --eval_interval 50 --save_interval "$CLS_STEPS" --seed 0 --output_dir "$OUT/classifier" \
+  --resume_checkpoint auto
 
 EMA=$(printf "%s/diffusion/ema_0.995_%06d.pt" "$OUT" "$STEPS")
 CLASSIFIER=$(printf "%s/classifier/model%06d.pt" "$OUT" "$CLS_STEPS")

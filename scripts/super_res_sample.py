@@ -1,8 +1,9 @@
 """
 Upsample low-resolution samples (`--base_samples`: an .npz from image_sample.py, `arr_0` uint8
 [N x small x small x 3], `arr_1` labels when class-conditional) with a super-resolution model.
-Sample i upsamples base sample i mod N; the output is `samples_{num_samples}x{large}x{large}x3.npz`
-(written in shards first and resumable, as image_sample.py's).
+Sample i upsamples base sample i (so --num_samples <= N); the output is
+`samples_{num_samples}x{large}x{large}x3.npz` (written in shards first and resumable, as
+image_sample.py's).
 """
 
 import argparse
@@ -56,12 +57,17 @@ def main():
     logger.log("loading data...")
     cli.flags_from_run(args, "model_path", "superres")  # --small_size, --class_cond of the model
     images, labels = load_base_samples(args.base_samples, args.small_size, args.class_cond)
+    if args.num_samples > len(images):
+        raise cli.ScriptError(
+            f"--num_samples {args.num_samples} is more than the {len(images)} images in "
+            f"--base_samples {args.base_samples}: each upsamples one base image; pass "
+            f"--num_samples {len(images)} or fewer")
 
     logger.log("creating model...")
     model, diffusion = cli.load_model_and_diffusion(args, "superres")
 
     def base_kwargs(indices):
-        rows = [i % len(images) for i in indices]
+        rows = list(indices)
         low_res = th.from_numpy(images[rows]).float() / 127.5 - 1.0
         kwargs = dict(low_res=low_res.permute(0, 3, 1, 2))
         if labels is not None:

@@ -24,7 +24,7 @@ import torch as th
 from PIL import Image
 
 from guided_diffusion import logger
-from guided_diffusion.image_datasets import ImageDataset, ResumableLoader
+from guided_diffusion.image_datasets import ImageDataset, ResumableLoader, _item_seed
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 from guided_diffusion.train_util import TrainingStopped, TrainLoop
 
@@ -330,8 +330,15 @@ def test_loader_resumes_mid_epoch_without_reading_skipped_images(data_dir, monke
     for k in range(4, 9):
         assert th.equal(next(resumed)[0], batches[k]), k
     assert len(reads) == 5 * 3  # only the batches it handed out were read
-    with pytest.raises(ValueError, match="batches per epoch"):
-        ResumableLoader(dataset, batch_size=4).load_state_dict(state.state_dict())
+    # Another batch size: the run goes on (statistically) from the start of the next epoch.
+    other = ResumableLoader(dataset, batch_size=4, seed=99, num_workers=0)
+    other.load_state_dict(state.state_dict())  # 4 of 5 batches of 3 done: epoch 0 unfinished
+    assert other.seed == 7 and other.batches_done == 1 * (len(paths) // 4)
+    # Epoch 1's first batch: its seeded permutation, each image with its (seed, epoch, index)
+    # augmentation seed.
+    epoch1 = np.random.default_rng([7, 1, 0]).permutation(len(paths))[:4]
+    want = [th.from_numpy(dataset[(int(i), _item_seed(7, 1, int(i)))][0]) for i in epoch1]
+    assert th.equal(next(other)[0], th.stack(want))
 
 
 def test_sample_grids_and_loss_plot_leave_training_unchanged(tmp_path, one_thread):

@@ -121,7 +121,7 @@ def test_super_res_and_nll_scripts_run(work):
         "--lr_anneal_steps", "1", "--output_dir", str(work / "sr"))
     # Any uint8 [N x 16 x 16 x 3] npz is a valid --base_samples (e.g. image_sample.py output).
     base = work / "base.npz"
-    np.savez(base, np.random.RandomState(0).randint(0, 256, (3, 16, 16, 3)).astype(np.uint8))
+    np.savez(base, np.random.RandomState(0).randint(0, 256, (4, 16, 16, 3)).astype(np.uint8))
     run("super_res_sample.py", *sr, *SAMPLE, "--model_path", str(work / "sr" / "model000001.pt"),
         "--base_samples", str(base), "--num_samples", "4", "--batch_size", "4",
         "--output_dir", str(work / "sr_samples"))
