@@ -6,6 +6,7 @@ import math
 import pathlib
 import zlib
 
+import pytest
 import torch as th
 import torch.nn as nn
 
@@ -41,3 +42,14 @@ def crc32_init_(model: nn.Module) -> nn.Module:
         new[name] = r.to(value.dtype)
     model.load_state_dict(new)
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module of tiny models: extra threads only add synchronisation
+    (and spinning on a busy machine; 40x slower seen at load 11 on 2 cores). Use with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    saved = th.get_num_threads()
+    th.set_num_threads(1)
+    yield
+    th.set_num_threads(saved)

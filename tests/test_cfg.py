@@ -17,12 +17,8 @@ CLASS_MEANS = th.tensor([-0.5, 0.1, 0.6, 0.0], dtype=th.float64)  # last row: th
 S = 0.4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    saved = th.get_num_threads()
-    th.set_num_threads(1)
-    yield
-    th.set_num_threads(saved)
+# Tiny models run fastest on one thread of a busy CPU (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class GaussianClassModel(th.nn.Module):

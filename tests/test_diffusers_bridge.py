@@ -70,13 +70,8 @@ DIT_FLAGS = dict(image_size=8, class_cond=True, num_classes=10, learn_sigma=True
                  class_dropout_prob=0.1, dit_model="DiT-S/2", dit_depth=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread of a busy CPU (40x here at load 11 on 2 cores)."""
-    before = th.get_num_threads()
-    th.set_num_threads(1)
-    yield
-    th.set_num_threads(before)
+# Tiny models run fastest on one thread of a busy CPU (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _unet(name: str, **diffusion):

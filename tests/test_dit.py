@@ -20,12 +20,8 @@ LAYOUTS = json.loads((GOLDEN_DIR / "dit_released_layouts.json").read_text())
 NUM_CLASSES = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    saved = th.get_num_threads()
-    th.set_num_threads(1)
-    yield
-    th.set_num_threads(saved)
+# Tiny models run fastest on one thread of a busy CPU (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_dit(**overrides) -> DiT:

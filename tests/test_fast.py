@@ -36,13 +36,8 @@ FP32_TOL = 1e-5
 BF16_TOL = 2e-2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: a second thread only adds synchronisation (and, on a busy machine, spinning).
-    threads = th.get_num_threads()
-    th.set_num_threads(1)
-    yield
-    th.set_num_threads(threads)
+# Tiny models run fastest on one thread of a busy CPU (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_flags(**overrides):

@@ -152,13 +152,8 @@ def test_dpmpp_3m_is_third_order_on_a_gaussian_mixture():
     assert all(2.5 <= o <= 3.6 for o in orders), (errors, orders)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tests run many tiny ops, which extra threads only slow down on a busy machine."""
-    saved = th.get_num_threads()
-    th.set_num_threads(1)
-    yield
-    th.set_num_threads(saved)
+# Tiny models run fastest on one thread of a busy CPU (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("name", samplers.SAMPLERS)

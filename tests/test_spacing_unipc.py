@@ -72,12 +72,8 @@ def test_karras_grid_below_the_cap_and_bad_values():
         select_timesteps(acp, 5, "edm")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    saved = th.get_num_threads()
-    th.set_num_threads(1)
-    yield
-    th.set_num_threads(saved)
+# Tiny models run fastest on one thread of a busy CPU (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _errors(name, ns):
