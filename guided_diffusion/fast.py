@@ -185,17 +185,20 @@ def autocast_context(device: th.device | str, use_bf16: bool) -> contextlib.Abst
     return th.autocast(device_type=th.device(device).type, dtype=th.bfloat16)
 
 
+def _set_flag(model: nn.Module, attr: str, enabled: bool) -> int:
+    """Set `attr` on every module of `model` that has it; return how many there were."""
+    modules = [m for m in model.modules() if hasattr(m, attr)]
+    for module in modules:
+        setattr(module, attr, enabled)
+    return len(modules)
+
+
 def set_sdpa(model: nn.Module, enabled: bool = True) -> int:
     """Switch every attention module of `model` (those with a `use_sdpa` attribute).
 
     :return: how many modules were switched (0 for a model without attention).
     """
-    count = 0
-    for module in model.modules():
-        if hasattr(module, "use_sdpa"):
-            module.use_sdpa = enabled
-            count += 1
-    return count
+    return _set_flag(model, "use_sdpa", enabled)
 
 
 def set_fused(model: nn.Module, enabled: bool = True) -> int:
@@ -203,12 +206,7 @@ def set_fused(model: nn.Module, enabled: bool = True) -> int:
 
     :return: how many blocks were switched.
     """
-    count = 0
-    for module in model.modules():
-        if hasattr(module, "fused"):
-            module.fused = enabled
-            count += 1
-    return count
+    return _set_flag(model, "fused", enabled)
 
 
 class AutocastGroupNorm32(GroupNorm32):
