@@ -570,6 +570,10 @@ def run_main(main: Callable[[], None]) -> None:
     """
     try:
         main()
+        # Every rank done before any rank tears the group down: a rank still in its last
+        # collective when a peer exits can abort at exit (gloo's threads), after its work is
+        # saved but with a failing exit status.
+        dist_util.finish_barrier()
     except USER_ERRORS as e:
         if os.environ.get("GD_TRACEBACK"):
             raise

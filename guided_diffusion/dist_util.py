@@ -341,6 +341,20 @@ def sync_params(params: Iterable[th.Tensor]) -> None:
             dist.broadcast(p.data if isinstance(p, th.nn.Parameter) else p, src=0)
 
 
+def finish_barrier(timeout_s: float = 60.0) -> None:
+    """Wait (at most `timeout_s`) until every rank has finished, before the group is torn down.
+    A peer that already left (e.g. it reported an error) ends the wait at once; never raises."""
+    if not is_distributed():
+        return
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
+        else:
+            dist.barrier()
+    except Exception:  # noqa: BLE001 -- the work is done; only the tear-down is left
+        pass
+
+
 def cleanup() -> None:
     """Leave the process group (call at the end of a script to exit without warnings)."""
     if dist.is_available() and dist.is_initialized():

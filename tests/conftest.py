@@ -53,3 +53,20 @@ def one_thread():
     th.set_num_threads(1)
     yield
     th.set_num_threads(saved)
+
+
+def assert_same_values(a, b, where: str) -> None:
+    """Tensors equal bit for bit (torch.equal, same dtype) and every other value equal,
+    recursively through dicts, lists and tuples (checkpoints, resume states)."""
+    if isinstance(a, th.Tensor):
+        assert isinstance(b, th.Tensor) and a.dtype == b.dtype and th.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same_values(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_values(x, y, f"{where}/{i}")
+    else:
+        assert a == b, (where, a, b)

@@ -18,7 +18,8 @@ from guided_diffusion.config import ConsistencyConfig
 from guided_diffusion.errors import TrainingStopped
 from guided_diffusion.script_util import create_gaussian_diffusion, create_model
 
-from test_resilience import _assert_equal, _env, _load, _torchrun
+from conftest import assert_same_values
+from test_resilience import _env, _load, _torchrun
 from test_scripts import ROOT, UNET, run, write_digits
 
 
@@ -118,7 +119,8 @@ def test_two_process_cm_run_killed_and_resumed_equals_the_uninterrupted_run(teac
     assert os.listdir(tmp_path / "faults") == ["kill_step_3_1"]
     assert "model000002.pt..." in (tmp_path / "cut" / "log.txt").read_text()
     for name in names:
-        _assert_equal(_load(tmp_path / "whole" / name), _load(tmp_path / "cut" / name), name)
+        assert_same_values(_load(tmp_path / "whole" / name), _load(tmp_path / "cut" / name),
+                           name)
     resume = _load(tmp_path / "whole" / "opt000004.pt")["resume"]
     assert resume["train_flags"]["world_size"] == 2
     assert "cm_rng_torch" not in resume  # one RNG record: the TrainLoop's, per rank

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch as th
 
+from conftest import assert_same_values
 from guided_diffusion import cli, dist_util, latent, logger
 
 diffusers = pytest.importorskip("diffusers")  # the `latent` extra (in `dev`, so CI runs these)
@@ -201,22 +202,6 @@ def test_pixel_space_without_the_flag():
     assert space.decode is None and space.shape(PIXELS) == (3, PIXELS, PIXELS)
 
 
-def _same(a, b, where: str) -> None:
-    """Tensors equal bit for bit (torch.equal), every other value equal, recursively."""
-    if isinstance(a, th.Tensor):
-        assert a.dtype == b.dtype and th.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _same(a[k], b[k], f"{where}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _same(x, y, f"{where}/{i}")
-    else:
-        assert a == b, (where, a, b)
-
-
 def test_latent_run_killed_and_resumed_equals_the_uninterrupted_run(
         vae_dir, data_dir, tmp_path, monkeypatch):
     import shutil
@@ -234,8 +219,8 @@ def test_latent_run_killed_and_resumed_equals_the_uninterrupted_run(
     shutil.copytree(ref, cut, ignore=shutil.ignore_patterns("*000004.pt", "run.lock"))
     _main("image_train.py", [*flags, "--output_dir", str(cut)], monkeypatch)
     for name in ("model000004.pt", "ema_0.9999_000004.pt", "opt000004.pt"):
-        _same(th.load(ref / name, weights_only=True), th.load(cut / name, weights_only=True),
-              name)
+        assert_same_values(th.load(ref / name, weights_only=True),
+                           th.load(cut / name, weights_only=True), name)
     resume = th.load(ref / "opt000002.pt", weights_only=True)["resume"]
     assert resume["ranks"][0]["data"]["train"]["batches_done"] == 2  # the stream's position
 

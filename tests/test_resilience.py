@@ -23,6 +23,7 @@ import pytest
 import torch as th
 from PIL import Image
 
+from conftest import assert_same_values
 from guided_diffusion import logger
 from guided_diffusion.image_datasets import ImageDataset, ResumableLoader, _item_seed
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
@@ -94,27 +95,11 @@ def _load(path):
     return th.load(path, map_location="cpu", weights_only=True)
 
 
-def _assert_equal(a, b, where: str) -> None:
-    """Tensors equal bit for bit (torch.equal) and every other value equal, recursively."""
-    if isinstance(a, th.Tensor):
-        assert isinstance(b, th.Tensor) and a.dtype == b.dtype and th.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_equal(a[k], b[k], f"{where}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_equal(x, y, f"{where}/{i}")
-    else:
-        assert a == b, (where, a, b)
-
-
 def _assert_same_final_checkpoints(reference, resumed) -> None:
     for name in CHECKPOINTS:
         # Model, both EMAs, AdamW moments, and the resume entry: step, loss scale, sampler
         # history, every rank's RNG states and data position.
-        _assert_equal(_load(reference / name), _load(resumed / name), name)
+        assert_same_values(_load(reference / name), _load(resumed / name), name)
     ref_model, ref_start = _load(reference / CHECKPOINTS[0]), _load(reference / "model000003.pt")
     assert any(not th.equal(ref_model[k], ref_start[k]) for k in ref_model)  # it did train
     sampler = _load(reference / CHECKPOINTS[-1])["resume"]["schedule_sampler"]
@@ -275,7 +260,7 @@ def test_nan_guard_skips_counts_and_stops_naming_the_step_and_checkpoint(
     loop.step += 1
     after = _snapshot(loop)
     for a, b in zip(before, after):  # no optimizer or EMA update
-        _assert_equal(a, b, "skipped step")
+        assert_same_values(a, b, "skipped step")
     assert loop.bad_steps == 1 and loop.bad_in_a_row == 1
     loop.run_step(*next(loop.data))  # step 4 is good again: the run of bad steps resets
     loop.step += 1
