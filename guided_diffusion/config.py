@@ -838,7 +838,10 @@ class FlagParser(argparse.ArgumentParser):
             ns.given = {d for d in optionals if getattr(ns, d) is not _NOT_GIVEN}
             for action in self._actions:
                 if action.dest in optionals and action.dest not in ns.given:
-                    setattr(ns, action.dest, action.default)
+                    if action.default is argparse.SUPPRESS:  # add_flags(suppress=True): absent
+                        delattr(ns, action.dest)
+                    else:
+                        setattr(ns, action.dest, action.default)
             try:
                 apply_preset(ns, ns.given)
             except ValueError as e:

@@ -187,6 +187,20 @@ def test_sampler_table_plot_is_an_optional_extra(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "none.png").exists()
 
 
+def test_sampler_table_model_flags_not_given_are_absent():
+    """Model flags not on the command line must be absent (so args.json supplies them), not the
+    string '==SUPPRESS==' that once reached the args.json comparison and refused every run."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sampler_table",
+                                                  ROOT / "scripts" / "sampler_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    args = table.create_argparser().parse_args(["--model_path", "m.pt", "--image_size", "16"])
+    assert args.image_size == 16 and args.model_path == "m.pt"
+    assert not hasattr(args, "num_channels") and not hasattr(args, "noise_schedule")
+
+
 def test_sampler_table_rows_take_an_optional_spacing():
     import importlib.util
 
