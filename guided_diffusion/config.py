@@ -114,8 +114,11 @@ SAMPLER_NAMES = ("ddpm", "ddim", "plms", "heun", "dpm++2m", "dpm++3m", "dpm++2m-
                  "consistency")
 # The deterministic steps of the probability-flow ODE (a consistency teacher's step).
 ODE_SAMPLERS = ("ddim", "plms", "heun", "dpm++2m", "dpm++3m", "unipc")
-# How --steps (and consistency distillation's grid) pick timesteps from a diffusion's grid.
-SPACINGS = ("logsnr", "uniform", "karras")
+# How --steps picks timesteps from a diffusion's grid (samplers.select_timesteps), and those a
+# consistency distillation grid may use: it needs both ends of the grid (the top, where x_T is
+# drawn, and t_min = grid index 0, where f is the identity), which "edm" leaves out.
+SPACINGS = ("logsnr", "uniform", "karras", "edm")
+CM_SPACINGS = ("logsnr", "uniform", "karras")
 # Consistency models: the two training modes, the distances and the loss weightings.
 CM_TRAINING_MODES = ("consistency_distillation", "consistency_training")
 CM_DISTANCES = ("pseudo_huber", "l2")
@@ -322,10 +325,13 @@ class SamplerOptions:
                       non_negative)
     sampler_spacing: str = flag(
         "auto", "how --steps picks timesteps: 'auto' (each sampler's measured best, README), "
-                "'logsnr', 'uniform' (= --timestep_respacing N) or 'karras' (rho-spaced in "
-                "sigma/alpha up to --sigma_max)", one_of("auto", *SPACINGS))
-    sigma_max: float = flag(80.0, "karras spacing: the noisiest sigma/alpha after the entry step",
-                            positive)
+                "'logsnr', 'uniform' (= --timestep_respacing N), 'karras' (rho-spaced in "
+                "sigma/alpha up to --sigma_max, entered from the grid's top) or 'edm' (rho-spaced "
+                "from --sigma_max to --sigma_min, no step at either end)", one_of("auto", *SPACINGS))
+    sigma_max: float = flag(20.0, "karras/edm spacing: the noisiest sigma/alpha below the grid's "
+                                  "top (EDM: 80; 20 measured best at 4-10 NFE)", positive)
+    sigma_min: float = flag(0.05, "edm spacing: the least sigma/alpha evaluated (0: the grid's "
+                                  "least); its x_0 prediction is the sample", finite_non_negative)
     rho: float = flag(7.0, "karras spacing: the exponent rho (EDM: 7)", positive)
     cfg_scale: float = flag(1.0, "classifier-free guidance weight; 1: conditional, 0: uncond.",
                             finite)
@@ -449,7 +455,7 @@ class ConsistencyConfig:
     cm_steps: int = flag(18, "N, points of the teacher's grid that CD walks along (paper: 18-40)",
                          at_least(2))
     cm_spacing: str = flag("karras", "how the N points are picked, as --sampler_spacing (karras: "
-                                     "capped at sigma/alpha 80)", one_of(*SPACINGS))
+                                     "capped at sigma/alpha 80)", one_of(*CM_SPACINGS))
     teacher_solver: str = flag("heun", "the teacher's ODE step: " + ", ".join(ODE_SAMPLERS)
                                        + " (heun: 2 NFE)", one_of(*ODE_SAMPLERS))
     cm_loss: str = flag("pseudo_huber", "the distance: 'pseudo_huber' or 'l2'",

@@ -47,7 +47,7 @@ from .config import (
     CM_TRAINING_MODES,
     CM_WEIGHTINGS,
     ODE_SAMPLERS,
-    SPACINGS,
+    CM_SPACINGS,
     ConsistencyConfig,
     defaults,
 )
@@ -155,8 +155,8 @@ class ConsistencyDistillation:
             raise ValueError(f"--cm_loss {distance!r} is unknown; choose one of {DISTANCES}")
         if weighting not in WEIGHTINGS:
             raise ValueError(f"--cm_weighting {weighting!r} is unknown; choose one of {WEIGHTINGS}")
-        if spacing not in SPACINGS:
-            raise ValueError(f"--cm_spacing {spacing!r} is unknown; choose one of {SPACINGS}")
+        if spacing not in CM_SPACINGS:
+            raise ValueError(f"--cm_spacing {spacing!r} is unknown; choose one of {CM_SPACINGS}")
         if huber_c is not None and not huber_c > 0:
             raise ValueError(f"--cm_huber_c must be > 0 (or 0 for the default), got {huber_c}")
         self.diffusion = diffusion

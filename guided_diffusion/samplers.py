@@ -48,6 +48,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .config import (
+    CM_SPACINGS,
     SAMPLER_NAMES,
     SPACINGS,
     ConsistencyConfig,
@@ -626,19 +627,24 @@ def sample_loop_progressive(
     yield from solve_progressive(sampler, den, noise, grid(diffusion), progress, eta)
 
 
-# `--sampler_spacing auto`: each sampler's spacing, the lowest toy FID on the digits table at 5
-# and 10 NFE (README, "Fast samplers"): the multistep solvers gain most from karras (unipc 10 NFE:
-# 0.22 vs logsnr 0.32; 5 NFE: 0.48 vs 1.42), DDIM and Heun from uniform. DDPM keeps the
-# original's uniform respacing; plms and dpm++2m-sde, not measured, keep the earlier logsnr.
+# `--sampler_spacing auto`: each sampler's spacing, the lowest toy FID on the digits table at 4-10
+# NFE (README, "Which spacing each sampler uses"). "edm" (all points between sigma~ 20 and 0.05) for
+# unipc, dpm++2m and ddim: at 5 NFE unipc 0.23 vs 0.48 karras-80 and 1.42 logsnr, ddim 0.57 vs 0.95
+# uniform; dpm++3m keeps karras (its third-order start wants the entry: 5 NFE 0.27 vs 0.34 edm).
+# Heun keeps uniform (its Euler entry); DDPM the original's uniform respacing; plms and
+# dpm++2m-sde, not measured, the earlier logsnr.
 AUTO_SPACING = {
-    "ddpm": "uniform", "ddim": "uniform", "heun": "uniform",
-    "dpm++2m": "karras", "dpm++3m": "karras", "unipc": "karras",
+    "ddpm": "uniform", "ddim": "edm", "heun": "uniform",
+    "dpm++2m": "edm", "dpm++3m": "karras", "unipc": "edm",
 }
 
 
 def spacing_for(sampler: str, spacing: str) -> str:
     """The spacing `--sampler_spacing` means for `sampler` ('auto': AUTO_SPACING's, or logsnr)."""
     return AUTO_SPACING.get(sampler, "logsnr") if spacing == "auto" else spacing
+
+
+_OPTS = SamplerOptions()  # the sampling flags' defaults: the library's defaults too
 
 
 def sigma_tilde(alphas_cumprod) -> np.ndarray:
@@ -651,8 +657,9 @@ def select_timesteps(
     alphas_cumprod,
     steps: int,
     spacing: str = "logsnr",
-    sigma_max: float = 80.0,
-    rho: float = 7.0,
+    sigma_max: float = _OPTS.sigma_max,
+    rho: float = _OPTS.rho,
+    sigma_min: float = _OPTS.sigma_min,
 ) -> np.ndarray:
     """
     Choose `steps` integer grid indices, decreasing from the noisiest (len - 1) to the cleanest (0):
@@ -662,10 +669,16 @@ def select_timesteps(
     :param spacing: "logsnr": nearest to uniform in lambda = log(alpha / sigma) (Lu et al. 2022);
         "uniform": evenly spaced in t, exactly the original's `--timestep_respacing N`;
         "karras": EDM's rho-spacing in sigma~ = sigma / alpha (Karras et al. 2022, eq. 5),
-        capped at `sigma_max` (`karras_sigmas`).
-    :param sigma_max, rho: the cap and the exponent of "karras" (ignored by the others).
-    :return: int64 array [steps], strictly decreasing. Indices that would coincide near t = 0, where
-        one grid step spans a large log-SNR interval, are pushed one grid step apart.
+        capped at `sigma_max` (`karras_sigmas`), entered from the grid's top;
+        "edm": EDM's sampling grid itself: all `steps` points rho-spaced from `sigma_max` down to
+        `sigma_min`, no point at the top and none at the clean end (`_snap_karras`).
+    :param sigma_max, rho: the cap and the exponent of "karras" and "edm" (ignored by the others);
+        the defaults are the flags' (`config.SamplerOptions`).
+    :param sigma_min: "edm": the least noise level evaluated (0: the grid's least; "karras" always
+        ends at the grid's least, as consistency distillation's t_min needs).
+    :return: int64 array [steps], strictly decreasing (the grid's top first, except for "edm").
+        Indices that would coincide near t = 0, where one grid step spans a large log-SNR interval,
+        are pushed one grid step apart.
     """
     acp = np.asarray(alphas_cumprod, dtype=np.float64)
     n_grid = len(acp)
@@ -678,8 +691,10 @@ def select_timesteps(
         return np.array(sorted(space_timesteps(n_grid, [steps]), reverse=True), dtype=np.int64)
     if steps == 1:
         return np.array([n_grid - 1], dtype=np.int64)
-    if spacing == "karras":
-        return _snap_karras(acp, steps, sigma_max, rho)
+    if spacing in ("karras", "edm"):
+        if spacing == "karras":
+            return _snap_karras(acp, steps, sigma_max, rho, 0.0, entry=True)
+        return _snap_karras(acp, steps, sigma_max, rho, sigma_min, entry=False)
     lam = 0.5 * (np.log(acp) - np.log1p(-acp))
     targets = np.linspace(lam[-1], lam[0], steps)
     ts = np.abs(lam[None, :] - targets[:, None]).argmin(axis=1).astype(np.int64)
@@ -711,18 +726,32 @@ def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) 
     return (hi + i * (lo - hi)) ** rho
 
 
-def _snap_karras(acp: np.ndarray, steps: int, sigma_max: float, rho: float) -> np.ndarray:
+def _snap_karras(acp: np.ndarray, steps: int, sigma_max: float, rho: float,
+                 sigma_min: float = 0.0, entry: bool = True) -> np.ndarray:
     """
-    `select_timesteps(..., "karras")`. The grid's top (T - 1) stays the entry point, where x_T is
-    drawn, and one step jumps from it down to the cap: the noisiest grid point c with
-    sigma~_c <= sigma_max (a cosine grid's top is at sigma~ ~ 2e4, where steps are wasted: EDM
-    found sigma_max = 80 enough). The other steps - 1 points follow `karras_sigmas` from
-    sigma~_c down to sigma~_0, each snapped to the nearest grid point in log sigma~ among 0..c.
+    `select_timesteps(..., "karras" | "edm")`: points rho-spaced in sigma~ (`karras_sigmas`) from
+    the cap, the noisiest grid point c with sigma~_c <= sigma_max (a cosine grid's top is at
+    sigma~ ~ 2e4, where steps are wasted: EDM found sigma_max = 80 enough), down to the grid point
+    nearest sigma_min (0: grid index 0), each snapped to the nearest grid point in log sigma~.
+
+    "karras" (`entry`): the grid's top (T - 1) stays the entry point, where x_T is drawn and
+    evaluated, and one step jumps from it down to the cap; the points end at grid index 0.
+    "edm" (not `entry`): EDM's own grid. All `steps` points lie in [sigma_min, sigma_max]: the
+    sampler starts at the cap, taking x_T ~ N(0, I) as the sample there, and the last step jumps
+    from the point nearest sigma_min to the clean image with that point's x_0 prediction. In the
+    VP variables x_c = alpha_c (x_0 + sigma~_c eps), so starting at the cap drops the data's share
+    alpha_c x_0 <= |x_0| / sigma~_c of the sample: EDM's own approximation (x = sigma_max eps). Neither
+    the top (x_0 predicted from pure noise) nor grid index 0 (sigma~ 0.006 on cosine, below one
+    uint8 level) then costs an evaluation; at 4-6 NFE on the digits table those two evaluations
+    were a third of the budget (README, "Which spacing each sampler uses").
+
     A grid that lies wholly at or below the cap is spaced from its top. Only when more points are
-    asked than the grid has below the cap do the extra ones lie above it.
+    asked than the grid has between the ends do the extra ones lie beyond them.
     """
     if not (sigma_max > 0 and rho > 0):
         raise ValueError(f"--sigma_max and --rho must be > 0, got {sigma_max} and {rho}")
+    if not sigma_min >= 0:
+        raise ValueError(f"--sigma_min must be >= 0, got {sigma_min}")
     sig = sigma_tilde(acp)
     n_grid = len(acp)
     below = np.flatnonzero(sig <= sigma_max)  # sigma~ increases with t: indices 0..c
@@ -730,18 +759,24 @@ def _snap_karras(acp: np.ndarray, steps: int, sigma_max: float, rho: float) -> n
         raise ValueError(f"--sigma_max {sigma_max} is below the grid's least noise level "
                          f"sigma~ = {sig[0]:.4g}")
     top = int(below[-1])
-    n_inner = steps if top == n_grid - 1 else steps - 1
-    targets = np.log(karras_sigmas(sig[0], sig[top], n_inner, rho))
-    inner = np.abs(np.log(sig[: top + 1])[None, :] - targets[:, None]).argmin(axis=1)
+    bottom = int(np.abs(np.log(sig[: top + 1]) - np.log(max(sigma_min, sig[0]))).argmin())
+    if sigma_min >= sig[top]:
+        raise ValueError(f"--sigma_min {sigma_min} must lie below --sigma_max's grid point "
+                         f"sigma~ = {sig[top]:.4g}")
+    with_entry = entry and top != n_grid - 1
+    n_inner = steps - 1 if with_entry else steps
+    targets = np.log(karras_sigmas(sig[bottom], sig[top], n_inner, rho))
+    inner = bottom + np.abs(
+        np.log(sig[bottom: top + 1])[None, :] - targets[:, None]).argmin(axis=1)
     # rho = 7 crowds the points at both ends, where grid points are sparse in sigma~; points that
-    # snapped together move apart down from the cap first (never above it), and up from 0 only
-    # where that ran out of grid.
+    # snapped together move apart down from the cap first (never above it), and up from the
+    # bottom only where that ran out of grid.
     for k in range(1, len(inner)):
         inner[k] = min(inner[k], inner[k - 1] - 1)
     inner[-1] = max(inner[-1], 0)
     for k in range(len(inner) - 2, -1, -1):
         inner[k] = max(inner[k], inner[k + 1] + 1)
-    ts = inner if top == n_grid - 1 else np.concatenate([[n_grid - 1], inner])
+    ts = np.concatenate([[n_grid - 1], inner]) if with_entry else inner
     return _strictly_decreasing(ts.astype(np.int64), n_grid)
 
 
@@ -831,7 +866,7 @@ def prepare(diffusion, model, use_ddim: bool = False, cm_grid: Sequence[int] | N
     if opts.steps:
         diffusion = diffusion.respace(select_timesteps(
             diffusion.alphas_cumprod, opts.steps, spacing_for(name, opts.sampler_spacing),
-            opts.sigma_max, opts.rho))
+            opts.sigma_max, opts.rho, opts.sigma_min))
     return name, opts, diffusion, guided
 
 
@@ -949,6 +984,12 @@ class ConsistencyFunction:
         return (x.double() * c_skip / alpha + c_out * d.double()).to(x.dtype)
 
 
+# The cap of a distillation grid (EDM's sigma_max), fixed rather than --sigma_max's: a student's
+# grid is rebuilt from its args.json (--cm_steps, --cm_spacing) when it samples, so it must not
+# move with a sampling flag's default.
+CM_SIGMA_MAX = 80.0
+
+
 def cm_timesteps(alphas_cumprod, num_scales: int, spacing: str = "karras") -> np.ndarray:
     """
     The discretisation t_0 < t_1 < ... < t_{N-1} of the teacher's grid that CD walks along
@@ -964,10 +1005,14 @@ def cm_timesteps(alphas_cumprod, num_scales: int, spacing: str = "karras") -> np
     if num_scales < 2:
         raise ValueError(f"--cm_steps must be >= 2 (t_min and at least one noisy point), "
                          f"got {num_scales}")
+    if spacing not in CM_SPACINGS:
+        raise ValueError(f"--cm_spacing must be one of {', '.join(CM_SPACINGS)} (a grid with both "
+                         f"ends), got {spacing!r}")
     if num_scales > len(alphas_cumprod):
         raise ValueError(f"--cm_steps {num_scales} exceeds the teacher's grid of "
                          f"{len(alphas_cumprod)} timesteps")
-    return select_timesteps(alphas_cumprod, num_scales, spacing)[::-1].copy()
+    return select_timesteps(alphas_cumprod, num_scales, spacing, sigma_max=CM_SIGMA_MAX,
+                            rho=7.0)[::-1].copy()
 
 
 # K-step consistency sampling: sigma~ = sigma / alpha of the second level (snapped to the student's

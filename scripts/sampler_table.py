@@ -319,6 +319,7 @@ def main():
                 cond_fn=classifier_cond_fn(classifier, clf) if clf else None,
                 model_kwargs={"y": y}, device="cpu", sampler=sampler, steps=steps,
                 sampler_spacing=spacing, sigma_max=args.sigma_max, rho=args.rho,
+                sigma_min=args.sigma_min,
                 cfg_scale=cfg, cm_grid=cm_grid if sampler == "consistency" else None))
         seconds = (time.time() - start) / n
         samples = th.cat(out)

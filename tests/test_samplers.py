@@ -240,7 +240,7 @@ class CountingModel(GaussianModel):
 
 
 @pytest.mark.parametrize("name", samplers.SAMPLERS)
-@pytest.mark.parametrize("spacing", ["logsnr", "uniform", "karras"])
+@pytest.mark.parametrize("spacing", ["logsnr", "uniform", "karras", "edm"])
 def test_every_sampler_runs_the_one_loop_on_the_steps_timesteps_with_nfe(
         name, spacing, monkeypatch):
     """
@@ -317,7 +317,8 @@ def test_sample_validates_its_options():
     with pytest.raises(ValueError, match="previous grid point"):
         solve("ddpm", Denoiser(diffusion, model), noise(shape), [99, 50, CLEAN])
     assert set(samplers.sampler_defaults()) == {"sampler", "steps", "sampler_spacing",
-                                                "sigma_max", "rho", "cfg_scale", "eta"}
+                                                "sigma_max", "rho", "sigma_min", "cfg_scale",
+                                                "eta"}
     assert samplers.nfe("heun", 10) == 18 and samplers.nfe("dpm++2m", 20) == 20
 
 

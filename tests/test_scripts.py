@@ -208,9 +208,9 @@ def test_sampler_table_rows_take_an_optional_spacing():
                                                   ROOT / "scripts" / "sampler_table.py")
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)
-    assert table.parse_rows("ddim:10:1:0", "auto")[0][4] == "uniform"  # resolved per sampler
+    assert table.parse_rows("ddim:10:1:0", "auto")[0][4] == "edm"  # resolved per sampler
     rows = table.parse_rows("ddpm:250:1:0,unipc:6:1:0:karras", "logsnr")
     assert rows == [("ddpm", 250, 1.0, 0.0, "logsnr"), ("unipc", 6, 1.0, 0.0, "karras")]
-    for bad in ("unipc:6:1:0:edm", "unipc:6:1", "euler:6:1:0"):
+    for bad in ("unipc:6:1:0:edm2", "unipc:6:1", "euler:6:1:0"):
         with pytest.raises(table.cli.ScriptError, match="--rows entry"):
             table.parse_rows(bad, "logsnr")

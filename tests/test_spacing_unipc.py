@@ -29,7 +29,7 @@ def test_karras_grid_enters_at_the_top_then_stays_at_or_below_the_cap(schedule, 
     cap_index = int(np.flatnonzero(sig <= 80.0)[-1])  # noisiest grid point at or below 80
     assert sig[-1] > 80.0  # every released grid starts above the cap
     for n in (2, 3, 4, 5, 6, 8, 10, 12, 20, 25, 50, 100, 250):
-        ts = select_timesteps(acp, n, "karras")
+        ts = select_timesteps(acp, n, "karras", sigma_max=80.0)
         assert len(ts) == n and ts[0] == steps - 1 and ts[-1] == 0, (n, ts)
         assert np.all(np.diff(ts) < 0), (n, ts)
         assert np.all(sig[ts[1:]] <= 80.0), (n, ts, sig[ts])
@@ -53,7 +53,7 @@ def test_cosine_cap_index_and_rho_spacing_in_closed_form():
         lo, hi = sig[max(t - 1, 0)], sig[min(t + 1, 999)]
         assert lo <= target <= hi, (ts, targets)
     # A larger rho crowds the points toward the clean end; sigma_max moves the cap.
-    assert select_timesteps(acp, 10, "karras", rho=3.0)[5] > ts[5]
+    assert select_timesteps(acp, 10, "karras", sigma_max=80.0, rho=3.0)[5] > ts[5]
     assert select_timesteps(acp, 10, "karras", sigma_max=20.0)[1] == np.flatnonzero(sig <= 20)[-1]
 
 
@@ -69,7 +69,76 @@ def test_karras_grid_below_the_cap_and_bad_values():
     with pytest.raises(ValueError, match="--sigma_max and --rho"):
         select_timesteps(acp, 5, "karras", rho=0.0)
     with pytest.raises(ValueError, match="--sampler_spacing"):
-        select_timesteps(acp, 5, "edm")
+        select_timesteps(acp, 5, "edm-like")
+
+
+@pytest.mark.parametrize("schedule, steps", RELEASED)
+@pytest.mark.parametrize("sigma_max, sigma_min", [(80.0, 0.0), (20.0, 0.05), (10.0, 0.1)])
+def test_edm_grid_lies_wholly_between_the_caps(schedule, steps, sigma_max, sigma_min):
+    """
+    "edm": every evaluated point at or below the cap (no entry at the top) and the last one the
+    grid point nearest sigma_min (no evaluation at sigma~ 0.006 on cosine); N points, N NFE.
+    """
+    acp, sig = sigma_tilde(schedule, steps)
+    cap_index = int(np.flatnonzero(sig <= sigma_max)[-1])
+    low_index = int(np.abs(np.log(sig) - np.log(max(sigma_min, sig[0]))).argmin())
+    for n in (2, 3, 4, 5, 6, 8, 10, 20, 50):
+        ts = select_timesteps(acp, n, "edm", sigma_max=sigma_max, sigma_min=sigma_min)
+        assert len(ts) == n and np.all(np.diff(ts) < 0), (n, ts)
+        assert ts[0] == cap_index and ts[-1] == low_index, (n, ts, cap_index, low_index)
+        assert np.all(sig[ts] <= sigma_max), (n, sig[ts])
+        # karras keeps its entry and its clean end whatever sigma_min says
+        kt = select_timesteps(acp, n, "karras", sigma_max=sigma_max, sigma_min=sigma_min)
+        assert kt[0] == steps - 1 and kt[-1] == 0
+
+
+def test_edm_grid_follows_eq5_between_the_ends_in_closed_form():
+    """EDM's eq. 5 written out: sigma_i = (hi^(1/rho) + i/(N-1) (lo^(1/rho) - hi^(1/rho)))^rho
+    from the cap's sigma~ to sigma_min's grid point; each pick within one grid step of it."""
+    acp, sig = sigma_tilde("cosine", 1000)
+    assert 19.4 < sig[966] <= 20 < sig[967]  # the cap point of sigma_max 20
+    ts = select_timesteps(acp, 6, "edm", sigma_max=20.0, sigma_min=0.05, rho=7.0)
+    lo = sig[int(np.abs(np.log(sig) - np.log(0.05)).argmin())]
+    i = np.arange(6) / 5
+    targets = (sig[966] ** (1 / 7) + i * (lo ** (1 / 7) - sig[966] ** (1 / 7))) ** 7
+    for t, target in zip(ts, targets):
+        assert sig[max(t - 1, 0)] <= target <= sig[min(t + 1, 999)], (ts, targets)
+    with pytest.raises(ValueError, match="--sigma_min"):
+        select_timesteps(acp, 5, "edm", sigma_max=20.0, sigma_min=30.0)
+    with pytest.raises(ValueError, match="--cm_spacing"):
+        samplers.cm_timesteps(acp, 18, "edm")  # a distillation grid needs both ends
+
+
+def test_edm_sampling_starts_at_the_cap_from_x_T():
+    """
+    The loop starts at the cap with x_T as the sample there and ends with the x_0 prediction at
+    sigma_min's point: on N(mu, s^2) data the samples converge to the exact ODE map of x_T from
+    the cap to that point followed by the exact posterior mean (solver error ~ 1/N^2). Entering
+    at the top (karras) or ending at grid index 0 are different maps, over 10x farther away.
+    """
+    diffusion = create_gaussian_diffusion(steps=1000, noise_schedule="cosine")
+    model = GaussianModel(diffusion.alphas_cumprod)
+    acp, _ = sigma_tilde("cosine", 1000)
+    x_T = noise((512, 1, 1, 1))
+    ts = select_timesteps(acp, 160, "edm", sigma_max=20.0, sigma_min=0.05)
+    cap, low, a = int(ts[0]), int(ts[-1]), float(acp[ts[-1]])
+
+    def posterior_mean(x_t):
+        return model.mu + a ** 0.5 * model.s ** 2 * (x_t - a ** 0.5 * model.mu) / (
+            a * model.s ** 2 + 1 - a)
+
+    expected = posterior_mean(model.ode(x_T, cap, low))
+    errors = []
+    for n in (40, 160):
+        x = sample(diffusion, model, x_T.shape, noise=x_T, clip_denoised=False,
+                   sampler="dpm++2m", steps=n, sampler_spacing="edm", sigma_max=20.0,
+                   sigma_min=0.05)
+        errors.append((x.double() - expected).abs().max().item())
+    assert errors[1] < 5e-4 and errors[0] > 4 * errors[1], errors
+    for other in (posterior_mean(model.ode(x_T, 999, low)), model.ode(x_T, cap, 0)):
+        assert (other - expected).abs().max().item() > 10 * errors[1]
+
+
 
 
 # Tiny models run fastest on one thread of a busy CPU (conftest.one_thread).
@@ -158,16 +227,19 @@ def test_heun_with_per_sample_timesteps_is_the_int_step_in_one_batched_evaluatio
 
 
 def test_auto_spacing_is_each_samplers_measured_choice():
-    """--sampler_spacing auto (the default) = AUTO_SPACING per sampler; DDPM/DDIM keep the
-    original's uniform respacing, so `--sampler ddim --steps N` = `--timestep_respacing N`."""
+    """--sampler_spacing auto (the default) = AUTO_SPACING per sampler; DDPM keeps the original's
+    uniform respacing, and `--sampler ddim --steps N --sampler_spacing uniform` is exactly
+    `--timestep_respacing N` with the original's DDIM loop."""
     assert samplers.sampler_defaults()["sampler_spacing"] == "auto"
     for name in samplers.SAMPLERS:
-        assert samplers.spacing_for(name, "auto") in ("logsnr", "uniform", "karras")
+        assert samplers.spacing_for(name, "auto") in samplers.SPACINGS
         assert samplers.spacing_for(name, "logsnr") == "logsnr"
-    assert samplers.spacing_for("ddim", "auto") == "uniform"
+    assert samplers.spacing_for("ddpm", "auto") == "uniform"
+    assert samplers.spacing_for("unipc", "auto") == samplers.spacing_for("ddim", "auto") == "edm"
     diffusion = create_gaussian_diffusion(steps=1000)
     model = GaussianModel(diffusion.alphas_cumprod)
     shape = (4, 2, 1, 1)
-    auto = sample(diffusion, model, shape, noise=noise(shape), sampler="ddim", steps=10)
+    auto = sample(diffusion, model, shape, noise=noise(shape), sampler="ddim", steps=10,
+                  sampler_spacing="uniform")
     spaced = create_gaussian_diffusion(steps=1000, timestep_respacing="10")
     assert th.equal(auto, spaced.ddim_sample_loop(model, shape, noise=noise(shape)))
