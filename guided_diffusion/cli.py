@@ -527,7 +527,7 @@ def train_diffusion(args, model, diffusion, data, loop: Callable | None = None,
     goes to the loop); `loop` is a training mode to run instead (ClassifierTrainLoop,
     CMTrainLoop), given `loop_kwargs` besides. A diffusion loop gets --schedule_sampler's
     sampler; other modes draw their own indices (uniform)."""
-    use_bf16 = apply_fast_flags(args, model, fp16_flag).use_bf16
+    fast_cfg = apply_fast_flags(args, model, fp16_flag)
     logger.log("training...")
     sampler = getattr(args, "schedule_sampler", "uniform")
     if loop is not None and loop_kwargs.get("schedule_sampler") is None and sampler != "uniform":
@@ -543,7 +543,8 @@ def train_diffusion(args, model, diffusion, data, loop: Callable | None = None,
                    "checkpoint with image_sample.py to see images")
         kwargs["sample_interval"] = 0
     (loop or TrainLoop)(
-        model=model, diffusion=diffusion, data=data, use_bf16=use_bf16, **kwargs, **loop_kwargs,
+        model=model, diffusion=diffusion, data=data, use_bf16=fast_cfg.use_bf16,
+        fused_adam=fast_cfg.fused_adam, **kwargs, **loop_kwargs,
     ).run_loop()
 
 

@@ -312,6 +312,7 @@ class FastConfig:
     compile_model: bool = flag(False, "torch.compile the model (eager if it cannot)")
     fused_blocks: bool = flag(False, "GroupNorm+SiLU(+AdaGN) in one pass, attention without "
                                      "layout copies")
+    fused_adam: bool = flag(False, "AdamW's fused kernel (one pass per tensor; other rounding)")
     fast: bool = flag(False, "the preset for this device (fast.choose_switches; logged)")
 
 

@@ -113,6 +113,8 @@ class TrainLoop:
         0 with a fresh optimizer (fine-tuning); ignored when a resume checkpoint is found.
     :param sample_interval: write `samples_{step:06d}.png`, a grid from the current weights, every
         this many steps (0: off), on rank 0, without touching the training RNGs.
+    :param fused_adam: PyTorch's fused AdamW kernel (the fast path's `--fused_adam`; other
+        rounding than the original's AdamW, which runs when False).
     """
 
     # log2 of the first fp16 loss scale (subclasses may start elsewhere).
@@ -142,6 +144,7 @@ class TrainLoop:
         max_bad_steps: int = _DEFAULTS.max_bad_steps,
         init_checkpoint: str = _DEFAULTS.init_checkpoint,
         sample_interval: int = _DEFAULTS.sample_interval,
+        fused_adam: bool = False,
     ):
         self.model = model
         self.diffusion = diffusion
@@ -188,7 +191,10 @@ class TrainLoop:
             initial_lg_loss_scale=self.initial_lg_loss_scale,
             use_bf16=use_bf16,
         )
-        self.opt = AdamW(self.mp_trainer.master_params, lr=self.lr, weight_decay=self.weight_decay)
+        # fused_adam (fast path): PyTorch's fused AdamW kernel; None = its default, the original's.
+        self.fused_adam = fused_adam or None
+        self.opt = AdamW(self.mp_trainer.master_params, lr=self.lr, weight_decay=self.weight_decay,
+                         fused=self.fused_adam)
         if self.resume_path:
             self._load_optimizer_state()
             self.ema_params = [self._load_ema_parameters(rate) for rate in self.ema_rate]
@@ -322,6 +328,7 @@ class TrainLoop:
             # The flags of this run win over the saved ones (the lr is re-annealed anyway).
             group["lr"] = self.lr
             group["weight_decay"] = self.weight_decay
+            group["fused"] = self.fused_adam  # a checkpoint's kernel choice is not this run's
 
     # ------------------------------------------------------------------ training
 

@@ -93,6 +93,7 @@ ATOMS = {
     "channels_last": dict(channels_last=True),
     "compile": dict(compile_model=True),
     "fused": dict(fused_blocks=True),
+    "fused_adam": dict(fused_adam=True),
     "fast": dict(fast=True),  # the preset for this device (what it resolved to is printed)
 }
 
@@ -195,7 +196,8 @@ class Variant:
         self.trainer = MixedPrecisionTrainer(
             model=self.model, use_fp16=self.use_fp16, use_bf16=self.cfg.use_bf16
         )
-        self.opt = th.optim.AdamW(self.trainer.master_params, lr=1e-4, weight_decay=0.0)
+        self.opt = th.optim.AdamW(self.trainer.master_params, lr=1e-4, weight_decay=0.0,
+                                  fused=self.cfg.fused_adam or None)
         fast.apply_fast_path(self.model, **self.cfg.model_kwargs())
         # Sampling copy, as the sampling scripts load it: eval mode, fp16 after loading.
         self.sampler, _ = create_model_and_diffusion(**model_flags)

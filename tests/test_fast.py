@@ -142,7 +142,7 @@ def test_fast_preset_within_bf16_tolerance_and_trains_through_the_trainer():
     ref_model, diffusion = tiny_model()
     cfg = fast.resolve_fast_flags(dict(fast.fast_defaults(), fast=True), "cpu", facts=CPU_BF16)
     assert cfg == fast.FastPathConfig(use_bf16=True, use_sdpa=True, channels_last=True,
-                                      fused_blocks=True)
+                                      fused_blocks=True, fused_adam=True)
     model = fast.apply_fast_path(copy.deepcopy(ref_model), **cfg.model_kwargs())
     assert rel_err(forward(model, cfg.use_bf16), forward(ref_model)) < BF16_TOL
     # One step through the project's trainer in bf16 mode moves the float32 weights.
@@ -237,7 +237,7 @@ def cuda(major, minor):
     return hardware.DeviceFacts("cuda", cuda_capability=(major, minor))
 
 
-LAYOUT = dict(use_sdpa=True, channels_last=True, fused_blocks=True)
+LAYOUT = dict(use_sdpa=True, channels_last=True, fused_blocks=True, fused_adam=True)
 
 
 @pytest.mark.parametrize("facts, expected", [
@@ -394,5 +394,5 @@ def test_fast_preset_runs_image_train_end_to_end(tmp_path):
         env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     log = proc.stdout + proc.stderr
-    assert "fast path: use_sdpa+channels_last+fused_blocks (CPU bf16 instructions: none" in log
+    assert "fast path: use_sdpa+channels_last+fused_blocks+fused_adam (CPU bf16 instructions: none" in log
     assert (tmp_path / "run" / "model000001.pt").exists()

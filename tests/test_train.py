@@ -14,6 +14,7 @@ from PIL import Image
 
 from guided_diffusion import checkpoints, cli, logger
 from guided_diffusion.checkpoints import CheckpointMismatchError
+from guided_diffusion.nn import update_ema
 from guided_diffusion.resample import LossSecondMomentResampler
 from guided_diffusion.script_util import (
     classifier_and_diffusion_defaults,
@@ -143,6 +144,41 @@ def test_resume_from_model000006_restores_step_model_ema_optimizer_and_loss_scal
         steps = [float(r["step"]) for r in csv.DictReader(f) if r["step"]]
     assert steps[-1] == 7
     assert int(loop.opt.state_dict()["state"][0]["step"]) == 7
+
+
+def test_fused_adam_is_adamw_with_other_rounding_and_each_run_keeps_its_own_kernel(tmp_path):
+    """--fused_adam (fast path): the same AdamW update (weights within float32 rounding of the
+    original's after 3 steps), and a resume uses the resuming run's kernel, not the
+    checkpoint's (a faithful run resumed from a fast run's opt*.pt stays unfused)."""
+    loops = {}
+    for name, kw in (("plain", {}), ("fused", {"fused_adam": True})):
+        loops[name] = make_loop(tmp_path / name, steps=3, save_interval=3, **kw)
+        th.manual_seed(1)
+        np.random.seed(1)  # the schedule sampler's draws
+        loops[name].run_loop()
+    plain, fused = loops["plain"], loops["fused"]
+    assert fused.opt.param_groups[0]["fused"] is True and plain.opt.param_groups[0]["fused"] is None
+    # lr 1e-3: each step moves a weight by up to ~1e-3; the kernels differ by float32 rounding.
+    for p, q in zip(plain.model.parameters(), fused.model.parameters()):
+        th.testing.assert_close(p, q, rtol=0, atol=1e-4)
+    resumed = make_loop(tmp_path / "fused", steps=4, resume="auto")
+    assert resumed.resume_step == 3 and resumed.opt.param_groups[0]["fused"] is None
+
+
+def test_ema_update_is_the_per_tensor_update_bit_for_bit():
+    """nn.update_ema batches the tensors (foreach) but computes, for each, exactly the original's
+    targ.mul_(rate).add_(src, alpha=1 - rate): the faithful path's EMA weights are unchanged."""
+    g = th.Generator().manual_seed(0)
+    shapes = [(3, 5), (7,), (2, 3, 4, 4), (1,)]
+    targ = [th.randn(s, generator=g) for s in shapes]
+    src = [th.randn(s, generator=g) for s in shapes]
+    expected = [t.clone() for t in targ]
+    for t, s_ in zip(expected, src):
+        t.mul_(0.9999).add_(s_, alpha=1 - 0.9999)
+    update_ema(targ, src, rate=0.9999)
+    assert all(th.equal(a, b) for a, b in zip(targ, expected))
+    with pytest.raises(ValueError, match="update_ema"):
+        update_ema(targ, src[:2], rate=0.9)
 
 
 def test_auto_resume_in_an_empty_log_dir_starts_fresh(tmp_path):
