@@ -524,6 +524,9 @@ class BenchmarkConfig:
     train_batch: int = flag(0, "training batch; 0: the config's")
     sample_batch: int = flag(0, "sampling batch; 0: the config's")
     json: str = flag("", "also write the full report (every time) here")
+    original_path: str = flag("", "a checkout of openai/guided-diffusion: the 'original' variant "
+                                  "runs its code on the same weights; '': the faithful path with "
+                                  "the original's always-checkpointed attention")
 
 
 # How the evaluator resizes and scales images for Inception (evaluations/inception.py): 'tf' as the

@@ -19,6 +19,13 @@ machine whose load changes during the run slows all of them alike and the ratios
     python scripts/benchmark.py --config bench64 --runs 5
     python scripts/benchmark.py --config bench64 --variants original,faithful,sdpa,fused,fast
     python scripts/benchmark.py --config adm256 --device cuda      # faithful, fp16, fast
+    python scripts/benchmark.py --variants original,fast --original_path ../guided-diffusion
+
+The `original` variant is the original code's computation. With `--original_path` (a checkout of
+openai/guided-diffusion) it is that code itself, imported beside this package under another name
+(`openai_guided_diffusion`; its script_util, unet and fp16_util need only torch and numpy), with
+its own MixedPrecisionTrainer; without it, this project's faithful path with every attention block
+checkpointed, as the original always does.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import importlib
+import importlib.util
 import json
 import os
 import statistics
@@ -180,33 +189,63 @@ def init_weights(model: th.nn.Module, seed: int = 0) -> None:
                 p.copy_(0.05 * r)
 
 
+ORIGINAL_PACKAGE = "openai_guided_diffusion"  # the name the original's package is imported as
+
+
+def import_original(path: str) -> tuple:
+    """(script_util, fp16_util) of the original guided_diffusion package in a checkout at `path`,
+    imported as `openai_guided_diffusion` so that it sits beside this project's package."""
+    package_dir = os.path.join(path, "guided_diffusion")
+    init = os.path.join(package_dir, "__init__.py")
+    if not os.path.isfile(init):
+        raise SystemExit(f"--original_path {path!r}: no guided_diffusion/__init__.py there "
+                         "(expected a checkout of openai/guided-diffusion)")
+    if ORIGINAL_PACKAGE not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            ORIGINAL_PACKAGE, init, submodule_search_locations=[package_dir])
+        package = importlib.util.module_from_spec(spec)
+        sys.modules[ORIGINAL_PACKAGE] = package
+        spec.loader.exec_module(package)
+    return (importlib.import_module(f"{ORIGINAL_PACKAGE}.script_util"),
+            importlib.import_module(f"{ORIGINAL_PACKAGE}.fp16_util"))
+
+
 class Variant:
     """One variant's model, trainer, optimizer and timings."""
 
-    def __init__(self, name, model_flags, state_dict, device):
+    def __init__(self, name, model_flags, state_dict, device, original_path: str = ""):
         self.name = name
         flags = variant_flags(name)
         self.cfg = fast.resolve_fast_flags(flags, device)
         self.use_fp16 = self.cfg.use_fp16
         self.device = device
+        create, trainer_class, trainer_kwargs = (
+            create_model_and_diffusion, MixedPrecisionTrainer, dict(use_bf16=self.cfg.use_bf16))
+        if name == "original" and original_path:
+            script_util, fp16_util = import_original(original_path)
+            keys = script_util.model_and_diffusion_defaults()
+
+            def create(**f):  # the original's flags only (this project's extras are off here)
+                return script_util.create_model_and_diffusion(
+                    **{k: v for k, v in f.items() if k in keys})
+            trainer_class, trainer_kwargs = fp16_util.MixedPrecisionTrainer, {}
         # Training copy: the trainer converts to fp16 itself and keeps float32 master weights.
-        self.model, self.diffusion = create_model_and_diffusion(**model_flags)
+        self.model, self.diffusion = create(**model_flags)
         self.model.load_state_dict(state_dict)
         self.model.to(device).train()
-        self.trainer = MixedPrecisionTrainer(
-            model=self.model, use_fp16=self.use_fp16, use_bf16=self.cfg.use_bf16
-        )
+        self.trainer = trainer_class(model=self.model, use_fp16=self.use_fp16, **trainer_kwargs)
+        self.autocast = getattr(self.trainer, "autocast", contextlib.nullcontext)
         self.opt = th.optim.AdamW(self.trainer.master_params, lr=1e-4, weight_decay=0.0,
                                   fused=self.cfg.fused_adam or None)
         fast.apply_fast_path(self.model, **self.cfg.model_kwargs())
         # Sampling copy, as the sampling scripts load it: eval mode, fp16 after loading.
-        self.sampler, _ = create_model_and_diffusion(**model_flags)
+        self.sampler, _ = create(**model_flags)
         self.sampler.load_state_dict(state_dict)
         self.sampler.to(device).eval()
         if self.use_fp16:
             self.sampler.convert_to_fp16()
         fast.apply_fast_path(self.sampler, **self.cfg.model_kwargs())
-        if "original" in name.split("+"):
+        if "original" in name.split("+") and not original_path:
             for module in self.model.modules():
                 if isinstance(module, AttentionBlock):
                     module.use_checkpoint = True
@@ -218,7 +257,7 @@ class Variant:
     def train_step(self, batch):
         x, t, kwargs = batch
         self.trainer.zero_grad()
-        with self.trainer.autocast():
+        with self.autocast():
             losses = self.diffusion.training_losses(self.model, x, t, model_kwargs=kwargs)
         self.trainer.backward(losses["loss"].float().mean())
         self.trainer.optimize(self.opt)
@@ -313,7 +352,7 @@ def run(args) -> dict:
         "sample": make_batch(model_flags, sample_batch_size, device, seed=2),
     }
     flops = count_flops(model_flags, state_dict, batches["train"], batches["sample"], device)
-    runners = [Variant(n, model_flags, state_dict, device) for n in names]
+    runners = [Variant(n, model_flags, state_dict, device, args.original_path) for n in names]
 
     # Reference output for the error column: the float32 faithful forward.
     reference = (

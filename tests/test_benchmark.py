@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import pathlib
+import sys
 
 import pytest
 import torch as th
@@ -64,3 +65,36 @@ def test_original_variant_checkpoints_attention_like_the_original(benchmark):
     faithful = benchmark.Variant("faithful", flags, state, th.device("cpu"))
     assert attention(original) and all(m.use_checkpoint for m in attention(original))
     assert not any(m.use_checkpoint for m in attention(faithful))
+
+
+def test_original_path_runs_the_checkouts_own_code_beside_this_package(benchmark, tmp_path):
+    """--original_path: the 'original' variant builds its model and trainer with the checkout's
+    guided_diffusion package, imported as openai_guided_diffusion (not this project's)."""
+    package = tmp_path / "checkout" / "guided_diffusion"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    # A stand-in for the original's modules: this project's factories, marked as called.
+    (package / "script_util.py").write_text(
+        "from guided_diffusion import script_util as ours\n"
+        "CALLS = []\n"
+        "def model_and_diffusion_defaults():\n"
+        "    return ours.model_and_diffusion_defaults()\n"
+        "def create_model_and_diffusion(**flags):\n"
+        "    CALLS.append(__name__)\n"
+        "    return ours.create_model_and_diffusion(**flags)\n")
+    (package / "fp16_util.py").write_text(
+        "from guided_diffusion.fp16_util import MixedPrecisionTrainer as _Ours\n"
+        "class MixedPrecisionTrainer(_Ours):\n"
+        "    def __init__(self, *, model, use_fp16=False):\n"
+        "        super().__init__(model=model, use_fp16=use_fp16)\n")
+    report = benchmark.main(["--config", "tiny", "--runs", "1", "--threads", "1",
+                             "--variants", "original,faithful", "--original_path",
+                             str(tmp_path / "checkout")])
+    calls = sys.modules["openai_guided_diffusion.script_util"].CALLS
+    assert calls == ["openai_guided_diffusion.script_util"] * 2  # training and sampling copies
+    original, faithful = report["results"]
+    assert original["rel_err"] == 0.0  # same weights, same function
+    with pytest.raises(SystemExit, match="--original_path"):
+        benchmark.import_original(str(tmp_path / "nowhere"))
+    for name in [m for m in sys.modules if m.startswith("openai_guided_diffusion")]:
+        del sys.modules[name]  # another test may import another checkout
