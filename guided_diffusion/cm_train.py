@@ -3,8 +3,9 @@
 `CMTrainLoop(TrainLoop)` changes two things and nothing else (Song et al. 2023, Algorithm 2): the
 loss (the loop's "diffusion" is `consistency.ConsistencyDistillation`) and one more update after
 each optimiser step (the target network's EMA, in the `after_update` hook). With iCT's curriculum
-each step first moves the loss to its N (`run_step`, then the TrainLoop's own step). scripts/cm_distill.py
-runs it through `cli.train_diffusion`, the entry point of every training script.
+each step first moves the loss to its N (`run_step`, then the TrainLoop's own step).
+scripts/cm_distill.py runs it through `cli.train_diffusion`, the entry point of every training
+script.
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ class CMTrainLoop(TrainLoop):
     "diffusion" is the `ConsistencyDistillation` loss, whose `num_timesteps` = N - 1 pair indices
     the uniform schedule sampler draws (or, with iCT's curriculum or lognormal pairs, the loss's
     own `PairSampler`; each step then starts by moving the loss to that step's N, a function of
-    the step alone, so a resume continues the curriculum and its draws bit for bit). After each optimiser step the target network follows the
-    student by `update_target` (the loop's `after_update` hook, beside the `--ema_rate` EMAs, which
-    are for sampling), so the NaN guard, gradient clipping and the per-rank RNG states of a
-    bit-exact resume are the TrainLoop's own.
+    the step alone, so a resume continues the curriculum and its draws bit for bit). After each
+    optimiser step the target network follows the student by `update_target` (the loop's
+    `after_update` hook, beside the `--ema_rate` EMAs, which are for sampling), so the NaN guard,
+    gradient clipping and the per-rank RNG states of a bit-exact resume are the TrainLoop's own.
 
     Checkpoints: the TrainLoop's `model/ema_*/opt{step:06d}.pt` (the student and its EMAs load in
     the sampling scripts with `--model_path`), plus `target{step:06d}.pt`, the target's float32

@@ -462,7 +462,8 @@ class ConsistencyConfig:
     cm_curriculum: str = flag("none", "'none': N = --cm_steps throughout; 'ict': iCT's doubling "
                                       "N(k) = min(s0 2^floor(k/K'), s1) + 1 over --lr_anneal_steps",
                               one_of(*CM_CURRICULA))
-    cm_steps_max: int = flag(1280, "s1, the curriculum's last N - 1 (iCT: 1280), capped to the grid",
+    cm_steps_max: int = flag(1280, "s1, the curriculum's last N - 1 (iCT: 1280), capped to the "
+                                   "grid",
                              at_least(2))
     cm_noise_dist: str = flag("uniform", "how the pair n is drawn: 'uniform' or iCT's discrete "
                                          "'lognormal' in sigma/alpha (P_mean -1.1, P_std 2)",

@@ -161,7 +161,8 @@ def lognormal_pair_probs(sigmas, p_mean: float = ICT_P_MEAN,
     iCT's discrete lognormal over the pairs (Song & Dhariwal 2023, sec. 3.5): for increasing
     noise levels sigma_0 < ... < sigma_{N-1},
 
-        p(n) ∝ erf((ln sigma_{n+1} - P_mean) / (sqrt(2) P_std)) - erf((ln sigma_n - P_mean) / (sqrt(2) P_std)),
+        p(n) ∝ erf(z(sigma_{n+1})) - erf(z(sigma_n)),
+        z(sigma) = (ln sigma - P_mean) / (sqrt(2) P_std),
 
     the probability that ln sigma ~ N(P_mean, P_std^2) falls between the pair's two levels.
 
@@ -181,14 +182,15 @@ def lognormal_pair_probs(sigmas, p_mean: float = ICT_P_MEAN,
     return mass / mass.sum()
 
 
-def training_grid(alphas_cumprod, flags: dict) -> np.ndarray:
+def training_grid(alphas_cumprod, flags: dict, step: int | None = None) -> np.ndarray:
     """
-    The grid a consistency run's student ends its training on (`cm_timesteps` of its last N:
-    --cm_steps, or the curriculum's N at the last of --lr_anneal_steps), where K-step sampling
-    takes its levels.
+    The grid a consistency run's student was last trained on (`cm_timesteps` of its N then:
+    --cm_steps, or the curriculum's N at the checkpoint's last step), where K-step sampling takes
+    its levels.
 
     :param flags: the run's flags (its args.json over `cm_defaults()`; an older run without the
         curriculum flags gets their defaults, a fixed N).
+    :param step: the checkpoint's step (steps done); None: the run's end, --lr_anneal_steps.
     """
     n_grid = len(alphas_cumprod)
     curriculum = flags.get("cm_curriculum", _CM.cm_curriculum)
@@ -196,7 +198,8 @@ def training_grid(alphas_cumprod, flags: dict) -> np.ndarray:
         n = min(int(flags["cm_steps"]), n_grid)
     else:
         total = int(flags.get("lr_anneal_steps", 0))
-        n = num_scales_at(total - 1, n_grid, int(flags["cm_steps"]), curriculum,
+        done = total if step is None else step
+        n = num_scales_at(max(done - 1, 0), n_grid, int(flags["cm_steps"]), curriculum,
                           int(flags.get("cm_steps_max", _CM.cm_steps_max)), total)
     return cm_timesteps(alphas_cumprod, n, flags["cm_spacing"])
 

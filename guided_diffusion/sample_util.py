@@ -131,12 +131,15 @@ def sampler_options(args, diffusion) -> dict:
 def consistency_grid(model_path: str, diffusion) -> np.ndarray:
     """
     The training grid of the consistency student at `model_path` (`consistency.training_grid` of
-    the flags in its run's args.json, --cm_steps, --cm_spacing and the curriculum's; cm_distill's
-    defaults where absent), so that K-step sampling evaluates it only at levels it was trained on.
+    the flags in its run's args.json, --cm_steps, --cm_spacing and the curriculum's at the step in
+    the file's name; cm_distill's defaults where absent), so that K-step sampling evaluates it
+    only at levels it was trained on.
     """
     saved = checkpoints.read_run_flags(os.path.dirname(os.path.abspath(model_path))) \
         if model_path else None
-    return training_grid(diffusion.alphas_cumprod, {**defaults(ConsistencyConfig), **(saved or {})})
+    step = checkpoints.checkpoint_step(model_path) if model_path else None
+    return training_grid(diffusion.alphas_cumprod, {**defaults(ConsistencyConfig), **(saved or {})},
+                         step)
 
 
 def make_sample_fn(

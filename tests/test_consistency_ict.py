@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch as th
 
-from guided_diffusion import logger
+from guided_diffusion import logger, sample_util
 from guided_diffusion.cm_train import CMTrainLoop
 from guided_diffusion.config import ConsistencyConfig
 from guided_diffusion.consistency import (
@@ -97,10 +97,10 @@ def test_lognormal_pair_probs_match_the_formula_and_the_draws():
     assert p == pytest.approx([x / sum(by_cdf) for x in by_cdf], rel=1e-9)
     # One value by hand: Phi((ln 1 + 1.1) / 2) - Phi((ln 0.1 + 1.1) / 2), over the total mass
     # Phi((ln 80 + 1.1) / 2) - Phi((ln 0.01 + 1.1) / 2).
-    z = lambda s: (math.log(s) + 1.1) / 2.0  # noqa: E731
-    cdf = lambda x: 0.5 * (1 + math.erf(x / math.sqrt(2)))  # noqa: E731
-    assert p[1] == pytest.approx((cdf(z(1.0)) - cdf(z(0.1))) / (cdf(z(80)) - cdf(z(0.01))),
-                                 rel=1e-12)
+    def cdf(s):
+        return 0.5 * (1 + math.erf((math.log(s) + 1.1) / 2.0 / math.sqrt(2)))
+
+    assert p[1] == pytest.approx((cdf(1.0) - cdf(0.1)) / (cdf(80) - cdf(0.01)), rel=1e-12)
 
     class Loss:
         pair_probs = p
@@ -191,10 +191,17 @@ def test_ct_with_the_curriculum_resumes_bit_for_bit(tmp_path, monkeypatch):
     assert not th.equal(whole.model.out[-1].weight, first.model.out[-1].weight)  # it trained
     flags = th.load(tmp_path / "split" / "opt000006.pt", weights_only=True)["resume"]
     assert flags["train_flags"]["cm_curriculum"] == "ict"
-    # The student ends on the grid of N = 9: K-step sampling takes its levels there.
+    # The student ends on the grid of N = 9: K-step sampling takes its levels there; a
+    # checkpoint of step 3 (its last step k = 2) was last trained on N = 5.
     run = {**cm_defaults(), **CT_ICT, "lr_anneal_steps": 6}
-    acp = whole.diffusion.diffusion.alphas_cumprod
+    diffusion = whole.diffusion.diffusion
+    acp = diffusion.alphas_cumprod
     assert list(training_grid(acp, run)) == list(cm_timesteps(acp, 9, "karras"))
+    (tmp_path / "whole" / "args.json").write_text(json.dumps(run))  # as cm_distill.py writes
+    for name, n in [("model000003.pt", 5), ("ema_0.9_000002.pt", 3), ("target000006.pt", 9),
+                    ("released.pt", 9)]:
+        grid = sample_util.consistency_grid(str(tmp_path / "whole" / name), diffusion)
+        assert list(grid) == list(cm_timesteps(acp, n, "karras")), name
     old = {k: v for k, v in run.items() if k not in ("cm_curriculum", "cm_steps_max")}
     assert list(training_grid(acp, old)) == list(cm_timesteps(acp, 2, "karras"))  # fixed N
 
