@@ -49,6 +49,8 @@ RESUME_KEY = "resume"
 # --resume_checkpoint value: the newest model*.pt in the log directory (or a fresh start).
 AUTO_RESUME = "auto"
 _MODEL_CKPT_RE = re.compile(r"^model(\d+)\.pt$")
+# Any weights file of a training run: the model, an EMA of it, a consistency run's target network.
+_TRAINED_CKPT_RE = re.compile(r"^(?:model|target|ema_[0-9.eE+-]+_)(\d+)\.pt$")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -393,6 +395,13 @@ def parse_resume_step_from_filename(filename: str) -> int:
     """
     match = _MODEL_CKPT_RE.match(bf.basename(filename))
     return int(match.group(1)) if match else 0
+
+
+def checkpoint_step(filename: str) -> int | None:
+    """The step in the name of a training run's weights file (`model`, `ema_{rate}_` or `target`
+    + NNNNNN.pt); None for any other name."""
+    match = _TRAINED_CKPT_RE.match(bf.basename(filename))
+    return int(match.group(1)) if match else None
 
 
 def find_model_checkpoints(log_dir: str) -> list[str]:

@@ -2,8 +2,10 @@
 
 `CMTrainLoop(TrainLoop)` changes two things and nothing else (Song et al. 2023, Algorithm 2): the
 loss (the loop's "diffusion" is `consistency.ConsistencyDistillation`) and one more update after
-each optimiser step (the target network's EMA, in the `after_update` hook). scripts/cm_distill.py
-runs it through `cli.train_diffusion`, the entry point of every training script.
+each optimiser step (the target network's EMA, in the `after_update` hook). With iCT's curriculum
+each step first moves the loss to its N (`run_step`, then the TrainLoop's own step).
+scripts/cm_distill.py runs it through `cli.train_diffusion`, the entry point of every training
+script.
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ class CMTrainLoop(TrainLoop):
     Consistency distillation (or training) with the one training loop: the loop's model is the
     student (built from the teacher's flags, starting from its weights), and the loop's
     "diffusion" is the `ConsistencyDistillation` loss, whose `num_timesteps` = N - 1 pair indices
-    the uniform schedule sampler draws. After each optimiser step the target network follows the
-    student by `update_target` (the loop's `after_update` hook, beside the `--ema_rate` EMAs, which
-    are for sampling), so the NaN guard, gradient clipping and the per-rank RNG states of a
-    bit-exact resume are the TrainLoop's own.
+    the uniform schedule sampler draws (or, with iCT's curriculum or lognormal pairs, the loss's
+    own `PairSampler`; each step then starts by moving the loss to that step's N, a function of
+    the step alone, so a resume continues the curriculum and its draws bit for bit). After each
+    optimiser step the target network follows the student by `update_target` (the loop's
+    `after_update` hook, beside the `--ema_rate` EMAs, which are for sampling), so the NaN guard,
+    gradient clipping and the per-rank RNG states of a bit-exact resume are the TrainLoop's own.
 
     Checkpoints: the TrainLoop's `model/ema_*/opt{step:06d}.pt` (the student and its EMAs load in
     the sampling scripts with `--model_path`), plus `target{step:06d}.pt`, the target's float32
@@ -72,11 +76,18 @@ class CMTrainLoop(TrainLoop):
         self.target = copy.deepcopy(model).requires_grad_(False)
         self.target_ema = cm.target_ema
         cd = ConsistencyDistillation.from_options(
-            diffusion, teacher, self.target,
+            diffusion, teacher, self.target, total_steps=kwargs.get("lr_anneal_steps", 0),
             **{k: v for k, v in vars(cm).items() if k not in ("teacher_path", "training_mode")},
         )
         self.cm = cm
-        # The TrainLoop's default schedule sampler, UniformSampler(cd), draws the pair indices.
+        # The TrainLoop's default schedule sampler, UniformSampler(cd), draws the pair indices,
+        # unless the loss draws its own (a curriculum's N, lognormal pairs).
+        sampler = cd.pair_sampler()
+        if sampler is not None:
+            if kwargs.get("schedule_sampler") is not None:
+                raise ValueError("--cm_curriculum / --cm_noise_dist draw the pairs themselves: "
+                                 "no other schedule sampler")
+            kwargs["schedule_sampler"] = sampler
         super().__init__(model=model, diffusion=cd, **kwargs)
         if self.resume_path:
             self._load_target()  # else it starts as the copy of the student (= the teacher)
@@ -92,6 +103,13 @@ class CMTrainLoop(TrainLoop):
         state_dict = read_state_dict(path)
         check_state_dict_fits(self.target, state_dict, source=f"{path!r} (target)")
         self.target.load_state_dict(state_dict)
+
+    def run_step(self, batch, cond) -> None:
+        """The TrainLoop's step at this step's N (the curriculum's; fixed without one)."""
+        self.diffusion.set_step(self.step + self.resume_step)
+        if self.cm.cm_curriculum != "none":
+            logger.logkv("cm_scales", self.diffusion.num_scales)
+        super().run_step(batch, cond)
 
     def after_update(self) -> None:
         """The target network follows the student after each optimiser step that was taken."""

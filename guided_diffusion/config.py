@@ -123,6 +123,9 @@ CM_SPACINGS = ("logsnr", "uniform", "karras")
 CM_TRAINING_MODES = ("consistency_distillation", "consistency_training")
 CM_DISTANCES = ("pseudo_huber", "l2")
 CM_WEIGHTINGS = ("uniform", "inverse_step")
+# iCT (Song & Dhariwal 2023): the N curriculum over training, and the distribution of the pairs.
+CM_CURRICULA = ("none", "ict")
+CM_NOISE_DISTS = ("uniform", "lognormal")
 # How samples in [-1, 1] become uint8 (image_util.to_uint8_nhwc).
 QUANTIZE_MODES = ("truncate", "round")
 
@@ -453,8 +456,18 @@ class ConsistencyConfig:
     training_mode: str = flag("consistency_distillation", "consistency_distillation (teacher) or "
                                                           "consistency_training (no teacher)",
                               one_of(*CM_TRAINING_MODES))
-    cm_steps: int = flag(18, "N, points of the teacher's grid that CD walks along (paper: 18-40)",
+    cm_steps: int = flag(18, "N, points of the teacher's grid that CD walks along (paper: 18-40); "
+                             "with --cm_curriculum ict: s0, the first N is s0 + 1 (iCT: 10)",
                          at_least(2))
+    cm_curriculum: str = flag("none", "'none': N = --cm_steps throughout; 'ict': iCT's doubling "
+                                      "N(k) = min(s0 2^floor(k/K'), s1) + 1 over --lr_anneal_steps",
+                              one_of(*CM_CURRICULA))
+    cm_steps_max: int = flag(1280, "s1, the curriculum's last N - 1 (iCT: 1280), capped to the "
+                                   "grid",
+                             at_least(2))
+    cm_noise_dist: str = flag("uniform", "how the pair n is drawn: 'uniform' or iCT's discrete "
+                                         "'lognormal' in sigma/alpha (P_mean -1.1, P_std 2)",
+                              one_of(*CM_NOISE_DISTS))
     cm_spacing: str = flag("karras", "how the N points are picked, as --sampler_spacing (karras: "
                                      "capped at sigma/alpha 80)", one_of(*CM_SPACINGS))
     teacher_solver: str = flag("heun", "the teacher's ODE step: " + ", ".join(ODE_SAMPLERS)
@@ -463,7 +476,8 @@ class ConsistencyConfig:
                         one_of(*CM_DISTANCES))
     cm_huber_c: float = flag(0.0, "pseudo-Huber's c; 0: 0.00054 sqrt(values per sample)",
                              finite_non_negative)
-    cm_weighting: str = flag("uniform", "lambda(t_n): 'uniform' or 'inverse_step'",
+    cm_weighting: str = flag("uniform", "lambda(t_n): 'uniform' or 'inverse_step' (iCT's "
+                                        "1 / (sigma~_{n+1} - sigma~_n))",
                              one_of(*CM_WEIGHTINGS))
     target_ema: float = flag(0.95, "decay of the target network's EMA; 0: the student itself",
                              unit_interval)

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from evaluations import npz_io  # the one definition of the shard-folder format
 
 from . import checkpoints, dist_util, fast, logger, samplers
+from .consistency import training_grid
 from .dist_util import world
 from .errors import PeerLostError, ScriptError
 from .fast import fast_config
@@ -129,15 +130,16 @@ def sampler_options(args, diffusion) -> dict:
 
 def consistency_grid(model_path: str, diffusion) -> np.ndarray:
     """
-    The training grid of the consistency student at `model_path` (`samplers.cm_timesteps` of the
-    --cm_steps and --cm_spacing in its run's args.json; cm_distill's defaults where absent), so
-    that K-step sampling evaluates it only at levels it was trained on.
+    The training grid of the consistency student at `model_path` (`consistency.training_grid` of
+    the flags in its run's args.json, --cm_steps, --cm_spacing and the curriculum's at the step in
+    the file's name; cm_distill's defaults where absent), so that K-step sampling evaluates it
+    only at levels it was trained on.
     """
     saved = checkpoints.read_run_flags(os.path.dirname(os.path.abspath(model_path))) \
         if model_path else None
-    flags = {**defaults(ConsistencyConfig), **(saved or {})}
-    steps = min(int(flags["cm_steps"]), len(diffusion.alphas_cumprod))
-    return samplers.cm_timesteps(diffusion.alphas_cumprod, steps, flags["cm_spacing"])
+    step = checkpoints.checkpoint_step(model_path) if model_path else None
+    return training_grid(diffusion.alphas_cumprod, {**defaults(ConsistencyConfig), **(saved or {})},
+                         step)
 
 
 def make_sample_fn(

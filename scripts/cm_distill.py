@@ -3,7 +3,9 @@ Distil a trained diffusion model (the teacher, `--teacher_path` with its model a
 flags) into a consistency model that samples in one or a few steps (Song et al. 2023, "Consistency
 Models", Algorithm 2). The student starts from the teacher's weights; `--teacher_solver` steps the
 teacher's ODE between `--cm_steps` points of its grid, `--target_ema` is the target network's EMA.
-`--training_mode consistency_training` needs no teacher (`--teacher_path` then only initialises).
+`--training_mode consistency_training` needs no teacher (`--teacher_path` then only initialises);
+iCT's recipe adds `--cm_curriculum ict --cm_noise_dist lognormal --cm_weighting inverse_step`
+(N doubles over `--lr_anneal_steps` from `--cm_steps` + 1 to `--cm_steps_max` + 1; README).
 
 Writes `model/ema_*/opt/target{step:06d}.pt` and `args.json` to `--output_dir`; sample the student
 (or an EMA) with `image_sample.py --sampler consistency --steps K --model_path OUT/model*.pt`.

@@ -132,6 +132,9 @@ def test_two_process_cm_run_killed_and_resumed_equals_the_uninterrupted_run(teac
     ("--cm_steps", "1", "--cm_steps"),
     ("--target_ema", "1.5", "--target_ema"),
     ("--cm_loss", "l1", "--cm_loss"),
+    ("--cm_curriculum", "linear", "--cm_curriculum"),
+    ("--cm_noise_dist", "normal", "--cm_noise_dist"),
+    ("--cm_steps_max", "1", "--cm_steps_max"),
 ])
 def test_consistency_flags_are_refused_when_parsed(flag, value, match, capsys):
     """Checked by config before any model is built: exit 2, one line naming the flag."""
