@@ -225,15 +225,21 @@ def plot_fid(results: list[dict], floor: float, path: str) -> bool:
         print("matplotlib is not installed (pip install -e .[plot]): no sampler_table_fid.png")
         return False
     fig, ax = plt.subplots(figsize=(8.0, 5.0))
-    # One line per sampler and spacing; a single point (DDPM-250) is a marker.
+    # One line per sampler and spacing (colour = spacing, line style = sampler); a single point
+    # (DDPM-250) is a marker.
+    colours = {"logsnr": "tab:orange", "uniform": "tab:green", "karras": "tab:purple",
+               "edm": "tab:blue", "training grid": "black"}
     for name, spacing in dict.fromkeys((r["sampler"], r.get("spacing", "")) for r in pts):
         line = sorted((r["nfe"], r["fid"]) for r in pts
                       if r["sampler"] == name and r.get("spacing", "") == spacing)
         style = {"ddim": "-", "dpm++2m": "--", "dpm++3m": ":", "unipc": "-."}.get(name, "-")
         label = name if name in ("ddpm", "consistency") else f"{name} ({spacing})"
-        ax.plot(*zip(*line), marker="o", linestyle=style, label=label)
+        colour = "tab:red" if name == "ddpm" else colours.get(spacing)
+        ax.plot(*zip(*line), marker="o", markersize=3, linestyle=style, color=colour,
+                label=label)
     ax.axhline(floor, color="gray", linestyle="--", label="real (val) floor")
     ax.set_xscale("log")
+    ax.set_yscale("log")  # few-step rows reach FID ~2, the good ones sit near the floor
     ax.set_xlabel("NFE")
     ax.set_ylabel("toy FID (8x8 pixels)")
     ax.set_title("conditional, no guidance")
