@@ -8,9 +8,10 @@ README's flags, and for each precision
 
 - `fp32`: the faithful path in float32;
 - `fp16`: the original's `--use_fp16` (`convert_to_fp16`, fp16 loss scaling in training);
-- `bf16-fast`: `--fast True`, the preset `guided_diffusion.fast` picks for the GPU (compute
-  capability >= 8.0: bf16 autocast + SDPA + channels_last + fused blocks; below 8.0 the
-  original's fp16 with the same layout switches),
+- `fast-bf16` / `fast-fp16` / `fast-fp32`: `--fast True`, the preset `guided_diffusion.fast`
+  picks for the device, labelled by the precision it chose (compute capability >= 8.0: bf16
+  autocast + SDPA + channels_last + fused blocks and AdamW; below 8.0 the original's fp16 with the
+  same switches; a CPU without bf16 instructions: float32),
 
 it reports sampling throughput (images through one network evaluation per second: divide by the
 number of sampling steps for finished samples per second), the time of one training step
@@ -44,7 +45,15 @@ import benchmark  # noqa: E402
 from guided_diffusion import config, script_util  # noqa: E402
 
 # benchmark.py's variant names -> the names this report uses.
-PRECISIONS = {"faithful": "fp32", "fp16": "fp16", "fast": "bf16-fast"}
+PRECISIONS = {"faithful": "fp32", "fp16": "fp16"}
+
+
+def precision_label(variant: str, switches: str) -> str:
+    """A row's precision: the variant's, or for `fast` the one its preset chose on this device."""
+    if variant != "fast":
+        return PRECISIONS[variant]
+    on = switches.split("+")
+    return "fast-" + ("bf16" if "use_bf16" in on else "fp16" if "use_fp16" in on else "fp32")
 FULL_LAYOUTS = ("adm64", "adm256")  # benchmark.CONFIGS entries with the README's flags
 SMOKE_LAYOUTS = ("tiny",)
 
@@ -241,7 +250,7 @@ def check_layout(name: str, device: str, variants: str, runs: int, train_batch: 
     rows = []
     for r in report["results"]:
         rows.append({
-            "precision": PRECISIONS[r["variant"]],
+            "precision": precision_label(r["variant"], r["switches"]),
             "switches": r["switches"],
             # images through one network evaluation per second (one sampler step)
             "sample_images_per_s": report["sample_batch"] / r["sample"]["median_s"],
@@ -305,7 +314,7 @@ def main(argv=None) -> dict:
     layouts = [s for s in (args.layouts or ",".join(
         SMOKE_LAYOUTS if args.smoke else FULL_LAYOUTS)).split(",") if s]
     runs = args.runs or (1 if args.smoke else 5)
-    # The original's fp16 kernels are CUDA-only; on a CPU the check covers fp32 and bf16-fast.
+    # The original's fp16 kernels are CUDA-only; on a CPU the check covers fp32 and the preset.
     variants = "faithful,fp16,fast" if device.startswith("cuda") else "faithful,fast"
     if device.startswith("cuda"):
         th.backends.cudnn.benchmark = True  # pick the fastest conv kernels, as long runs would

@@ -22,7 +22,8 @@ import gpu_check  # noqa: E402
 @pytest.fixture(scope="module")
 def smoke_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check") / "smoke.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # The preset with bf16 whatever this CPU has, so the fast row's label is known.
+    env = dict(os.environ, OMP_NUM_THREADS="1", GD_CPU_BF16="1")
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "scripts", "gpu_check.py"), "--smoke", "--out",
          str(out), "--allreduce", "gloo"],
@@ -39,7 +40,7 @@ def test_smoke_report_has_every_field(smoke_report):
     (layout,) = report["layouts"]
     assert layout["layout"] == "tiny" and layout["num_params"] > 0
     # On a CPU: the faithful float32 path and the bf16 fast path (the original's fp16 is CUDA-only).
-    assert [r["precision"] for r in layout["rows"]] == ["fp32", "bf16-fast"]
+    assert [r["precision"] for r in layout["rows"]] == ["fp32", "fast-bf16"]
     for r in layout["rows"]:
         for key in ("sample_images_per_s", "sample_forward_s", "sample_tflops", "train_step_s",
                     "train_tflops", "sample_peak_mib", "train_peak_mib", "rel_err_vs_fp32"):
@@ -54,7 +55,15 @@ def test_smoke_report_has_every_field(smoke_report):
             layout["gflop_per_train_step_batch"])
     assert layout["rows"][0]["rel_err_vs_fp32"] == 0.0  # fp32 against itself
     assert 0 < layout["rows"][1]["rel_err_vs_fp32"] < 0.05  # bf16: close, not equal
-    assert "| tiny (batch 2/2) | fp32 |" in stdout and "| bf16-fast |" in stdout
+    assert "| tiny (batch 2/2) | fp32 |" in stdout and "| fast-bf16 |" in stdout
+
+
+def test_fast_rows_are_labelled_by_the_precision_the_preset_chose():
+    label = gpu_check.precision_label
+    assert label("fast", "use_bf16+use_sdpa+channels_last+fused_blocks+fused_adam") == "fast-bf16"
+    assert label("fast", "use_sdpa+channels_last+fused_blocks+fused_adam+use_fp16") == "fast-fp16"
+    assert label("fast", "use_sdpa+channels_last+fused_blocks+fused_adam") == "fast-fp32"
+    assert label("faithful", "faithful") == "fp32" and label("fp16", "use_fp16") == "fp16"
 
 
 def test_smoke_allreduce_sums_across_two_processes(smoke_report):
