@@ -538,6 +538,9 @@ class BenchmarkConfig:
     train_batch: int = flag(0, "training batch; 0: the config's")
     sample_batch: int = flag(0, "sampling batch; 0: the config's")
     json: str = flag("", "also write the full report (every time) here")
+    isolate: int = flag(0, "R > 0: every variant in its own process, R rounds alternating "
+                           "(large working sets disturb each other in one process)",
+                        non_negative)
     original_path: str = flag("", "a checkout of openai/guided-diffusion: the 'original' variant "
                                   "runs its code on the same weights; '': the faithful path with "
                                   "the original's always-checkpointed attention")

@@ -38,7 +38,9 @@ import importlib.util
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -404,14 +406,7 @@ def run(args) -> dict:
             row["rel_err"] = ((out - ref_out).norm() / ref_out.norm()).item()
         row["compiled"] = fast.is_compiled(v.model) if v.cfg.compile_model else None
         results.append(row)
-    base_row = results[0]
-    for row in results:
-        for phase in phases:
-            # Median of the per-run ratios: run i of every variant ran back to back, so each
-            # ratio compares times taken under the same machine load.
-            pairs = zip(row[phase]["times_s"], base_row[phase]["times_s"])
-            row[phase]["ratio"] = statistics.median(a / b for a, b in pairs)
-            row[phase]["ratio_of_medians"] = row[phase]["median_s"] / base_row[phase]["median_s"]
+    add_ratios(results, phases)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return {
         "config": args.config,
@@ -430,14 +425,71 @@ def run(args) -> dict:
     }
 
 
+def add_ratios(results: list[dict], phases: list[str]) -> None:
+    """Each row's time ratio to the first row's, per phase: the median of the per-run ratios (run i
+    of every variant ran back to back, so each ratio compares times taken under the same load)."""
+    base_row = results[0]
+    for row in results:
+        for phase in phases:
+            pairs = zip(row[phase]["times_s"], base_row[phase]["times_s"])
+            row[phase]["ratio"] = statistics.median(a / b for a, b in pairs)
+            row[phase]["ratio_of_medians"] = row[phase]["median_s"] / base_row[phase]["median_s"]
+
+
+def run_isolated(args) -> dict:
+    """
+    `--isolate R`: every variant in its own process, R rounds with the variants alternating, so
+    no variant runs on an allocator another one left behind (in one process the original's and
+    the faithful path's 2 GB training steps took 5.3-8.0 s depending on their neighbours, 5.2-5.7 s
+    alone). A process times `--runs` calls after `--warmup`; a variant's times are its
+    per-round medians, and the ratios are medians of per-round ratios.
+    """
+    device = args.device or ("cuda" if th.cuda.is_available() else "cpu")
+    variants = args.variants or ("faithful,fp16,fast" if device == "cuda" else "faithful,fast")
+    names = [v.strip() for v in variants.split(",") if v.strip()]
+    for name in names:
+        variant_flags(name)  # refuse a bad name before spending minutes on the others
+    child = []
+    for key, value in vars(args).items():
+        if key not in ("variants", "json", "isolate") and value not in ("", None):
+            child += [f"--{key}", str(value)]
+    reports = {name: [] for name in names}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.isolate):
+            for name in names:
+                out = os.path.join(tmp, f"{r}.json")
+                proc = subprocess.run(
+                    [sys.executable, os.path.abspath(__file__), *child, "--variants", name,
+                     "--json", out], capture_output=True, text=True)
+                if proc.returncode != 0:
+                    last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+                    raise SystemExit(f"--isolate: variant {name!r} failed: {last}")
+                with open(out) as f:
+                    reports[name].append(json.load(f))
+    merged = dict(reports[names[0]][0], results=[], isolated_rounds=args.isolate)
+    for name in names:
+        rows = [rep["results"][0] for rep in reports[name]]
+        row = dict(rows[0])
+        for phase in merged["phases"]:
+            times = [r[phase]["median_s"] for r in rows]
+            row[phase] = dict(rows[0][phase], times_s=times, median_s=statistics.median(times),
+                              gflops=merged["gflop"][phase] / statistics.median(times),
+                              peak_mib=max(r[phase]["peak_mib"] for r in rows))
+        merged["results"].append(row)
+    add_ratios(merged["results"], merged["phases"])
+    return merged
+
+
 def format_table(report: dict) -> str:
     """The report as a markdown table (one row per variant)."""
     phases = report["phases"]
+    rounds = report.get("isolated_rounds")
+    timing = (f"each variant in its own process, {rounds} rounds of the median of "
+              f"{report['runs']} runs" if rounds else f"medians of {report['runs']} interleaved runs")
     lines = [
         f"config {report['config']} ({report['num_params'] / 1e6:.1f}M params), "
         f"train batch {report['train_batch']}, sample batch {report['sample_batch']}; "
-        f"{report['device']}; torch {report['torch']}; "
-        f"medians of {report['runs']} interleaved runs "
+        f"{report['device']}; torch {report['torch']}; {timing} "
         f"({'CPU seconds of the process' if report['timer'] == 'cpu' else 'wall clock'}); "
         f"1-min load average at the end {report['load_average_1min']:.1f}",
         "FLOPs (FlopCounterMode, faithful model): "
@@ -470,8 +522,10 @@ def format_table(report: dict) -> str:
     for row in report["results"]:
         if row.get("reason"):
             lines.append(f"{row['variant']}: {row['switches']} ({row['reason']})")
+    how = (f"median over {rounds} rounds (each variant in its own process) of the ratio of the "
+           "per-process medians" if rounds else "median over runs of the time ratio within a run")
     lines.append(
-        f"÷ {report['results'][0]['variant']}: median over runs of the time ratio within a run. "
+        f"÷ {report['results'][0]['variant']}: {how}. "
         "peak MiB: CUDA allocator peak; on CPU, the peak RSS growth during the step. "
         "1st call includes one-off costs (torch.compile, kernel selection)."
     )
@@ -492,7 +546,7 @@ def main(argv=None):
     if args.threads > 0:
         th.set_num_threads(args.threads)
     try:
-        report = run(args)
+        report = run_isolated(args) if args.isolate > 0 else run(args)
     finally:
         th.set_num_threads(threads)  # main() may run inside a test session
     print(format_table(report))

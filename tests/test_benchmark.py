@@ -98,3 +98,20 @@ def test_original_path_runs_the_checkouts_own_code_beside_this_package(benchmark
         benchmark.import_original(str(tmp_path / "nowhere"))
     for name in [m for m in sys.modules if m.startswith("openai_guided_diffusion")]:
         del sys.modules[name]  # another test may import another checkout
+
+
+def test_isolate_times_each_variant_in_its_own_process(benchmark, tmp_path, capsys):
+    """--isolate R: R rounds, each variant a separate process; the report merges them (times =
+    per-round medians, ratios = medians of per-round ratios) and the table says so."""
+    report = benchmark.main(["--config", "tiny", "--runs", "1", "--threads", "1", "--isolate", "2",
+                             "--variants", "faithful,sdpa", "--phases", "sample"])
+    table = capsys.readouterr().out
+    assert report["isolated_rounds"] == 2 and [r["variant"] for r in report["results"]] == [
+        "faithful", "sdpa"]
+    faithful, sdpa = report["results"]
+    assert len(faithful["sample"]["times_s"]) == 2 and faithful["sample"]["ratio"] == 1.0
+    ratios = [a / b for a, b in zip(sdpa["sample"]["times_s"], faithful["sample"]["times_s"])]
+    assert sdpa["sample"]["ratio"] == pytest.approx(sorted(ratios)[0] / 2 + sorted(ratios)[1] / 2)
+    assert sdpa["rel_err"] < 1e-5 and "each variant in its own process, 2 rounds" in table
+    with pytest.raises(SystemExit, match="unknown switch"):
+        benchmark.main(["--config", "tiny", "--isolate", "1", "--variants", "faithful,bogus"])
