@@ -189,6 +189,11 @@ MEANING_FLAGS = (
     # Latent space: another VAE (or scale) reads the same latents as other images.
     "latent_vae", "latent_scale",
 )
+# Flags a run cannot change when it resumes: what the weights mean, and a consistency run's grid
+# and its schedule (sampling rebuilds a student's grid from args.json, so all its checkpoints
+# must share one; the iCT curriculum's N at a step follows from these).
+RESUME_FLAGS = MEANING_FLAGS + ("training_mode", "cm_steps", "cm_spacing", "cm_curriculum",
+                                "cm_steps_max", "cm_noise_dist")
 # Model/diffusion flags that are free choices at sampling time (not compared).
 SAMPLING_CHOICES = ("timestep_respacing", "use_fp16", "classifier_use_fp16", "use_checkpoint",
                     "dropout", "use_kl", "rescale_learned_sigmas")
@@ -292,7 +297,7 @@ def training_flags(args, kind: str) -> None:
 
 
 def check_resume_flags(args) -> None:
-    """Resuming: refuse flags in `MEANING_FLAGS` that differ from the run's args.json."""
+    """Resuming: refuse flags in `RESUME_FLAGS` that differ from the run's args.json."""
     resume = getattr(args, "resume_checkpoint", "")
     if not resume:
         return
@@ -300,7 +305,7 @@ def check_resume_flags(args) -> None:
     if "://" in run_dir:
         return
     try:
-        compare_run_flags(vars(args), run_dir, MEANING_FLAGS, (),
+        compare_run_flags(vars(args), run_dir, RESUME_FLAGS, (),
                           f"--resume_checkpoint {resume!r}")
     except RunFlagsError as e:
         raise ScriptError(str(e)) from e

@@ -3,16 +3,18 @@ guard and the per-rank RNG states of a bit-exact resume are the TrainLoop's (cm_
 
 from __future__ import annotations
 
+import argparse
 import copy
 import csv
 import importlib.util
+import json
 import os
 import subprocess
 
 import pytest
 import torch as th
 
-from guided_diffusion import logger
+from guided_diffusion import cli, logger
 from guided_diffusion.cm_train import CMTrainLoop
 from guided_diffusion.config import ConsistencyConfig
 from guided_diffusion.errors import TrainingStopped
@@ -146,3 +148,18 @@ def test_consistency_flags_are_refused_when_parsed(flag, value, match, capsys):
     assert exit_.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and match in lines[0], lines
+
+
+def test_resume_refuses_another_consistency_grid(tmp_path):
+    """A student's checkpoints share one grid (sampling rebuilds it from args.json): resuming with
+    another --cm_steps / --cm_curriculum is refused in one line naming the flag."""
+    (tmp_path / "args.json").write_text(json.dumps(
+        {"cm_steps": 18, "cm_curriculum": "none", "cm_spacing": "karras"}))
+    resume = str(tmp_path / "model000002.pt")
+    same = argparse.Namespace(resume_checkpoint=resume, cm_steps=18, cm_curriculum="none",
+                              cm_spacing="karras")
+    cli.check_resume_flags(same)
+    for key, value in (("cm_steps", 40), ("cm_curriculum", "ict")):
+        other = argparse.Namespace(**dict(vars(same), **{key: value}))
+        with pytest.raises(cli.ScriptError, match=f"--{key} "):
+            cli.check_resume_flags(other)
