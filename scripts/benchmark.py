@@ -321,8 +321,20 @@ def machine_description(device) -> str:
     return f"{hardware.cpu_name()}, {th.get_num_threads()} threads, {facts.describe()}"
 
 
-def run(args) -> dict:
+def variant_names(args) -> tuple[th.device, list[str]]:
+    """The device and the `--variants` names (default per device), each checked before any
+    minutes are spent on the others."""
     device = th.device(args.device or ("cuda" if th.cuda.is_available() else "cpu"))
+    variants = args.variants or ("faithful,fp16,fast" if device.type == "cuda" else "faithful,fast")
+    names = [v.strip() for v in variants.split(",") if v.strip()]
+    for name in names:
+        if variant_flags(name)["use_fp16"] and device.type != "cuda":
+            raise SystemExit(f"variant {name!r}: the original's fp16 needs --device cuda")
+    return device, names
+
+
+def run(args) -> dict:
+    device, names = variant_names(args)
     if args.timer not in ("wall", "cpu"):
         raise SystemExit(f"--timer: {args.timer!r} is not 'wall' or 'cpu'")
     if args.config not in CONFIGS:
@@ -331,8 +343,6 @@ def run(args) -> dict:
     model_flags = dict(model_and_diffusion_defaults(), **config["flags"])
     train_batch_size = args.train_batch or config["train_batch"]
     sample_batch_size = args.sample_batch or config["sample_batch"]
-    variants = args.variants or ("faithful,fp16,fast" if device.type == "cuda" else "faithful,fast")
-    names = [v.strip() for v in variants.split(",") if v.strip()]
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
     for p in phases:
         if p not in ("train", "sample"):
@@ -340,9 +350,6 @@ def run(args) -> dict:
     if args.timer == "cpu" and device.type == "cuda":
         raise SystemExit("--timer cpu measures CPU work; on CUDA use the default wall clock")
     clock = time.process_time if args.timer == "cpu" else time.perf_counter
-    for name in names:  # refuse bad variants before spending minutes on the others
-        if variant_flags(name)["use_fp16"] and device.type != "cuda":
-            raise SystemExit(f"variant {name!r}: the original's fp16 needs --device cuda")
 
     base, _ = create_model_and_diffusion(**model_flags)
     init_weights(base)
@@ -444,11 +451,7 @@ def run_isolated(args) -> dict:
     alone). A process times `--runs` calls after `--warmup`; a variant's times are its
     per-round medians, and the ratios are medians of per-round ratios.
     """
-    device = args.device or ("cuda" if th.cuda.is_available() else "cpu")
-    variants = args.variants or ("faithful,fp16,fast" if device == "cuda" else "faithful,fast")
-    names = [v.strip() for v in variants.split(",") if v.strip()]
-    for name in names:
-        variant_flags(name)  # refuse a bad name before spending minutes on the others
+    _, names = variant_names(args)
     child = []
     for key, value in vars(args).items():
         if key not in ("variants", "json", "isolate") and value not in ("", None):
