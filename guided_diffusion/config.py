@@ -316,7 +316,9 @@ class FastConfig:
     fused_blocks: bool = flag(False, "GroupNorm+SiLU(+AdaGN) in one pass, attention without "
                                      "layout copies")
     fused_adam: bool = flag(False, "AdamW's fused kernel (one pass per tensor; other rounding)")
-    fast: bool = flag(False, "the preset for this device (fast.choose_switches; logged)")
+    malloc_cache: bool = flag(False, "CPU: glibc's malloc keeps freed memory for reuse (no page "
+                                     "faults per step; memory stays at its peak)")
+    fast: bool = flag(False, "the preset for this device (hardware.choose_switches; logged)")
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """The fast path: switches that trade bit-exactness with the original for speed.
 
 Each switch works alone; `--fast True` turns on the preset chosen for the device the model runs
-on (`choose_switches`: bf16 only where the hardware has bf16 instructions or tensor cores) and
-logs what it chose and why in one line.
+on (`hardware.choose_switches`: bf16 only where the hardware has bf16 instructions or tensor
+cores) and logs what it chose and why in one line.
 Nothing here is on by default: without these flags the model computes exactly what the original
 computes (the golden fixtures check it), so every speed-up is opt-in and measured against that
 faithful path by `scripts/benchmark.py`.
@@ -26,6 +26,11 @@ faithful path by `scripts/benchmark.py`.
 - `fused_adam`: training's AdamW step as PyTorch's fused kernel (`fused=True`: one pass over each
   tensor instead of a dozen elementwise ops per parameter; on CPU a third of the step's time).
   Same update, different rounding; the faithful path keeps the original's AdamW.
+- `malloc_cache` (CPU, glibc): the process's malloc keeps freed memory for reuse instead of
+  handing it back to the OS. By default every activation above glibc's mmap threshold is a fresh
+  mapping that the kernel zero-fills page by page, on every step (~100k page faults per bench64
+  sampling forward); with the thresholds raised the next step reuses the same pages. Process-wide
+  and bit-exact; the resident memory stays at its peak, as a GPU's caching allocator does.
 TF32 for what stays float32 on CUDA >= 8.0 is not a fast-path switch: `--tf32` (on by default,
 `dist_util.cuda_settings`) sets it for every script.
 
@@ -46,14 +51,14 @@ import os
 import shutil
 import types
 import warnings
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import torch as th
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import dist_util, hardware, logger
-from .config import FastConfig, defaults
+from .config import FastConfig, defaults, given_flags
 from .errors import ScriptError
 from .nn import GroupNorm32
 
@@ -73,6 +78,7 @@ class FastPathConfig:
     compile_model: bool = False  # torch.compile of the model's forward (falls back to eager)
     fused_blocks: bool = False  # GroupNorm+SiLU(+AdaGN) in one pass; attention without copies
     fused_adam: bool = False  # AdamW's fused kernel (training)
+    malloc_cache: bool = False  # glibc keeps freed memory for reuse (CPU; process-wide)
     use_fp16: bool = False  # the original's fp16 weights and loss scaling (CUDA)
     reason: str = dataclasses.field(default="", compare=False)  # why the preset chose these
 
@@ -85,6 +91,7 @@ class FastPathConfig:
             channels_last=self.channels_last,
             compile_model=self.compile_model,
             fused_blocks=self.fused_blocks,
+            malloc_cache=self.malloc_cache,
         )
 
     def describe(self) -> str:
@@ -96,55 +103,25 @@ class FastPathConfig:
         return f"fast path: {self.describe()}" + (f" ({self.reason})" if self.reason else "")
 
 
-def choose_switches(facts: hardware.DeviceFacts) -> tuple[dict, str]:
-    """
-    The preset for a device: the switches `--fast True` turns on, and a one-line reason.
-
-    The rule (README, "Fast path"), measured on CPUs and stated for GPUs:
-    - CPU: bf16 autocast only with bf16 instructions (AVX512-BF16, AMX, ARM BF16); without them
-      oneDNN emulates bf16 at a fraction of float32's speed, so the preset stays float32.
-      SDPA, channels_last, the fused blocks and fused AdamW on either kind.
-    - CUDA >= 8.0: bf16 autocast, SDPA, channels_last, fused blocks and AdamW (TF32 for what stays
-      float32 comes from `--tf32`, on by default).
-    - CUDA < 8.0 (V100, T4): no bf16 tensor cores; the original's fp16 with loss scaling instead.
-    - anything else: SDPA only.
-    torch.compile is never in the preset (its first call costs minutes; README).
-
-    :param facts: what the device can do (`hardware.detect`, or faked in tests).
-    :return: (switch name -> True for the switches to turn on, reason).
-    """
-    layout = dict(use_sdpa=True, channels_last=True, fused_blocks=True, fused_adam=True)
-    if facts.kind == "cpu":
-        if facts.cpu_bf16:
-            return dict(layout, use_bf16=True), f"{facts.describe()}: bf16 autocast"
-        return layout, f"{facts.describe()}: float32, bf16 would be emulated"
-    if facts.kind == "cuda" and facts.cuda_capability is not None:
-        cc = f"{facts.cuda_capability[0]}.{facts.cuda_capability[1]}"
-        if tuple(facts.cuda_capability) >= hardware.CUDA_BF16_CAPABILITY:
-            return (dict(layout, use_bf16=True),
-                    f"CUDA compute capability {cc} >= 8.0: bf16 autocast (TF32 for what stays "
-                    "float32: --tf32)")
-        return (dict(layout, use_fp16=True),
-                f"CUDA compute capability {cc} < 8.0, no bf16 tensor cores: the original's fp16 "
-                "with loss scaling")
-    return dict(use_sdpa=True), f"{facts.kind}: SDPA only"
-
-
 def resolve_fast_flags(
     flags: Mapping[str, Any] | Any,
     device: th.device | str | None = None,
     facts: hardware.DeviceFacts | None = None,
+    given: Collection[str] | None = None,
 ) -> FastPathConfig:
     """Turn parsed flags (a dict or an argparse Namespace) into a `FastPathConfig`.
 
-    `fast=True` adds the preset `choose_switches` picks for the device. Switches given
-    explicitly (`--use_bf16 True`, `--use_fp16 True`, ...) stay on whatever the preset says, and
-    pick the precision: with `--use_fp16 True` the preset adds no bf16, with `--use_bf16 True`
-    no fp16.
+    `fast=True` adds the preset `hardware.choose_switches` picks for the device. Switches given
+    explicitly win over it both ways: given True they stay on whatever the preset says and pick
+    the precision (with `--use_fp16 True` the preset adds no bf16, with `--use_bf16 True` no
+    fp16); given False (`--fast True --channels_last False`) the preset leaves them off.
 
     :param flags: must contain the keys of `fast_defaults()`; `use_fp16` is read if present.
     :param device: where the model runs (default CPU); its facts are detected unless given.
     :param facts: the device's facts (tests fake them; default `hardware.detect(device)`).
+    :param given: the flags the command line gave (`config.given_flags`); None = unknown, and a
+                  switch's False then reads as its default. `use_fp16` given False does not
+                  veto the preset's fp16 (sampling scripts take that flag from the run).
     """
     if not isinstance(flags, Mapping):
         flags = vars(flags)
@@ -164,15 +141,22 @@ def resolve_fast_flags(
     if flags["fast"]:
         if facts is None:
             facts = hardware.detect(device if device is not None else "cpu")
-        preset, reason = choose_switches(facts)
+        preset, reason = hardware.choose_switches(facts)
         explicit_precision = chosen["use_bf16"] or chosen["use_fp16"]
+        # Only this project's switches: use_fp16 is a model flag, also "given" when a sampling
+        # script takes it from the run's args.json, so its False never vetoes the preset.
+        turned_off = [k for k in fast_defaults() if given is not None and k in given
+                      and k != "fast" and not chosen[k]]
         for key, value in preset.items():
-            if key in ("use_bf16", "use_fp16") and explicit_precision:
-                continue  # the user's precision wins
-            chosen[key] = chosen.get(key, False) or value
+            if key in turned_off or (key in ("use_bf16", "use_fp16") and explicit_precision):
+                continue  # the user's switch, or the user's precision, wins
+            chosen[key] = chosen[key] or value
         forced = [k for k in ("use_bf16", "use_fp16") if chosen[k] and not preset.get(k)]
         if forced:
             reason += f"; --{forced[0]} True given"
+        kept_off = [k for k in turned_off if preset.get(k)]
+        if kept_off:
+            reason += "; " + " ".join(f"--{k} False" for k in kept_off) + " given"
     kind = th.device(device).type if device is not None else None
     if chosen["use_bf16"] and kind is not None and kind not in ("cpu", "cuda"):
         raise ValueError(f"--use_bf16 True needs a CPU or CUDA device, got {device}")
@@ -269,6 +253,7 @@ def apply_fast_path(
     compile_model: bool = False,
     compile_mode: str | None = None,
     fused_blocks: bool = False,
+    malloc_cache: bool = False,
 ) -> nn.Module:
     """Apply the model-side switches in place and return the model (same object, same state_dict).
 
@@ -283,7 +268,12 @@ def apply_fast_path(
     :param compile_model: torch.compile the forward; on failure, stay eager and say why.
     :param compile_mode: passed to torch.compile (None, "reduce-overhead", "max-autotune", ...).
     :param fused_blocks: the fused forward of every ResBlock and AttentionBlock (`set_fused`).
+    :param malloc_cache: for a model on the CPU, `hardware.keep_freed_memory()` (process-wide).
     """
+    if malloc_cache and next(model.parameters()).device.type == "cpu":
+        problem = hardware.keep_freed_memory()
+        if problem is not None:
+            warnings.warn(f"--malloc_cache True: {problem}; the allocator is unchanged")
     if fused_blocks:
         set_fused(model, True)  # a model without U-Net blocks (DiT) has none to switch
     if use_bf16:
@@ -328,7 +318,7 @@ def is_compiled(model: nn.Module) -> bool:
 def fast_config(args, fp16_flag: str = "use_fp16") -> FastPathConfig:
     """
     The fast-path switches of the flags, `--fast True` resolved for this process's device
-    (`choose_switches`); with a parser without fast-path flags only the fp16 flag counts.
+    (`hardware.choose_switches`); with a parser without fast-path flags only the fp16 flag counts.
     Its `use_fp16` is the precision to load, sample and train in: the flag, or the preset's
     choice on CUDA below compute capability 8.0.
     """
@@ -336,7 +326,7 @@ def fast_config(args, fp16_flag: str = "use_fp16") -> FastPathConfig:
         return FastPathConfig(use_fp16=bool(getattr(args, fp16_flag, False)))
     flags = dict(vars(args), use_fp16=bool(getattr(args, fp16_flag, False)))
     try:
-        return resolve_fast_flags(flags, dist_util.dev())
+        return resolve_fast_flags(flags, dist_util.dev(), given=given_flags(args))
     except ValueError as e:
         raise ScriptError(str(e)) from e
 

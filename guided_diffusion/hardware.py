@@ -1,8 +1,9 @@
 """What the machine can do fast: the facts the fast path's preset is chosen from.
 
 Foundation layer: imports only torch and the standard library. The facts are plain data
-(`DeviceFacts`), so the rule that turns them into switches (`fast.choose_switches`) is a pure
-function that tests feed with faked facts.
+(`DeviceFacts`), so the rule that turns them into switches (`choose_switches`, here for the
+fast path and the evaluator alike) is a pure function that tests feed with faked facts. Also the
+host allocator's setting the CPU preset turns on (`keep_freed_memory`).
 
 - CPU: whether it has bfloat16 dot-product instructions (x86 AVX512-BF16 or AMX-BF16, ARM BF16).
   Without them oneDNN emulates bf16 matmuls and convolutions through float32 conversions, several
@@ -18,6 +19,7 @@ oneDNN switch that stops it from using bf16 instructions) means "no bf16" as wel
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 import platform
@@ -109,3 +111,69 @@ def detect(device: th.device | str) -> DeviceFacts:
     if device.type == "cuda":
         return DeviceFacts("cuda", cuda_capability=tuple(th.cuda.get_device_capability(device)))
     return DeviceFacts(device.type)
+
+
+def choose_switches(facts: DeviceFacts) -> tuple[dict, str]:
+    """
+    The preset for a device: the switches `--fast True` turns on, and a one-line reason.
+    (`fast.resolve_fast_flags` applies it to a script's flags; the evaluator takes its float32
+    switches.)
+
+    The rule (README, "Fast path"), measured on CPUs and stated for GPUs:
+    - CPU: bf16 autocast only with bf16 instructions (AVX512-BF16, AMX, ARM BF16); without them
+      oneDNN emulates bf16 at a fraction of float32's speed, so the preset stays float32.
+      SDPA, channels_last, the fused blocks, fused AdamW and the malloc cache on either kind.
+    - CUDA >= 8.0: bf16 autocast, SDPA, channels_last, fused blocks and AdamW (TF32 for what stays
+      float32 comes from `--tf32`, on by default).
+    - CUDA < 8.0 (V100, T4): no bf16 tensor cores; the original's fp16 with loss scaling instead.
+    - anything else: SDPA only.
+    torch.compile is never in the preset (its first call costs minutes; README).
+
+    :param facts: what the device can do (`detect`, or faked in tests).
+    :return: (switch name -> True for the switches to turn on, reason).
+    """
+    layout = dict(use_sdpa=True, channels_last=True, fused_blocks=True, fused_adam=True)
+    if facts.kind == "cpu":
+        cpu = dict(layout, malloc_cache=True)  # host memory holds the activations
+        if facts.cpu_bf16:
+            return dict(cpu, use_bf16=True), f"{facts.describe()}: bf16 autocast"
+        return cpu, f"{facts.describe()}: float32, bf16 would be emulated"
+    if facts.kind == "cuda" and facts.cuda_capability is not None:
+        cc = f"{facts.cuda_capability[0]}.{facts.cuda_capability[1]}"
+        if tuple(facts.cuda_capability) >= CUDA_BF16_CAPABILITY:
+            return (dict(layout, use_bf16=True),
+                    f"CUDA compute capability {cc} >= 8.0: bf16 autocast (TF32 for what stays "
+                    "float32: --tf32)")
+        return (dict(layout, use_fp16=True),
+                f"CUDA compute capability {cc} < 8.0, no bf16 tensor cores: the original's fp16 "
+                "with loss scaling")
+    return dict(use_sdpa=True), f"{facts.kind}: SDPA only"
+
+
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+# The largest mmap threshold glibc takes: 1 GiB from 2.35 on (measured: 2.36), 32 MiB before.
+MMAP_THRESHOLDS = (1 << 30, 32 << 20)
+
+
+def keep_freed_memory() -> str | None:
+    """
+    Make glibc's malloc keep freed memory for reuse (the `malloc_cache` switch; process-wide).
+
+    Raises the mmap threshold (allocations above it are fresh zero-filled mappings, returned to
+    the OS when freed) and the trim threshold (free memory at the heap's top above it is
+    returned), so that each step's activations reuse the last step's pages. Idempotent.
+
+    :return: None when set, else why not (no glibc, or mallopt refused), for a warning.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return "no mallopt in this C library (glibc only)"
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    if not mallopt(M_TRIM_THRESHOLD, 2**31 - 1):
+        return "mallopt(M_TRIM_THRESHOLD) refused"
+    if not any(mallopt(M_MMAP_THRESHOLD, size) for size in MMAP_THRESHOLDS):
+        return "mallopt(M_MMAP_THRESHOLD) refused"
+    return None

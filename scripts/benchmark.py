@@ -105,6 +105,7 @@ ATOMS = {
     "compile": dict(compile_model=True),
     "fused": dict(fused_blocks=True),
     "fused_adam": dict(fused_adam=True),
+    "malloc_cache": dict(malloc_cache=True),  # process-wide: measure it with --isolate
     "fast": dict(fast=True),  # the preset for this device (what it resolved to is printed)
 }
 
@@ -532,6 +533,10 @@ def format_table(report: dict) -> str:
         "peak MiB: CUDA allocator peak; on CPU, the peak RSS growth during the step. "
         "1st call includes one-off costs (torch.compile, kernel selection)."
     )
+    if not rounds and any("malloc_cache" in row["switches"].split("+")
+                          for row in report["results"]):
+        lines.append("note: malloc_cache is process-wide, so every variant of this run ran with "
+                     "it; --isolate R measures it.")
     if any(row.get("compiled") is False for row in report["results"]):
         lines.append("note: a compile variant fell back to eager (see the warning above).")
     return "\n".join(lines)

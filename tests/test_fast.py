@@ -9,6 +9,7 @@ summation order); bf16 autocast 2e-2 (bfloat16 keeps 8 mantissa bits, ~4e-3 per 
 import copy
 import os
 import pathlib
+import platform
 import subprocess
 import sys
 
@@ -20,6 +21,7 @@ from conftest import crc32_init_
 import torch.nn.functional as F
 
 from guided_diffusion import fast, hardware
+from guided_diffusion.config import FastConfig, UNetConfig, build_parser
 from guided_diffusion.fp16_util import MixedPrecisionTrainer
 from guided_diffusion.nn import GroupNorm32, group_norm_act
 from guided_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
@@ -142,7 +144,7 @@ def test_fast_preset_within_bf16_tolerance_and_trains_through_the_trainer():
     ref_model, diffusion = tiny_model()
     cfg = fast.resolve_fast_flags(dict(fast.fast_defaults(), fast=True), "cpu", facts=CPU_BF16)
     assert cfg == fast.FastPathConfig(use_bf16=True, use_sdpa=True, channels_last=True,
-                                      fused_blocks=True, fused_adam=True)
+                                      fused_blocks=True, fused_adam=True, malloc_cache=True)
     model = fast.apply_fast_path(copy.deepcopy(ref_model), **cfg.model_kwargs())
     assert rel_err(forward(model, cfg.use_bf16), forward(ref_model)) < BF16_TOL
     # One step through the project's trainer in bf16 mode moves the float32 weights.
@@ -238,11 +240,12 @@ def cuda(major, minor):
 
 
 LAYOUT = dict(use_sdpa=True, channels_last=True, fused_blocks=True, fused_adam=True)
+CPU = dict(LAYOUT, malloc_cache=True)  # host memory holds a CPU run's activations
 
 
 @pytest.mark.parametrize("facts, expected", [
-    (CPU_BF16, dict(LAYOUT, use_bf16=True)),
-    (CPU_NO_BF16, LAYOUT),  # bf16 would be emulated: float32
+    (CPU_BF16, dict(CPU, use_bf16=True)),
+    (CPU_NO_BF16, CPU),  # bf16 would be emulated: float32
     (cuda(7, 0), dict(LAYOUT, use_fp16=True)),  # V100: the original's fp16, loss scaling
     (cuda(7, 5), dict(LAYOUT, use_fp16=True)),  # T4
     (cuda(8, 0), dict(LAYOUT, use_bf16=True)),  # A100 (TF32 for float32: --tf32, default on)
@@ -270,6 +273,42 @@ def test_explicit_switches_override_the_preset():
     assert on_h100 == fast.FastPathConfig(**LAYOUT, use_fp16=True)
     # A switch the preset leaves off can be added.
     assert fast.resolve_fast_flags(dict(base, compile_model=True), facts=CPU_BF16).compile_model
+
+
+@pytest.mark.parametrize("facts, off, expected", [
+    # float32 on a bf16 CPU: the preset's other switches stay.
+    (CPU_BF16, {"use_bf16"}, CPU),
+    (CPU_NO_BF16, {"channels_last", "malloc_cache"}, dict(CPU, channels_last=False,
+                                                          malloc_cache=False)),
+    (cuda(9, 0), {"use_bf16", "fused_adam"}, dict(LAYOUT, fused_adam=False)),
+    # use_fp16 is a model flag (sampling takes it from args.json): its False keeps the preset.
+    (cuda(7, 0), {"use_fp16", "use_sdpa"}, dict(LAYOUT, use_sdpa=False, use_fp16=True)),
+    # Given, but to the preset's own value: nothing to override.
+    (CPU_NO_BF16, {"use_bf16", "compile_model"}, CPU),
+])
+def test_switches_given_false_stay_off_under_the_preset(facts, off, expected):
+    flags = dict(fast.fast_defaults(), fast=True, use_fp16=False)
+    cfg = fast.resolve_fast_flags(flags, facts=facts, given={"fast", *off})
+    assert cfg == fast.FastPathConfig(**expected)
+    vetoed = sorted(k for k in off if k != "use_fp16" and hardware.choose_switches(facts)[0].get(k))
+    for key in vetoed:
+        assert f"--{key} False" in cfg.reason
+    assert ("given" in cfg.reason) == bool(vetoed)
+    # Unknown given flags (a plain dict or Namespace): False is a default, the preset applies.
+    assert fast.resolve_fast_flags(flags, facts=facts) == fast.resolve_fast_flags(
+        flags, facts=facts, given={"fast"})
+
+
+def test_a_command_line_turns_one_preset_switch_off(monkeypatch):
+    parser = build_parser(None, FastConfig, UNetConfig)
+    monkeypatch.setenv("GD_CPU_BF16", "1")
+    on = fast.fast_config(parser.parse_args(["--fast", "True"]))
+    assert on.use_bf16 and on.channels_last
+    off = fast.fast_config(parser.parse_args(["--fast", "True", "--use_bf16", "False",
+                                             "--channels_last", "False"]))
+    assert off == fast.FastPathConfig(use_sdpa=True, fused_blocks=True, fused_adam=True,
+                                      malloc_cache=True)
+    assert off.log_line().endswith("; --use_bf16 False --channels_last False given)")
 
 
 @pytest.mark.parametrize("flags, environ, expected", [
@@ -394,5 +433,53 @@ def test_fast_preset_runs_image_train_end_to_end(tmp_path):
         env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     log = proc.stdout + proc.stderr
-    assert "fast path: use_sdpa+channels_last+fused_blocks+fused_adam (CPU bf16 instructions: none" in log
+    assert ("fast path: use_sdpa+channels_last+fused_blocks+fused_adam+malloc_cache (CPU bf16 "
+            "instructions: none") in log
     assert (tmp_path / "run" / "model000001.pt").exists()
+
+
+FAULTS_SCRIPT = """
+import resource, sys, torch
+from guided_diffusion import fast
+if sys.argv[1] == "cache":
+    assert fast.apply_fast_path(torch.nn.Linear(2, 2), malloc_cache=True) is not None
+faults = []
+for _ in range(8):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.ones(12 << 20)  # 48 MiB: above the 32 MiB where glibc's own threshold stops
+    del x
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(max(faults[4:]))  # the heap settles within a few rounds (measured: 1-3)
+"""
+
+
+def _thp_always() -> bool:
+    try:
+        return "[always]" in pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc"
+                    or tuple(map(int, platform.libc_ver()[1].split(".")[:2])) < (2, 35),
+                    reason="malloc_cache raises the mmap threshold past 48 MiB on glibc >= 2.35")
+def test_malloc_cache_reuses_freed_pages_instead_of_faulting_them_in_again():
+    pages = (48 << 20) // 4096
+    run = lambda mode: int(subprocess.run(  # noqa: E731
+        [sys.executable, "-c", FAULTS_SCRIPT, mode], capture_output=True, text=True, check=True,
+        cwd=ROOT).stdout)
+    cached = run("cache")
+    assert cached < pages // 100  # the freed 48 MiB came back without zero-filled new pages
+    if not _thp_always():  # 4 KiB pages: by default every allocation faults each page in again
+        assert run("default") > pages // 2
+
+
+def test_malloc_cache_is_cpu_only_and_says_why_it_cannot_apply(monkeypatch):
+    assert hardware.keep_freed_memory() is None  # idempotent (also called by other tests' presets)
+    monkeypatch.setattr(hardware, "keep_freed_memory", lambda: "no mallopt in this C library")
+    with pytest.warns(UserWarning, match="--malloc_cache True: no mallopt"):
+        fast.apply_fast_path(th.nn.Linear(2, 2), malloc_cache=True)
+    calls = []
+    monkeypatch.setattr(hardware, "keep_freed_memory", lambda: calls.append(1))
+    fast.apply_fast_path(th.nn.Linear(2, 2).to("meta"), malloc_cache=True)
+    assert not calls  # a model off the CPU keeps its activations elsewhere
