@@ -40,11 +40,17 @@ from evaluations.npz_io import (  # noqa: E402
     run_main,
     statistics_preprocessing,
 )
-from guided_diffusion.config import EvaluatorConfig, build_parser, defaults  # noqa: E402
+from guided_diffusion import hardware  # noqa: E402
+from guided_diffusion.config import EvaluatorConfig, FastConfig, build_parser, defaults  # noqa: E402
 from guided_diffusion.fileio import atomic_write  # noqa: E402
 
 # The command-line defaults (and the Evaluator's), from the flags' one home.
 EVALUATOR_DEFAULTS = defaults(EvaluatorConfig)
+# Of the fast path's preset (`hardware.choose_switches`), what `--fast True` takes here: the
+# switches that keep the features float32, as the reference statistics are (no bf16, fp16, TF32).
+FLOAT32_SWITCHES = ("channels_last",)
+# The fast-path flags the evaluators leave out: only --fast, the preset, is theirs.
+FAST_FLAGS_LEFT_OUT = tuple(k for k in defaults(FastConfig) if k != "fast")
 INCEPTION_SPLIT_SIZE = 5000
 NHOOD_SIZES = (3,)  # k of the k-NN balls of improved precision/recall
 PR_BATCH_SIZE = 10000  # rows x columns of one block of pairwise distances
@@ -396,14 +402,32 @@ class Evaluator:
     :param batch_size: images per forward pass.
     :param device: where the network runs (default: cuda when available).
     :param progress: show tqdm bars.
+    :param fast: `--fast True`: the float32 switches of this device's preset (`fast_line` says
+                 which).
     """
 
     def __init__(self, model: FIDInceptionV3, batch_size: int = EVALUATOR_DEFAULTS["batch_size"],
-                 device: str | th.device | None = None, progress: bool = True):
+                 device: str | th.device | None = None, progress: bool = True,
+                 fast: bool = False):
         self.device = th.device(device) if device else _default_device()
         self.model = model.to(self.device).eval()
         self.batch_size = batch_size
         self.progress = progress
+        self.fast_line = self._apply_fast_path() if fast else ""
+
+    def _apply_fast_path(self) -> str:
+        """
+        Turn on the float32 switches of the device's preset: channels_last, oneDNN's and cuDNN's
+        preferred convolution layout (CPU: 1.4x faster features, 2e-7 relative difference).
+        :return: the log line saying what runs, and why.
+        """
+        facts = hardware.detect(self.device)
+        preset, _ = hardware.choose_switches(facts)
+        on = [k for k in FLOAT32_SWITCHES if preset.get(k)]
+        if "channels_last" in on:
+            self.model.to(memory_format=th.channels_last)
+        return (f"fast path: {'+'.join(on) or 'faithful'} ({facts.describe()}; the features "
+                "stay float32)")
 
     @property
     def preprocessing(self) -> str:
@@ -574,7 +598,8 @@ METRIC_LABELS = dict(inception_score="Inception Score", fid="FID", sfid="sFID",
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    parser = build_parser(__doc__.split("\n\n")[1], EvaluatorConfig)
+    parser = build_parser(__doc__.split("\n\n")[1], EvaluatorConfig, FastConfig,
+                          drop=FAST_FLAGS_LEFT_OUT)
     parser.add_argument("ref_batch", help="reference .npz (arr_0 images, optional mu/sigma/mu_s/"
                                           "sigma_s) or shard folder")
     parser.add_argument("sample_batch", help="sample .npz (arr_0 images) or shard folder "
@@ -600,7 +625,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     device = checked_device(args.device) if args.device else _default_device()
     model = load_fid_inception(args.inception_path or None, device=device,
                                preprocessing=args.preprocessing)
-    evaluator = Evaluator(model, batch_size=args.batch_size, device=device)
+    evaluator = Evaluator(model, batch_size=args.batch_size, device=device, fast=args.fast)
+    if evaluator.fast_line:
+        print(evaluator.fast_line)
     metrics = evaluator.evaluate(args.ref_batch, args.sample_batch)
     # The header says how the features were made: numbers from different preprocessings differ.
     print(f"Computing evaluations (Inception preprocessing: {args.preprocessing})...")

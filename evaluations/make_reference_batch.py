@@ -14,10 +14,16 @@ import argparse
 
 import numpy as np
 
-from evaluations.evaluator import Evaluator, RunningStatistics
+from evaluations.evaluator import FAST_FLAGS_LEFT_OUT, Evaluator, RunningStatistics
 from evaluations.inception import load_fid_inception
 from evaluations.npz_io import images_to_npz, run_main
-from guided_diffusion.config import EvaluatorConfig, ReferenceBatchConfig, build_parser, defaults
+from guided_diffusion.config import (
+    EvaluatorConfig,
+    FastConfig,
+    ReferenceBatchConfig,
+    build_parser,
+    defaults,
+)
 
 DEFAULTS = defaults(ReferenceBatchConfig, EvaluatorConfig, drop=("output",))
 
@@ -47,7 +53,7 @@ def make_reference_batch(image_dir: str, out_path: str, evaluator: Evaluator,
 
 def create_argparser() -> argparse.ArgumentParser:
     parser = build_parser(__doc__.split("\n\n")[0].strip(), ReferenceBatchConfig,
-                          EvaluatorConfig, drop=("output",))
+                          EvaluatorConfig, FastConfig, drop=("output",) + FAST_FLAGS_LEFT_OUT)
     parser.add_argument("image_dir",
                         help="folder of .png/.jpg images (searched recursively, sorted by path)")
     parser.add_argument("out", help="the .npz to write")
@@ -58,7 +64,9 @@ def main(argv: list[str] | None = None) -> None:
     args = create_argparser().parse_args(argv)
     model = load_fid_inception(args.inception_path or None, preprocessing=args.preprocessing)
     evaluator = Evaluator(model, batch_size=args.batch_size,
-                          device=args.device or None)
+                          device=args.device or None, fast=args.fast)
+    if evaluator.fast_line:
+        print(evaluator.fast_line)
     n = make_reference_batch(args.image_dir, args.out, evaluator,
                              image_size=args.image_size or None)
     print(f"wrote {n} images and their statistics to {args.out}")

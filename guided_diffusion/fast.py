@@ -30,7 +30,8 @@ faithful path by `scripts/benchmark.py`.
   handing it back to the OS. By default every activation above glibc's mmap threshold is a fresh
   mapping that the kernel zero-fills page by page, on every step (~100k page faults per bench64
   sampling forward); with the thresholds raised the next step reuses the same pages. Process-wide
-  and bit-exact; the resident memory stays at its peak, as a GPU's caching allocator does.
+  and bit-exact; the resident memory stays at its peak, as a GPU's caching allocator does. Not in
+  the preset: the page faults go, but no wall-clock gain stood out of the noise here (README).
 TF32 for what stays float32 on CUDA >= 8.0 is not a fast-path switch: `--tf32` (on by default,
 `dist_util.cuda_settings`) sets it for every script.
 

@@ -3,7 +3,7 @@
 Foundation layer: imports only torch and the standard library. The facts are plain data
 (`DeviceFacts`), so the rule that turns them into switches (`choose_switches`, here for the
 fast path and the evaluator alike) is a pure function that tests feed with faked facts. Also the
-host allocator's setting the CPU preset turns on (`keep_freed_memory`).
+host allocator's setting of the `--malloc_cache` switch (`keep_freed_memory`).
 
 - CPU: whether it has bfloat16 dot-product instructions (x86 AVX512-BF16 or AMX-BF16, ARM BF16).
   Without them oneDNN emulates bf16 matmuls and convolutions through float32 conversions, several
@@ -122,7 +122,8 @@ def choose_switches(facts: DeviceFacts) -> tuple[dict, str]:
     The rule (README, "Fast path"), measured on CPUs and stated for GPUs:
     - CPU: bf16 autocast only with bf16 instructions (AVX512-BF16, AMX, ARM BF16); without them
       oneDNN emulates bf16 at a fraction of float32's speed, so the preset stays float32.
-      SDPA, channels_last, the fused blocks, fused AdamW and the malloc cache on either kind.
+      SDPA, channels_last, the fused blocks and fused AdamW on either kind. (The malloc cache
+      is not in it: fewer page faults, but no wall-clock gain measured; README.)
     - CUDA >= 8.0: bf16 autocast, SDPA, channels_last, fused blocks and AdamW (TF32 for what stays
       float32 comes from `--tf32`, on by default).
     - CUDA < 8.0 (V100, T4): no bf16 tensor cores; the original's fp16 with loss scaling instead.
@@ -134,10 +135,9 @@ def choose_switches(facts: DeviceFacts) -> tuple[dict, str]:
     """
     layout = dict(use_sdpa=True, channels_last=True, fused_blocks=True, fused_adam=True)
     if facts.kind == "cpu":
-        cpu = dict(layout, malloc_cache=True)  # host memory holds the activations
         if facts.cpu_bf16:
-            return dict(cpu, use_bf16=True), f"{facts.describe()}: bf16 autocast"
-        return cpu, f"{facts.describe()}: float32, bf16 would be emulated"
+            return dict(layout, use_bf16=True), f"{facts.describe()}: bf16 autocast"
+        return layout, f"{facts.describe()}: float32, bf16 would be emulated"
     if facts.kind == "cuda" and facts.cuda_capability is not None:
         cc = f"{facts.cuda_capability[0]}.{facts.cuda_capability[1]}"
         if tuple(facts.cuda_capability) >= CUDA_BF16_CAPABILITY:

@@ -29,7 +29,7 @@ def test_tiny_benchmark_prints_faithful_and_fast_side_by_side(benchmark, capsys,
     assert "| faithful |" in table and "| fast |" in table
     assert "GFLOP/s" in table and "÷ faithful" in table
     faithful, fast_row = report["results"]
-    switches = "use_bf16+use_sdpa+channels_last+fused_blocks+fused_adam+malloc_cache"
+    switches = "use_bf16+use_sdpa+channels_last+fused_blocks+fused_adam"
     assert fast_row["switches"] == switches
     assert f"fast: {switches} (CPU bf16 instructions" in table
     # FlopCounterMode counts the convolutions and matmuls: fwd+bwd costs about 3x a forward per

@@ -41,7 +41,7 @@ def test_apply_fast_flags_resolves_the_preset_and_refuses_bf16_with_fp16(monkeyp
     monkeypatch.setenv("GD_CPU_BF16", "1")  # the preset follows the CPU's bf16 instructions
     cfg = cli.apply_fast_flags(_args(fast=True), model)
     assert cfg == fast.FastPathConfig(use_bf16=True, use_sdpa=True, channels_last=True,
-                                      fused_blocks=True, fused_adam=True, malloc_cache=True)
+                                      fused_blocks=True, fused_adam=True)
     monkeypatch.setenv("GD_CPU_BF16", "0")
     assert not cli.fast_config(_args(fast=True)).use_bf16
     assert all(m.use_sdpa for m in model.modules() if hasattr(m, "use_sdpa"))

@@ -5,6 +5,7 @@ layout and features, streaming .npz batches, the command-line tools, and bad inp
 No test downloads anything: the Inception network runs with random weights.
 """
 
+import copy
 import json
 import os
 import subprocess
@@ -331,6 +332,39 @@ def test_cli_end_to_end_on_tiny_batches(tmp_path, weights_file):
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode != 0 and f"{bad}: no array 'arr_0'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_fast_evaluator_takes_the_float32_switches_and_gives_the_same_metrics(
+        tmp_path, weights_file, monkeypatch, capsys):
+    ref, sample = str(tmp_path / "ref.npz"), str(tmp_path / "sample.npz")
+    np.savez(ref, arr_0=_tiny_images(5, n=6))
+    np.savez(sample, arr_0=_tiny_images(7, n=6))
+    argv = [ref, sample, "--inception_path", weights_file, "--device", "cpu", "--batch_size", "4"]
+    faithful = E.main(argv)
+    monkeypatch.setenv("GD_CPU_BF16", "1")  # a bf16 CPU: the preset's bf16 is still left out
+    fast = E.main(argv + ["--fast", "True"])
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("fast path:"))
+    assert line.startswith("fast path: channels_last (CPU bf16 instructions: GD_CPU")
+    assert line.endswith("; the features stay float32)")
+    assert fast.keys() == faithful.keys()
+    for key in faithful:  # channels_last convolutions round differently: ~2e-7 on the features
+        assert fast[key] == pytest.approx(faithful[key], rel=1e-3, abs=1e-4), key
+    with pytest.raises(SystemExit):  # only the preset is the evaluators' flag
+        E.create_argparser().parse_args([ref, sample, "--use_bf16", "True"])
+
+
+def test_fast_evaluator_on_a_gpu_takes_channels_last_only(random_inception, monkeypatch):
+    monkeypatch.setattr(E.hardware, "detect",
+                        lambda device: E.hardware.DeviceFacts("cuda", cuda_capability=(9, 0)))
+    evaluator = E.Evaluator(copy.deepcopy(random_inception), device="cpu", progress=False,
+                            fast=True)
+    assert evaluator.fast_line == ("fast path: channels_last (CUDA compute capability 9.0; the "
+                                   "features stay float32)")
+    convs = [m.weight for m in evaluator.model.modules() if isinstance(m, th.nn.Conv2d)]
+    assert all(w.is_contiguous(memory_format=th.channels_last) for w in convs)
+    assert all(p.dtype == th.float32 for p in evaluator.model.parameters())
+    assert E.Evaluator(random_inception, device="cpu", progress=False).fast_line == ""
 
 
 def test_reference_batch_tools_round_trip_and_precomputed_statistics(tmp_path, random_inception):

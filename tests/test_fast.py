@@ -144,7 +144,7 @@ def test_fast_preset_within_bf16_tolerance_and_trains_through_the_trainer():
     ref_model, diffusion = tiny_model()
     cfg = fast.resolve_fast_flags(dict(fast.fast_defaults(), fast=True), "cpu", facts=CPU_BF16)
     assert cfg == fast.FastPathConfig(use_bf16=True, use_sdpa=True, channels_last=True,
-                                      fused_blocks=True, fused_adam=True, malloc_cache=True)
+                                      fused_blocks=True, fused_adam=True)
     model = fast.apply_fast_path(copy.deepcopy(ref_model), **cfg.model_kwargs())
     assert rel_err(forward(model, cfg.use_bf16), forward(ref_model)) < BF16_TOL
     # One step through the project's trainer in bf16 mode moves the float32 weights.
@@ -240,12 +240,11 @@ def cuda(major, minor):
 
 
 LAYOUT = dict(use_sdpa=True, channels_last=True, fused_blocks=True, fused_adam=True)
-CPU = dict(LAYOUT, malloc_cache=True)  # host memory holds a CPU run's activations
 
 
 @pytest.mark.parametrize("facts, expected", [
-    (CPU_BF16, dict(CPU, use_bf16=True)),
-    (CPU_NO_BF16, CPU),  # bf16 would be emulated: float32
+    (CPU_BF16, dict(LAYOUT, use_bf16=True)),
+    (CPU_NO_BF16, LAYOUT),  # bf16 would be emulated: float32
     (cuda(7, 0), dict(LAYOUT, use_fp16=True)),  # V100: the original's fp16, loss scaling
     (cuda(7, 5), dict(LAYOUT, use_fp16=True)),  # T4
     (cuda(8, 0), dict(LAYOUT, use_bf16=True)),  # A100 (TF32 for float32: --tf32, default on)
@@ -277,14 +276,13 @@ def test_explicit_switches_override_the_preset():
 
 @pytest.mark.parametrize("facts, off, expected", [
     # float32 on a bf16 CPU: the preset's other switches stay.
-    (CPU_BF16, {"use_bf16"}, CPU),
-    (CPU_NO_BF16, {"channels_last", "malloc_cache"}, dict(CPU, channels_last=False,
-                                                          malloc_cache=False)),
+    (CPU_BF16, {"use_bf16"}, LAYOUT),
+    (CPU_NO_BF16, {"channels_last", "malloc_cache"}, dict(LAYOUT, channels_last=False)),
     (cuda(9, 0), {"use_bf16", "fused_adam"}, dict(LAYOUT, fused_adam=False)),
     # use_fp16 is a model flag (sampling takes it from args.json): its False keeps the preset.
     (cuda(7, 0), {"use_fp16", "use_sdpa"}, dict(LAYOUT, use_sdpa=False, use_fp16=True)),
     # Given, but to the preset's own value: nothing to override.
-    (CPU_NO_BF16, {"use_bf16", "compile_model"}, CPU),
+    (CPU_NO_BF16, {"use_bf16", "compile_model"}, LAYOUT),
 ])
 def test_switches_given_false_stay_off_under_the_preset(facts, off, expected):
     flags = dict(fast.fast_defaults(), fast=True, use_fp16=False)
@@ -306,8 +304,7 @@ def test_a_command_line_turns_one_preset_switch_off(monkeypatch):
     assert on.use_bf16 and on.channels_last
     off = fast.fast_config(parser.parse_args(["--fast", "True", "--use_bf16", "False",
                                              "--channels_last", "False"]))
-    assert off == fast.FastPathConfig(use_sdpa=True, fused_blocks=True, fused_adam=True,
-                                      malloc_cache=True)
+    assert off == fast.FastPathConfig(use_sdpa=True, fused_blocks=True, fused_adam=True)
     assert off.log_line().endswith("; --use_bf16 False --channels_last False given)")
 
 
@@ -433,8 +430,7 @@ def test_fast_preset_runs_image_train_end_to_end(tmp_path):
         env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     log = proc.stdout + proc.stderr
-    assert ("fast path: use_sdpa+channels_last+fused_blocks+fused_adam+malloc_cache (CPU bf16 "
-            "instructions: none") in log
+    assert "fast path: use_sdpa+channels_last+fused_blocks+fused_adam (CPU bf16 instructions: none" in log
     assert (tmp_path / "run" / "model000001.pt").exists()
 
 
