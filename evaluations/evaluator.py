@@ -46,9 +46,6 @@ from guided_diffusion.fileio import atomic_write  # noqa: E402
 
 # The command-line defaults (and the Evaluator's), from the flags' one home.
 EVALUATOR_DEFAULTS = defaults(EvaluatorConfig)
-# Of the fast path's preset (`hardware.choose_switches`), what `--fast True` takes here: the
-# switches that keep the features float32, as the reference statistics are (no bf16, fp16, TF32).
-FLOAT32_SWITCHES = ("channels_last",)
 # The fast-path flags the evaluators leave out: only --fast, the preset, is theirs.
 FAST_FLAGS_LEFT_OUT = tuple(k for k in defaults(FastConfig) if k != "fast")
 INCEPTION_SPLIT_SIZE = 5000
@@ -417,17 +414,17 @@ class Evaluator:
 
     def _apply_fast_path(self) -> str:
         """
-        Turn on the float32 switches of the device's preset: channels_last, oneDNN's and cuDNN's
-        preferred convolution layout (CPU: 1.4x faster features, 2e-7 relative difference).
-        :return: the log line saying what runs, and why.
+        Of the device's preset (`hardware.choose_switches`), turn on the one switch that keeps
+        the features float32, as the reference statistics are (no bf16, fp16 or TF32):
+        channels_last, oneDNN's and cuDNN's preferred convolution layout (CPU: 1.4x faster
+        features, 2e-7 relative difference). :return: the log line saying what runs, and why.
         """
         facts = hardware.detect(self.device)
-        preset, _ = hardware.choose_switches(facts)
-        on = [k for k in FLOAT32_SWITCHES if preset.get(k)]
-        if "channels_last" in on:
+        channels_last = bool(hardware.choose_switches(facts)[0].get("channels_last"))
+        if channels_last:
             self.model.to(memory_format=th.channels_last)
-        return (f"fast path: {'+'.join(on) or 'faithful'} ({facts.describe()}; the features "
-                "stay float32)")
+        return (f"fast path: {'channels_last' if channels_last else 'faithful'} "
+                f"({facts.describe()}; the features stay float32)")
 
     @property
     def preprocessing(self) -> str:

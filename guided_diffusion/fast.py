@@ -146,8 +146,7 @@ def resolve_fast_flags(
         explicit_precision = chosen["use_bf16"] or chosen["use_fp16"]
         # Only this project's switches: use_fp16 is a model flag, also "given" when a sampling
         # script takes it from the run's args.json, so its False never vetoes the preset.
-        turned_off = [k for k in fast_defaults() if given is not None and k in given
-                      and k != "fast" and not chosen[k]]
+        turned_off = [k for k in chosen if k != "use_fp16" and k in (given or ()) and not chosen[k]]
         for key, value in preset.items():
             if key in turned_off or (key in ("use_bf16", "use_fp16") and explicit_precision):
                 continue  # the user's switch, or the user's precision, wins

@@ -150,8 +150,6 @@ def choose_switches(facts: DeviceFacts) -> tuple[dict, str]:
     return dict(use_sdpa=True), f"{facts.kind}: SDPA only"
 
 
-
-
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 # The largest mmap threshold glibc takes: 1 GiB from 2.35 on (measured: 2.36), 32 MiB before.
 MMAP_THRESHOLDS = (1 << 30, 32 << 20)
